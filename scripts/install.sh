@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Creates (or refreshes) the project's virtual environment from the repo's own files, CPU only.
+# Usage: scripts/install.sh [VENV_DIR]   (default .venv). Re-running is cheap: a stamp skips a finished install.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${1:-${SPMAMBA_VENV:-.venv}}"
+STAMP="$VENV/.spmamba-installed"
+HASH="$(cat requirements.txt requirements-dev.txt constraints.txt pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ]; then
+  exit 0
+fi
+echo "[install] creating $VENV (CPU-only torch; about 4 GB, a few minutes)" >&2
+python3 -m venv "$VENV"
+PIP="$VENV/bin/python -m pip"
+$PIP install -q --upgrade pip
+# torch first and pinned: an unpinned torch (asked for by any later package) would pull a multi-GB CUDA build.
+$PIP install -q torch==2.13.0
+# sam2 (a monailabel requirement) ships only a source archive; building it in isolation pulls another CUDA torch.
+$PIP install -q --no-build-isolation -c constraints.txt sam2==1.1.0 torch==2.13.0
+$PIP install -q -c constraints.txt -r requirements.txt -r requirements-dev.txt
+$PIP install -q --no-deps -e .
+echo "$HASH" > "$STAMP"
+echo "[install] done: $VENV" >&2
