@@ -1,0 +1,480 @@
+"""Anomaly Detection: SP-Mamba heatmaps, curation and retraining from 3D Slicer.
+
+Standard scripted-module pattern:
+
+* ``AnomalyDetection``        module description;
+* ``AnomalyDetectionWidget``  Qt only and thin: reads widgets, calls the Logic, shows results;
+                              every server call runs in a worker thread (``TaskRunner``) polled by a QTimer;
+* ``AnomalyDetectionLogic``   the module logic (MRML + server client) from ``AnomalyDetectionLib`` - no Qt;
+* ``AnomalyDetectionTest``    runs inside Slicer (Developer mode -> Reload and Test, or ctest).
+"""
+import logging
+import os
+import tempfile
+
+import ctk  # noqa: F401 - loaded for the .ui file's ctk widgets
+import qt
+import slicer
+import vtk  # noqa: F401
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+from AnomalyDetectionLib.client import CURATION_STATES, DEFAULT_URL, UNREVIEWED, ServerError
+from AnomalyDetectionLib.logic import AnomalyLogic
+from AnomalyDetectionLib.tasks import TaskRunner
+
+SETTINGS_URL_KEY = "AnomalyDetection/ServerURL"
+POLL_INTERVAL_MS = 100
+TRAIN_POLL_INTERVAL_MS = 2000
+
+
+#
+# AnomalyDetection
+#
+class AnomalyDetection(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "Anomaly Detection"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["SP-Mamba contributors"]
+        self.parent.helpText = (
+            "Unsupervised anomaly detection with SP-Mamba served by a MONAI Label app: detect anomalies as a heatmap "
+            "overlay, turn them into regions, curate studies (normal / abnormal / excluded) and retrain the model "
+            "on the studies marked normal. See docs/SLICER.md in the project."
+        )
+        self.parent.acknowledgementText = (
+            "SP-Mamba (arXiv 2507.19076); built on MONAI Label and 3D Slicer's scripted module template."
+        )
+
+
+#
+# AnomalyDetectionWidget
+#
+class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Thin Qt layer: each button starts one Logic call in a worker thread and shows its result."""
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self.runner = None
+        self.summary = None
+        self.heatmap = None
+        self.regionsTable = None
+        self.lastVersion = ""
+        self._updatingGUI = False
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/AnomalyDetection.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        url = slicer.util.settingsValue(SETTINGS_URL_KEY, DEFAULT_URL)
+        self.ui.serverUrlLineEdit.text = url
+        self.logic = AnomalyDetectionLogic(url)
+        self.runner = TaskRunner()
+
+        self.pollTimer = qt.QTimer()
+        self.pollTimer.setInterval(POLL_INTERVAL_MS)
+        self.pollTimer.connect("timeout()", self.runner.poll)
+        self.pollTimer.start()
+        self.trainTimer = qt.QTimer()
+        self.trainTimer.setInterval(TRAIN_POLL_INTERVAL_MS)
+        self.trainTimer.connect("timeout()", self.pollTraining)
+
+        self.ui.regionsTableWidget.setColumnCount(len(self.logic.REGION_COLUMNS))
+        self.ui.regionsTableWidget.setHorizontalHeaderLabels(list(self.logic.REGION_COLUMNS))
+
+        self.ui.connectButton.connect("clicked(bool)", self.onConnect)
+        self.ui.serverUrlLineEdit.connect("returnPressed()", self.onConnect)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
+        self.ui.detectButton.connect("clicked(bool)", self.onDetect)
+        self.ui.opacitySlider.connect("valueChanged(double)", self.onOpacityChanged)
+        self.ui.thresholdSlider.connect("valueChanged(double)", self.onThresholdChanged)
+        self.ui.regionsButton.connect("clicked(bool)", self.onRegions)
+        self.ui.regionsTableWidget.connect("cellClicked(int,int)", self.onRegionClicked)
+        self.ui.markNormalButton.connect("clicked(bool)", lambda: self.onMark("normal"))
+        self.ui.markAbnormalButton.connect("clicked(bool)", lambda: self.onMark("abnormal"))
+        self.ui.markExcludedButton.connect("clicked(bool)", lambda: self.onMark("excluded"))
+        self.ui.nextCaseButton.connect("clicked(bool)", self.onNextCase)
+        self.ui.refreshCountsButton.connect("clicked(bool)", self.onRefreshCounts)
+        self.ui.startTrainingButton.connect("clicked(bool)", self.onStartTraining)
+        self.ui.stopTrainingButton.connect("clicked(bool)", self.onStopTraining)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.updateButtons()
+
+    def cleanup(self):
+        self.removeObservers()
+        for timer in (getattr(self, "pollTimer", None), getattr(self, "trainTimer", None)):
+            if timer is not None:
+                timer.stop()
+        if self.runner is not None:
+            self.runner.shutdown()
+
+    def onSceneStartClose(self, caller, event):
+        self.heatmap = None
+        self.regionsTable = None
+        self.ui.regionsTableWidget.setRowCount(0)
+        self.ui.scoreLabel.text = "-"
+        self.ui.verdictLabel.text = "-"
+        self.updateButtons()
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    def setStatus(self, text, error=False):
+        self.ui.statusLabel.text = text
+        self.ui.statusLabel.setStyleSheet("color: #c0392b;" if error else "")
+        (logging.warning if error else logging.info)(f"AnomalyDetection: {text}")
+
+    def showError(self, exc):
+        if isinstance(exc, ServerError):
+            self.setStatus(str(exc), error=True)
+        else:
+            logging.exception("AnomalyDetection", exc_info=exc)
+            self.setStatus(f"Unexpected error: {exc} (details in the Python console / application log).", error=True)
+        self.updateButtons()
+
+    def run(self, name, busyText, fn, *args, onDone=None):
+        """Run ``fn(*args)`` off the GUI thread; ``onDone(result)`` then runs on the GUI thread."""
+        self.setStatus(busyText)
+
+        def done(result):
+            try:
+                if onDone is not None:
+                    onDone(result)
+            except Exception as e:  # noqa: BLE001 - show every failure in the status line
+                self.showError(e)
+            self.updateButtons()
+
+        self.runner.submit(name, fn, *args, on_done=done, on_error=self.showError)
+        self.updateButtons()
+
+    def currentVolume(self):
+        return self.ui.inputVolumeSelector.currentNode()
+
+    def updateButtons(self, *unused):
+        volume = self.currentVolume()
+        self.ui.connectButton.enabled = not (self.runner and self.runner.busy("connect"))
+        self.ui.detectButton.enabled = volume is not None and not self.runner.busy("detect")
+        hasHeat = self.heatmap is not None and slicer.mrmlScene.IsNodePresent(self.heatmap)
+        self.ui.regionsButton.enabled = hasHeat
+        self.ui.thresholdSlider.enabled = hasHeat
+        hasStudy = volume is not None and bool(self.logic.image_id_of(volume))
+        for button in (self.ui.markNormalButton, self.ui.markAbnormalButton, self.ui.markExcludedButton):
+            button.enabled = hasStudy and not self.runner.busy("mark")
+        self.ui.nextCaseButton.enabled = self.ui.strategyComboBox.count > 0 and not self.runner.busy("next")
+        training = self.trainTimer.isActive() if hasattr(self, "trainTimer") else False
+        self.ui.startTrainingButton.enabled = not training and not self.runner.busy("train")
+        self.ui.stopTrainingButton.enabled = training
+
+    def applyServerUrl(self):
+        url = self.ui.serverUrlLineEdit.text.strip() or DEFAULT_URL
+        self.logic.set_server_url(url)
+        self.ui.serverUrlLineEdit.text = self.logic.server_url
+        qt.QSettings().setValue(SETTINGS_URL_KEY, self.logic.server_url)
+
+    # ----------------------------------------------------------------------------------------------- server
+    def onConnect(self, *unused):
+        self.applyServerUrl()
+        self.run("connect", f"Connecting to {self.logic.server_url} ...", self.logic.connect, onDone=self.showSummary)
+
+    def showSummary(self, summary):
+        self.summary = summary
+        self._updatingGUI = True
+        current = self.ui.modelComboBox.currentText
+        self.ui.modelComboBox.clear()
+        for name in summary.models:
+            self.ui.modelComboBox.addItem(name)
+        if current in summary.models:
+            self.ui.modelComboBox.setCurrentIndex(summary.models.index(current))
+        elif self.logic.model in summary.models:
+            self.ui.modelComboBox.setCurrentIndex(summary.models.index(self.logic.model))
+        strategy = self.ui.strategyComboBox.currentText
+        self.ui.strategyComboBox.clear()
+        for name in summary.strategies:
+            self.ui.strategyComboBox.addItem(name)
+        if strategy in summary.strategies:
+            self.ui.strategyComboBox.setCurrentIndex(summary.strategies.index(strategy))
+        self._updatingGUI = False
+        self.onModelChanged()
+        version = summary.model_version(self.logic.model)
+        self.lastVersion = version
+        self.ui.modelVersionLabel.text = version or "(none yet)"
+        from AnomalyDetectionLib.client import train_progress
+
+        percent, text = train_progress(summary.train_stats, self.logic.model)
+        self.ui.serverInfoLabel.text = (
+            f"{summary.name} {summary.version}: models {', '.join(summary.models) or 'none'}; "
+            f"strategies {', '.join(summary.strategies) or 'none'}; training: {text}"
+        )
+        if not summary.models:
+            self.setStatus("Connected, but the server has no anomaly model yet: curate normal studies and train.",
+                           error=True)
+        elif not version:
+            self.setStatus("Connected. No trained model yet: mark normal studies in Curate, then Start training.")
+        else:
+            self.setStatus(f"Connected to {self.logic.server_url}.")
+        self.onRefreshCounts()
+        self.run("train-poll", "Checking training state ...", self.logic.training_progress, onDone=self.showTraining)
+
+    def onModelChanged(self, *unused):
+        if self._updatingGUI:
+            return
+        if self.ui.modelComboBox.currentText:
+            self.logic.model = self.ui.modelComboBox.currentText
+        if self.summary is not None:
+            self.ui.modelVersionLabel.text = self.summary.model_version(self.logic.model) or "(none yet)"
+
+    # ----------------------------------------------------------------------------------------------- detect
+    def onDetect(self, *unused):
+        volume = self.currentVolume()
+        if volume is None:
+            self.setStatus("Select an input volume first.", error=True)
+            return
+        self.applyServerUrl()
+        try:
+            job = self.logic.prepare_detection(volume, self.ui.addToStudiesCheckBox.checked)
+        except Exception as e:  # noqa: BLE001
+            self.showError(e)
+            return
+        self.run("detect", f"Detecting anomalies in {volume.GetName()} (the server may take a while) ...",
+                 self.logic.run_detection, job, onDone=lambda result: self.showDetection(volume, result))
+
+    def showDetection(self, volume, result):
+        if not slicer.mrmlScene.IsNodePresent(volume):
+            self.setStatus("The input volume was closed before the result arrived.", error=True)
+            return
+        heat = self.logic.show_heatmap(volume, result.heatmap_path, result=result,
+                                       opacity=self.ui.opacitySlider.value)
+        self.heatmap = heat
+        lo, hi = self.logic.heatmap_range(heat)
+        threshold = float(heat.GetAttribute("AnomalyDetection.displayThreshold"))
+        self._updatingGUI = True
+        self.ui.thresholdSlider.minimum = min(lo, threshold)
+        self.ui.thresholdSlider.maximum = max(hi, threshold)
+        self.ui.thresholdSlider.singleStep = max((hi - lo) / 1000.0, 1e-6)
+        self.ui.thresholdSlider.value = threshold
+        self._updatingGUI = False
+        score = "-" if result.score is None else f"{result.score:.4g}"
+        if result.threshold is not None:
+            score += f"  (threshold {result.threshold:.4g})"
+        self.ui.scoreLabel.text = score
+        verdict = result.verdict
+        self.ui.verdictLabel.text = verdict.upper() if verdict == "abnormal" else verdict
+        self.ui.verdictLabel.setStyleSheet("color: #c0392b; font-weight: bold;" if verdict == "abnormal" else "")
+        if result.model_version:
+            self.ui.modelVersionLabel.text = result.model_version
+        self.ui.regionsTableWidget.setRowCount(0)
+        warning = getattr(self.logic, "geometry_warning", "")
+        self.setStatus(f"{volume.GetName()}: {verdict} (score {score}). {warning}".strip(), error=bool(warning))
+
+    def onOpacityChanged(self, value):
+        self.logic.set_opacity(value)
+
+    def onThresholdChanged(self, value):
+        if self._updatingGUI or self.heatmap is None:
+            return
+        self.logic.set_threshold(self.heatmap, value)
+
+    def onRegions(self, *unused):
+        if self.heatmap is None:
+            return
+        try:
+            seg, table, regions = self.logic.make_regions(
+                self.heatmap, self.ui.thresholdSlider.value, self.ui.minRegionVoxelsSpinBox.value)
+        except Exception as e:  # noqa: BLE001
+            self.showError(e)
+            return
+        self.regionsTable = table
+        widget = self.ui.regionsTableWidget
+        widget.setRowCount(len(regions))
+        for row, r in enumerate(regions):
+            values = (str(r.label), str(r.n_voxels), f"{r.volume_mm3:.1f}", f"{r.peak:.4g}", f"{r.mean:.4g}") + tuple(
+                f"{x:.1f}" for x in r.centroid_ras)
+            for col, text in enumerate(values):
+                widget.setItem(row, col, qt.QTableWidgetItem(text))
+        widget.resizeColumnsToContents()
+        self.setStatus(f"{len(regions)} region(s) at threshold {self.ui.thresholdSlider.value:.4g}"
+                       + ("; click a row to jump there." if regions else "."))
+
+    def onRegionClicked(self, row, column):
+        if self.regionsTable is None or not slicer.mrmlScene.IsNodePresent(self.regionsTable):
+            return
+        self.logic.jump_to(self.logic.region_centroid_from_table(self.regionsTable, row))
+
+    # ----------------------------------------------------------------------------------------------- curate
+    def onMark(self, state):
+        volume = self.currentVolume()
+        image_id = self.logic.image_id_of(volume)
+        self.applyServerUrl()
+        self.run("mark", f"Marking {image_id} {state} ...", self.logic.mark, image_id, state,
+                 onDone=lambda counts: (self.showCounts(counts), self.setStatus(f"{image_id} marked {state}.")))
+
+    def onRefreshCounts(self, *unused):
+        self.run("counts", "Counting studies ...", self.logic.curation_counts,
+                 onDone=lambda counts: (self.showCounts(counts), self.setStatus("Study counts updated.")))
+
+    def showCounts(self, counts):
+        order = CURATION_STATES + (UNREVIEWED,)
+        self.ui.countsLabel.text = "Studies: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in order)
+
+    def onNextCase(self, *unused):
+        strategy = self.ui.strategyComboBox.currentText
+        if not strategy:
+            self.setStatus("Connect first: the server lists its strategies.", error=True)
+            return
+        self.run("next", f"Asking '{strategy}' for the next case ...", self.logic.fetch_next_case, strategy,
+                 onDone=self.showNextCase)
+
+    def showNextCase(self, found):
+        if found is None:
+            self.setStatus("No case left for this strategy: every study is reviewed.")
+            return
+        image_id, path = found
+        node = self.logic.load_case(image_id, path)
+        self.ui.inputVolumeSelector.setCurrentNode(node)
+        slicer.util.resetSliceViews()
+        self.setStatus(f"Loaded {image_id}. Review it, then mark it normal, abnormal or excluded.")
+        if self.ui.detectOnLoadCheckBox.checked:
+            self.onDetect()
+
+    # ----------------------------------------------------------------------------------------------- retrain
+    def onStartTraining(self, *unused):
+        params = {}
+        if self.ui.epochsSpinBox.value > 0:
+            params["max_epochs"] = int(self.ui.epochsSpinBox.value)
+        self.applyServerUrl()
+        self.run("train", "Starting training on the studies marked normal ...", self.logic.start_training, params,
+                 onDone=self.trainingStarted)
+
+    def trainingStarted(self, response):
+        self.ui.trainingProgressBar.setValue(0)
+        self.ui.trainingStatusLabel.text = "Training started."
+        self.setStatus("Training started; the progress bar follows the server's train stats.")
+        self.trainTimer.start()
+        self.updateButtons()
+
+    def onStopTraining(self, *unused):
+        self.run("stop", "Stopping training ...", self.logic.stop_training,
+                 onDone=lambda r: self.setStatus("Training stop requested."))
+
+    def pollTraining(self):
+        if self.runner.busy("train-poll"):
+            return  # the previous poll is still waiting for the server
+        self.runner.submit("train-poll", self.logic.training_progress, on_done=self.showTraining,
+                           on_error=self.trainingPollFailed)
+
+    def trainingPollFailed(self, exc):
+        self.ui.trainingStatusLabel.text = f"Cannot read training progress: {exc}"
+
+    def showTraining(self, progress):
+        if progress.percent is None:
+            self.ui.trainingProgressBar.setRange(0, 0 if progress.running else 100)
+        else:
+            self.ui.trainingProgressBar.setRange(0, 100)
+            self.ui.trainingProgressBar.setValue(progress.percent)
+        self.ui.trainingStatusLabel.text = progress.text
+        if progress.running and not self.trainTimer.isActive():
+            self.trainTimer.start()  # a training started elsewhere (another client, the CLI)
+        if not progress.running and self.trainTimer.isActive():
+            self.trainTimer.stop()
+            self.ui.trainingProgressBar.setRange(0, 100)
+            if progress.model_version and progress.model_version != self.lastVersion:
+                self.setStatus(f"Training finished: new model version {progress.model_version} published.")
+            else:
+                self.setStatus(f"Training ended ({progress.status.lower() or 'stopped'}); model version unchanged.",
+                               error=progress.status in ("ERROR", "FAILED"))
+        if progress.model_version:
+            self.lastVersion = progress.model_version
+            self.ui.modelVersionLabel.text = progress.model_version
+        self.updateButtons()
+
+
+#
+# AnomalyDetectionLogic
+#
+class AnomalyDetectionLogic(ScriptedLoadableModuleLogic, AnomalyLogic):
+    """The module logic: everything lives in ``AnomalyDetectionLib.logic.AnomalyLogic`` (no Qt there)."""
+
+    def __init__(self, server_url=DEFAULT_URL):
+        ScriptedLoadableModuleLogic.__init__(self)
+        AnomalyLogic.__init__(self, server_url)
+
+
+#
+# AnomalyDetectionTest
+#
+class AnomalyDetectionTest(ScriptedLoadableModuleTest):
+    """Runs inside Slicer. The server part runs only when ANOMALY_DETECTION_TEST_SERVER names a running server."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_HeatmapOverlay()
+        self.setUp()
+        self.test_Regions()
+        url = os.environ.get("ANOMALY_DETECTION_TEST_SERVER")
+        if url:
+            self.setUp()
+            self.test_Server(url)
+
+    def _case(self):
+        from AnomalyDetectionLib import testing
+
+        testing.ensure_slice_views()
+        logic = AnomalyDetectionLogic()
+        reference, path = testing.make_synthetic_case(logic, tempfile.mkdtemp())
+        return logic, reference, path
+
+    def test_HeatmapOverlay(self):
+        self.delayDisplay("Heatmap overlay")
+        logic, reference, path = self._case()
+        heat = logic.show_heatmap(reference, path, threshold=0.5, opacity=0.4)
+        display = heat.GetDisplayNode()
+        self.assertIn(display.GetColorNodeID(), ("vtkMRMLPETProceduralColorNodePET-Heat", "vtkMRMLColorTableNodeIron",
+                                                 "vtkMRMLColorTableNodeRainbow"))
+        self.assertTrue(display.GetApplyThreshold())
+        self.assertAlmostEqual(display.GetLowerThreshold(), 0.5, places=5)
+        self.assertAlmostEqual(display.GetWindowLevelMin(), 0.5, places=5)
+        for i in range(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+            composite = slicer.mrmlScene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+            self.assertEqual(composite.GetForegroundVolumeID(), heat.GetID())
+            self.assertEqual(composite.GetBackgroundVolumeID(), reference.GetID())
+        self.delayDisplay("Heatmap overlay passed")
+
+    def test_Regions(self):
+        from AnomalyDetectionLib import testing
+
+        self.delayDisplay("Regions")
+        logic, reference, path = self._case()
+        heat = logic.show_heatmap(reference, path, threshold=0.65)
+        seg, table, regions = logic.make_regions(heat, 0.65)
+        expected = testing.expected_regions(0.65)
+        self.assertEqual(seg.GetSegmentation().GetNumberOfSegments(), len(expected))
+        self.assertEqual(table.GetNumberOfRows(), len(expected))
+        for region, want in zip(regions, expected):
+            self.assertEqual(region.n_voxels, want["n_voxels"])
+            self.assertAlmostEqual(region.volume_mm3, want["volume_mm3"], places=3)
+        logic.jump_to(regions[0].centroid_ras)
+        self.delayDisplay("Regions passed")
+
+    def test_Server(self, url):
+        self.delayDisplay(f"Server {url}")
+        logic = AnomalyDetectionLogic(url)
+        summary = logic.connect()
+        self.assertIn(logic.model, summary.models)
+        counts = logic.curation_counts()
+        self.assertTrue(set(CURATION_STATES) <= set(counts))
+        self.delayDisplay("Server passed")

@@ -1,0 +1,611 @@
+"""HTTP client for the SP-Mamba MONAI Label app (standard MONAI Label 0.8.5 REST endpoints).
+
+Standard library only (urllib, json): it runs in Slicer's Python, in plain Python and in tests, and it never
+imports Qt, Slicer or the ``spmamba`` library.  Every call has a timeout; every failure becomes a
+:class:`ServerError` whose message says what went wrong *and what to do*, ready for the module's status line.
+
+Endpoints used (see ``monailabel/endpoints/*.py``):
+
+====================================  ===============================================================
+``GET  /info/``                       models, strategies, trainers, ``train_stats``, datastore counts
+``POST /infer/{model}?image=ID``      multipart form: ``params`` (JSON) [+ ``file``]; answer multipart
+                                      ``params`` (JSON) + ``image`` (float32 heatmap .nii.gz/.nrrd)
+``PUT  /datastore/image?image=ID``    multipart form: ``params`` (JSON) + ``file``
+``GET  /datastore/image?image=ID``    the study's image file
+``GET/PUT /datastore/image/info``     per-study info; PUT merges form field ``info`` (JSON)
+``GET  /datastore/?output=all``       every study with its info (curation state)
+``POST /activelearning/{strategy}``   JSON body (params) -> ``{"id": ...}`` or ``{}``
+``POST /train/{model}``               JSON body (params); 429 when a training is already running
+``GET  /train/?check_if_running=1``   404 when no training runs
+``DELETE /train/``                    stop the running training
+====================================  ===============================================================
+"""
+from __future__ import annotations
+
+import json
+import mimetypes
+import os
+import socket
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+#: Curation states stored under ``info["curation"]`` of a study in the MONAI Label datastore.
+CURATION_STATES = ("normal", "abnormal", "excluded")
+CURATION_KEY = "curation"
+UNREVIEWED = "unreviewed"
+
+DEFAULT_MODEL = "spmamba"
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class ServerError(Exception):
+    """A failed server call, with a message for the user that says what to do.
+
+    ``kind`` is one of ``unreachable``, ``timeout``, ``wrong_url``, ``no_model``, ``not_found``,
+    ``refused``, ``bad_request``, ``server``, ``bad_response``; ``status`` is the HTTP status (or None).
+    """
+
+    def __init__(self, message: str, kind: str = "server", status: Optional[int] = None, detail: str = ""):
+        super().__init__(message)
+        self.kind = kind
+        self.status = status
+        self.detail = detail
+
+
+@dataclass
+class DetectionResult:
+    """What ``POST /infer/{model}`` returned: the params JSON and the downloaded heatmap file (or None)."""
+
+    params: Dict[str, Any]
+    heatmap_path: Optional[str]
+    image_id: Optional[str] = None
+
+    @property
+    def score(self) -> Optional[float]:
+        return _first_number(self.params, ("score", "volume_score"))
+
+    @property
+    def threshold(self) -> Optional[float]:
+        return _first_number(self.params, ("threshold", "volume_threshold"))
+
+    @property
+    def pixel_threshold(self) -> Optional[float]:
+        return _first_number(self.params, ("pixel_threshold", "heatmap_threshold"))
+
+    @property
+    def abnormal(self) -> Optional[bool]:
+        if "abnormal" in self.params:
+            return bool(self.params["abnormal"])
+        verdict = self.params.get("verdict")
+        if isinstance(verdict, str):
+            return verdict.lower() == "abnormal"
+        if self.score is not None and self.threshold is not None:
+            return self.score > self.threshold
+        return None
+
+    @property
+    def verdict(self) -> str:
+        verdict = self.params.get("verdict")
+        if isinstance(verdict, str) and verdict:
+            return verdict
+        abnormal = self.abnormal
+        return "unknown" if abnormal is None else ("abnormal" if abnormal else "normal")
+
+    @property
+    def model_version(self) -> Optional[str]:
+        for key in ("model_version", "version"):
+            if self.params.get(key):
+                return str(self.params[key])
+        return None
+
+
+def _first_number(d: Dict[str, Any], keys: Tuple[str, ...]) -> Optional[float]:
+    for k in keys:
+        v = d.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# multipart helpers (stdlib has no multipart encoder; the answer of /infer is multipart/form-data)
+# ----------------------------------------------------------------------------------------------------------------
+def encode_multipart(fields: Dict[str, str], files: Dict[str, str]) -> Tuple[bytes, str]:
+    """Encode text ``fields`` and ``files`` (name -> path) as multipart/form-data; returns (body, content type)."""
+    boundary = "----spmamba-" + uuid.uuid4().hex
+    chunks: List[bytes] = []
+    for name, value in fields.items():
+        chunks.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode() + value.encode() + b"\r\n"
+        )
+    for name, path in files.items():
+        filename = os.path.basename(path)
+        ctype = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+        with open(path, "rb") as f:
+            data = f.read()
+        chunks.append(
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                f"Content-Type: {ctype}\r\n\r\n"
+            ).encode()
+            + data
+            + b"\r\n"
+        )
+    chunks.append(f"--{boundary}--\r\n".encode())
+    return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
+
+
+def decode_multipart(body: bytes, content_type: str) -> List[Dict[str, Any]]:
+    """Split a multipart body into parts: ``[{"name", "filename", "content_type", "data": bytes}]``."""
+    boundary = None
+    for item in content_type.split(";"):
+        item = item.strip()
+        if item.lower().startswith("boundary="):
+            boundary = item.split("=", 1)[1].strip().strip('"')
+    if not boundary:
+        raise ServerError("The server's answer is multipart without a boundary.", kind="bad_response")
+    delimiter = b"--" + boundary.encode()
+    parts: List[Dict[str, Any]] = []
+    for raw in body.split(delimiter)[1:]:
+        if raw.startswith(b"--"):
+            break  # closing delimiter
+        raw = raw[2:] if raw.startswith(b"\r\n") else raw
+        head, _, data = raw.partition(b"\r\n\r\n")
+        if data.endswith(b"\r\n"):
+            data = data[:-2]
+        headers: Dict[str, str] = {}
+        for line in head.decode("utf-8", "replace").split("\r\n"):
+            if ":" in line:
+                k, v = line.split(":", 1)
+                headers[k.strip().lower()] = v.strip()
+        disposition = headers.get("content-disposition", "")
+        name = filename = None
+        for item in disposition.split(";"):
+            item = item.strip()
+            if item.startswith("name="):
+                name = item[5:].strip('"')
+            elif item.startswith("filename="):
+                filename = item[9:].strip('"')
+        parts.append(
+            {"name": name, "filename": filename, "content_type": headers.get("content-type", ""), "data": data}
+        )
+    return parts
+
+
+def _result_suffix(filename: Optional[str], default: str) -> str:
+    name = (filename or "").lower()
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        if name.endswith(suffix):
+            return suffix
+    return default
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the client
+# ----------------------------------------------------------------------------------------------------------------
+class AnomalyClient:
+    """Blocking client with timeouts; the module runs its calls in worker threads (see ``tasks.TaskRunner``).
+
+    :param url: server base URL, e.g. ``http://127.0.0.1:8000``
+    :param timeout: seconds for quick calls (info, datastore, curation, training control)
+    :param long_timeout: seconds for uploads, downloads and inference
+    """
+
+    def __init__(self, url: str = DEFAULT_URL, timeout: float = 10.0, long_timeout: float = 600.0):
+        self.url = normalize_url(url)
+        self.timeout = float(timeout)
+        self.long_timeout = float(long_timeout)
+
+    # ---------------------------------------------------------------------------------------------- transport
+    def _request(
+        self,
+        method: str,
+        path: str,
+        query: Optional[Dict[str, Any]] = None,
+        body: Optional[bytes] = None,
+        content_type: Optional[str] = None,
+        timeout: Optional[float] = None,
+        what: str = "",
+    ) -> Tuple[int, Dict[str, str], bytes]:
+        url = self.url + path
+        if query:
+            url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+        req = urllib.request.Request(url, data=body, method=method)
+        if content_type:
+            req.add_header("Content-Type", content_type)
+        req.add_header("Accept", "application/json, multipart/form-data, */*")
+        timeout = self.timeout if timeout is None else timeout
+        what = what or f"{method} {path}"
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                headers = {k.lower(): v for k, v in resp.headers.items()}
+                return resp.status, headers, resp.read()
+        except urllib.error.HTTPError as e:
+            payload = b""
+            try:
+                payload = e.read()
+            except Exception:  # noqa: BLE001 - best effort to read the error body
+                pass
+            raise self._http_error(e.code, payload, what) from None
+        except (socket.timeout, TimeoutError):
+            raise ServerError(
+                f"The server at {self.url} did not answer within {timeout:.0f} s ({what}). It may be busy (training "
+                "or inferring on a large volume): try again, or check the server's log.",
+                kind="timeout",
+            ) from None
+        except urllib.error.URLError as e:
+            reason = e.reason
+            if isinstance(reason, (socket.timeout, TimeoutError)):
+                raise ServerError(
+                    f"The server at {self.url} did not answer within {timeout:.0f} s ({what}): try again, or check "
+                    "the server's log.",
+                    kind="timeout",
+                ) from None
+            if isinstance(reason, socket.gaierror):
+                raise ServerError(
+                    f"Unknown host in {self.url}: check the server URL (for example {DEFAULT_URL}).",
+                    kind="wrong_url",
+                ) from None
+            raise ServerError(
+                f"Cannot reach the server at {self.url} ({reason}). Is it running? Start it with "
+                f"`spmamba serve` (or `monailabel start_server --app apps/spmamba_app ...`) and check the URL.",
+                kind="unreachable",
+            ) from None
+        except (ConnectionError, OSError) as e:
+            raise ServerError(
+                f"Cannot reach the server at {self.url} ({e}). Is it running? Check the URL.", kind="unreachable"
+            ) from None
+
+    def _http_error(self, status: int, payload: bytes, what: str) -> ServerError:
+        detail = ""
+        try:
+            j = json.loads(payload.decode("utf-8"))
+            detail = j.get("detail", j) if isinstance(j, dict) else j
+            if not isinstance(detail, str):
+                detail = json.dumps(detail)
+        except Exception:  # noqa: BLE001 - error bodies may be plain text
+            detail = payload.decode("utf-8", "replace").strip()[:500]
+        low = detail.lower()
+        suffix = f" Server said: {detail}" if detail else ""
+        if status == 404 and ("not found" == low or not detail) and what.startswith("GET /info"):
+            return ServerError(
+                f"{self.url} answers but is not a MONAI Label server (no /info/): check the server URL.{suffix}",
+                kind="wrong_url",
+                status=status,
+                detail=detail,
+            )
+        if "model" in low and any(w in low for w in ("no model", "not trained", "not available", "not initialized",
+                                                     "no trained", "not found", "does not exist", "missing")):
+            return ServerError(
+                "No trained model on the server yet: mark some studies normal in Curate, then press "
+                f"'Start training' in Retrain.{suffix}",
+                kind="no_model",
+                status=status,
+                detail=detail,
+            )
+        if status == 429 or (what.startswith("POST /train") and status in (400, 403, 409, 422)):
+            return ServerError(
+                f"Training refused ({status}).{suffix} A training may already be running (press Stop first) or "
+                "there are not enough studies marked normal.",
+                kind="refused",
+                status=status,
+                detail=detail,
+            )
+        if status in (401, 403):
+            return ServerError(
+                f"The server refused {what} ({status}): it needs authentication or a role this client does not "
+                f"have.{suffix}",
+                kind="refused",
+                status=status,
+                detail=detail,
+            )
+        if status == 404:
+            return ServerError(f"Not found ({what}).{suffix}", kind="not_found", status=status, detail=detail)
+        if 400 <= status < 500:
+            return ServerError(
+                f"The server rejected {what} ({status}).{suffix}", kind="bad_request", status=status, detail=detail
+            )
+        return ServerError(
+            f"The server failed on {what} ({status}).{suffix} Check the server's log; if no model was trained "
+            "yet, train one first.",
+            kind="server",
+            status=status,
+            detail=detail,
+        )
+
+    def _json(self, method: str, path: str, query=None, payload: Any = None, timeout=None, what="") -> Any:
+        body = None if payload is None else json.dumps(payload).encode()
+        ctype = None if payload is None else "application/json"
+        _, _, data = self._request(method, path, query, body, ctype, timeout, what)
+        if not data:
+            return {}
+        try:
+            return json.loads(data.decode("utf-8"))
+        except ValueError:
+            raise ServerError(
+                f"{self.url} answered {method} {path} with something that is not JSON: check the server URL.",
+                kind="wrong_url",
+            ) from None
+
+    def _form(self, method: str, path: str, query=None, fields=None, files=None, timeout=None, what="") -> Any:
+        body, ctype = encode_multipart(fields or {}, files or {})
+        status, headers, data = self._request(method, path, query, body, ctype, timeout, what)
+        return status, headers, data
+
+    # ---------------------------------------------------------------------------------------------- info
+    def info(self) -> Dict[str, Any]:
+        """``GET /info/``: the app's name, version, models, strategies, trainers and train_stats."""
+        info = self._json("GET", "/info/", what="GET /info/")
+        if not isinstance(info, dict) or "models" not in info:
+            raise ServerError(
+                f"{self.url} answered /info/ but not like a MONAI Label app: check the server URL.", kind="wrong_url"
+            )
+        return info
+
+    # ---------------------------------------------------------------------------------------------- detect
+    def detect(
+        self,
+        image_id: Optional[str] = None,
+        file_path: Optional[str] = None,
+        model: str = DEFAULT_MODEL,
+        params: Optional[Dict[str, Any]] = None,
+        out_dir: Optional[str] = None,
+        result_extension: str = ".nii.gz",
+    ) -> DetectionResult:
+        """``POST /infer/{model}``: score a datastore study (``image_id``) or an uploaded file (``file_path``).
+
+        The float32 heatmap is written to ``out_dir`` (a new temporary folder by default).
+        """
+        if not image_id and not file_path:
+            raise ValueError("detect needs image_id or file_path")
+        p = dict(params or {})
+        p.setdefault("result_extension", result_extension)
+        files = {"file": file_path} if file_path else {}
+        what = f"POST /infer/{model}"
+        _, headers, data = self._form(
+            "POST",
+            f"/infer/{urllib.parse.quote(model)}",
+            query={"image": image_id or ""},
+            fields={"params": json.dumps(p)},
+            files=files,
+            timeout=self.long_timeout,
+            what=what,
+        )
+        ctype = headers.get("content-type", "")
+        result_params: Dict[str, Any] = {}
+        heatmap_path = None
+        if ctype.startswith("multipart/"):
+            for part in decode_multipart(data, ctype):
+                if part["filename"] or part["name"] in ("image", "file", "label"):
+                    if not part["data"]:
+                        continue
+                    out_dir = out_dir or tempfile.mkdtemp(prefix="anomaly_")
+                    os.makedirs(out_dir, exist_ok=True)
+                    stem = (image_id or os.path.basename(file_path or "volume")).split(".")[0] or "volume"
+                    heatmap_path = os.path.join(
+                        out_dir, f"{stem}_anomaly{_result_suffix(part['filename'], p['result_extension'])}"
+                    )
+                    with open(heatmap_path, "wb") as f:
+                        f.write(part["data"])
+                elif part["name"] == "params":
+                    result_params = json.loads(part["data"].decode("utf-8") or "{}")
+        else:
+            try:
+                result_params = json.loads(data.decode("utf-8") or "{}")
+            except ValueError:
+                raise ServerError(f"{what} answered something that is neither JSON nor multipart.",
+                                  kind="bad_response") from None
+        if isinstance(result_params, str):  # some apps double-encode
+            try:
+                result_params = json.loads(result_params)
+            except ValueError:
+                result_params = {"message": result_params}
+        if heatmap_path is None:
+            raise ServerError(
+                f"{what} returned no heatmap (only {sorted(result_params) if result_params else 'nothing'}). "
+                "The model may not be trained yet: train one in Retrain, or check the server's log.",
+                kind="no_model",
+            )
+        return DetectionResult(params=result_params, heatmap_path=heatmap_path, image_id=image_id)
+
+    # ---------------------------------------------------------------------------------------------- datastore
+    def upload_image(self, file_path: str, image_id: Optional[str] = None, params: Optional[dict] = None) -> str:
+        """``PUT /datastore/image``: add a study; returns its datastore id."""
+        _, _, data = self._form(
+            "PUT",
+            "/datastore/image",
+            query={"image": image_id} if image_id else None,
+            fields={"params": json.dumps(params or {})},
+            files={"file": file_path},
+            timeout=self.long_timeout,
+            what="PUT /datastore/image",
+        )
+        try:
+            return json.loads(data.decode("utf-8"))["image"]
+        except (ValueError, KeyError, TypeError):
+            raise ServerError("The server did not return the id of the uploaded study.", kind="bad_response") from None
+
+    def download_image(self, image_id: str, out_dir: Optional[str] = None) -> str:
+        """``GET /datastore/image?image=ID``: download a study's image file; returns the local path."""
+        _, headers, data = self._request(
+            "GET", "/datastore/image", {"image": image_id}, timeout=self.long_timeout,
+            what=f"GET /datastore/image {image_id}",
+        )
+        filename = None
+        for item in headers.get("content-disposition", "").split(";"):
+            item = item.strip()
+            if item.startswith("filename="):
+                filename = item[9:].strip('"')
+        out_dir = out_dir or tempfile.mkdtemp(prefix="anomaly_")
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, image_id + _result_suffix(filename, ".nii.gz"))
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+    def image_info(self, image_id: str) -> Dict[str, Any]:
+        """``GET /datastore/image/info?image=ID``."""
+        return self._json("GET", "/datastore/image/info", {"image": image_id}, what="GET /datastore/image/info")
+
+    def update_image_info(self, image_id: str, info: Dict[str, Any]) -> None:
+        """``PUT /datastore/image/info?image=ID``: merge ``info`` into the study's info."""
+        self._form(
+            "PUT", "/datastore/image/info", {"image": image_id}, fields={"info": json.dumps(info)},
+            what="PUT /datastore/image/info",
+        )
+
+    def set_curation(self, image_id: str, state: str) -> None:
+        """Mark a study normal / abnormal / excluded (``info["curation"]``)."""
+        if state not in CURATION_STATES:
+            raise ValueError(f"curation state must be one of {CURATION_STATES}, not {state!r}")
+        if not image_id:
+            raise ServerError("This volume is not a study on the server yet: run 'Detect anomalies' on it first "
+                              "(with 'Add to the server's studies' checked).", kind="bad_request")
+        self.update_image_info(image_id, {CURATION_KEY: state})
+
+    def datastore(self) -> Dict[str, Any]:
+        """``GET /datastore/?output=all``: every study (``objects``) with its info."""
+        return self._json("GET", "/datastore/", {"output": "all"}, what="GET /datastore/")
+
+    def curation_states(self) -> Dict[str, str]:
+        """Study id -> curation state (``unreviewed`` when not marked)."""
+        objects = self.datastore().get("objects", {}) or {}
+        states = {}
+        for image_id, obj in objects.items():
+            info = ((obj or {}).get("image") or {}).get("info") or {}
+            state = info.get(CURATION_KEY)
+            states[image_id] = state if state in CURATION_STATES else UNREVIEWED
+        return states
+
+    def curation_counts(self) -> Dict[str, int]:
+        """Number of studies per curation state (normal, abnormal, excluded, unreviewed)."""
+        counts = {s: 0 for s in CURATION_STATES + (UNREVIEWED,)}
+        for state in self.curation_states().values():
+            counts[state] += 1
+        return counts
+
+    # ---------------------------------------------------------------------------------------------- active learning
+    def next_sample(self, strategy: str, params: Optional[dict] = None) -> Optional[str]:
+        """``POST /activelearning/{strategy}``: the id of the next study to review, or None when none is left."""
+        res = self._json(
+            "POST", f"/activelearning/{urllib.parse.quote(strategy)}", payload=params or {},
+            timeout=self.long_timeout, what=f"POST /activelearning/{strategy}",
+        )
+        if isinstance(res, dict) and res.get("id"):
+            return str(res["id"])
+        return None
+
+    # ---------------------------------------------------------------------------------------------- training
+    def start_training(self, model: str = DEFAULT_MODEL, params: Optional[dict] = None) -> Dict[str, Any]:
+        """``POST /train/{model}``: start training (on the studies marked normal); 429 -> ServerError('refused')."""
+        return self._json(
+            "POST", f"/train/{urllib.parse.quote(model)}", payload=params or {}, what=f"POST /train/{model}"
+        )
+
+    def training_status(self) -> Optional[Dict[str, Any]]:
+        """``GET /train/``: the last training task ``{id, status, details...}``, or None when there was none."""
+        try:
+            return self._json("GET", "/train/", what="GET /train/")
+        except ServerError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def is_training(self) -> bool:
+        """True while a training task runs (``GET /train/?check_if_running=true``)."""
+        try:
+            res = self._json("GET", "/train/", {"check_if_running": "true"}, what="GET /train/")
+        except ServerError as e:
+            if e.status == 404:
+                return False
+            raise
+        return bool(res) and str(res.get("status", "RUNNING")).upper() == "RUNNING"
+
+    def stop_training(self) -> Dict[str, Any]:
+        """``DELETE /train/``: stop the running training."""
+        return self._json("DELETE", "/train/", what="DELETE /train/")
+
+
+def normalize_url(url: str) -> str:
+    """``localhost:8000`` -> ``http://localhost:8000``; no trailing slash."""
+    url = (url or "").strip()
+    if not url:
+        url = DEFAULT_URL
+    if "://" not in url:
+        url = "http://" + url
+    return url.rstrip("/")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading /info/
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class ServerSummary:
+    """What the Connect button shows, read from ``GET /info/``."""
+
+    name: str = ""
+    version: str = ""
+    models: List[str] = field(default_factory=list)
+    model_versions: Dict[str, str] = field(default_factory=dict)
+    strategies: List[str] = field(default_factory=list)
+    trainers: List[str] = field(default_factory=list)
+    train_stats: Dict[str, Any] = field(default_factory=dict)
+
+    def model_version(self, model: str) -> str:
+        return self.model_versions.get(model, "")
+
+
+def summarize_info(info: Dict[str, Any]) -> ServerSummary:
+    """Extract models (with their version when the app publishes one), strategies, trainers and train stats."""
+    models = info.get("models") or {}
+    versions: Dict[str, str] = {}
+    for name, m in models.items():
+        if not isinstance(m, dict):
+            continue
+        v = m.get("model_version") or m.get("version")
+        if not v:
+            cfg = m.get("config") or {}
+            v = cfg.get("model_version") if isinstance(cfg, dict) else None
+        versions[name] = "" if v in (None, "") else str(v)
+    strategies = info.get("strategies") or {}
+    trainers = info.get("trainers") or {}
+    return ServerSummary(
+        name=str(info.get("name", "")),
+        version=str(info.get("version", "")),
+        models=list(models),
+        model_versions=versions,
+        strategies=list(strategies),
+        trainers=list(trainers),
+        train_stats=info.get("train_stats") or {},
+    )
+
+
+def train_progress(train_stats: Dict[str, Any], model: str = DEFAULT_MODEL) -> Tuple[Optional[int], str]:
+    """Percent done (0-100, or None when unknown) and a one-line text from ``/info/`` train_stats.
+
+    MONAI Label puts the trainer's stats under ``train_stats[model]`` (``epoch``, ``total_epochs``, ``best_metric``
+    ...); older servers put them at the top level.
+    """
+    stats = train_stats.get(model) if isinstance(train_stats.get(model), dict) else train_stats
+    if not isinstance(stats, dict) or not stats:
+        return None, "no training statistics yet"
+    epoch, total = stats.get("epoch"), stats.get("total_epochs")
+    percent = None
+    if isinstance(epoch, (int, float)) and isinstance(total, (int, float)) and total > 0:
+        percent = int(max(0, min(100, round(100.0 * epoch / total))))
+    bits = []
+    if epoch is not None and total:
+        bits.append(f"epoch {epoch}/{total}")
+    for key in ("loss", "train_loss", "best_metric", "val_score"):
+        v = stats.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            bits.append(f"{key} {v:.4g}")
+    for key in ("phase", "status"):
+        if stats.get(key):
+            bits.append(str(stats[key]))
+    return percent, ", ".join(bits) if bits else "training"
