@@ -1,0 +1,3 @@
+from .anomaly import MostAnomalousUnreviewed, SuspectNormal
+
+__all__ = ["MostAnomalousUnreviewed", "SuspectNormal"]

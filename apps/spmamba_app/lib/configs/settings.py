@@ -1,0 +1,145 @@
+"""The app's settings, read once from MONAI Label's ``--conf key value`` pairs.
+
+Every value arrives as a string; this module turns them into typed fields and rejects nonsense at start-up with a
+message that names the option, so a typo in ``--conf`` fails loudly instead of silently using a default.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Optional
+
+CURATION_KEY = "curation"
+CURATION_STATES = ("normal", "abnormal", "excluded")
+SCORE_KEY = "anomaly"
+MODEL_FILENAME = "spmamba.pt"
+STATS_FILENAME = "train_stats.json"
+STOP_FILENAME = "train_stop.request"
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _bool(conf: Dict[str, Any], key: str, default: bool) -> bool:
+    value = conf.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"--conf {key} {value!r}: expected true or false")
+
+
+def _int(conf: Dict[str, Any], key: str, default: Optional[int], minimum: int = 0) -> Optional[int]:
+    value = conf.get(key)
+    if value is None or str(value).strip().lower() in ("", "none", "auto", "default"):
+        return default
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise ValueError(f"--conf {key} {value!r}: expected an integer") from None
+    if number < minimum:
+        raise ValueError(f"--conf {key} {value!r}: must be >= {minimum}")
+    return number
+
+
+@dataclass
+class AppSettings:
+    """Typed view of the app's ``--conf`` options (see docs/APP.md for the table)."""
+
+    app_dir: str
+    preset: str = "fast"
+    device: str = "auto"
+    slice_axis: Optional[int] = None  # None = the model's own axis
+    encoder_weights: str = "none"
+    unflagged_normal: bool = False
+    model: Optional[str] = None  # a checkpoint made by `spmamba train`; None = only the app's model folder
+    model_dir: str = ""
+    epochs: Optional[int] = None
+    min_normals: int = 2
+    auto_score: bool = True
+    auto_train: bool = False
+    infer_workers: int = 2
+    top_regions: int = 10
+    stop_grace_s: int = 20
+    seed_curation: str = ""
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def published_model(self) -> str:
+        """Where the training task publishes (atomically) and where inference looks first."""
+        return os.path.join(self.model_dir, MODEL_FILENAME)
+
+    @property
+    def stats_path(self) -> str:
+        return os.path.join(self.model_dir, STATS_FILENAME)
+
+    @property
+    def stop_path(self) -> str:
+        return os.path.join(self.model_dir, STOP_FILENAME)
+
+    def to_json(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d.pop("extra", None)
+        return d
+
+
+def parse_conf(app_dir: str, studies: str, conf: Optional[Dict[str, Any]]) -> AppSettings:
+    """Build :class:`AppSettings` from MONAI Label's conf dict; raises ``ValueError`` naming a bad option."""
+    conf = dict(conf or {})
+    preset = str(conf.get("preset", "fast")).strip() or "fast"
+    device = str(conf.get("device", "auto")).strip().lower() or "auto"
+    if not (device in ("auto", "cpu") or device.startswith("cuda")):
+        raise ValueError(f"--conf device {device!r}: expected auto, cpu or cuda[:N]")
+
+    axis_raw = str(conf.get("slice_axis", "auto")).strip().lower()
+    axis_names = {"sagittal": 0, "coronal": 1, "axial": 2, "x": 0, "y": 1, "z": 2}
+    if axis_raw in ("", "auto", "none", "model"):
+        slice_axis = None
+    elif axis_raw in axis_names:
+        slice_axis = axis_names[axis_raw]
+    else:
+        slice_axis = _int(conf, "slice_axis", None)
+        if slice_axis not in (0, 1, 2):
+            raise ValueError(f"--conf slice_axis {axis_raw!r}: expected auto, 0, 1, 2, sagittal, coronal or axial")
+
+    model = conf.get("model")
+    model = os.path.realpath(os.path.expanduser(str(model))) if model not in (None, "", "none") else None
+    model_dir = conf.get("model_dir") or os.path.join(app_dir, "model")
+    model_dir = os.path.realpath(os.path.expanduser(str(model_dir)))
+
+    encoder_weights = str(conf.get("encoder_weights", "none")).strip() or "none"
+    if encoder_weights.lower() not in ("none", "imagenet") and not os.path.isfile(os.path.expanduser(encoder_weights)):
+        raise ValueError(f"--conf encoder_weights {encoder_weights!r}: no such file (or use 'none')")
+
+    seed = conf.get("seed_curation")
+    if seed is None:
+        seed = os.path.join(studies, "curation.csv") if studies and not studies.startswith("http") else ""
+
+    known = {
+        "preset", "device", "slice_axis", "encoder_weights", "unflagged_normal", "model", "model_dir", "epochs",
+        "min_normals", "auto_score", "auto_train", "infer_workers", "top_regions", "stop_grace_s", "seed_curation",
+    }
+    return AppSettings(
+        app_dir=app_dir,
+        preset=preset,
+        device=device,
+        slice_axis=slice_axis,
+        encoder_weights=encoder_weights,
+        unflagged_normal=_bool(conf, "unflagged_normal", False),
+        model=model,
+        model_dir=model_dir,
+        epochs=_int(conf, "epochs", None, minimum=1),
+        min_normals=_int(conf, "min_normals", 2, minimum=1) or 2,
+        auto_score=_bool(conf, "auto_score", True),
+        auto_train=_bool(conf, "auto_train", False),
+        infer_workers=_int(conf, "infer_workers", 2, minimum=1) or 2,
+        top_regions=_int(conf, "top_regions", 10, minimum=0) or 0,
+        stop_grace_s=_int(conf, "stop_grace_s", 20, minimum=0) or 0,
+        seed_curation=str(seed),
+        extra={k: v for k, v in conf.items() if k not in known},
+    )

@@ -1,0 +1,3 @@
+from .anomaly import AnomalyInfer, AnomalySegmentationInfer, Detection
+
+__all__ = ["AnomalyInfer", "AnomalySegmentationInfer", "Detection"]

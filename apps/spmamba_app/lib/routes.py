@@ -1,0 +1,153 @@
+"""Three MONAI Label endpoints, re-registered in front of the stock ones (same paths, same parameters).
+
+MONAI Label 0.8.5 offers no hook to validate a request before it spends work on it, so at server start-up
+(``on_init_complete``, which only runs in the server process) the app puts these routes ahead of the stock ones:
+
+* ``POST /infer/{model}``: a plain ``def`` so FastAPI runs it in its thread pool: parallel requests run side by side
+  and ``/info/`` keeps answering while a volume is processed (the stock ``async def`` blocks the event loop).
+  Before delegating to the stock ``run_inference`` it rejects unknown models, bad ``params`` JSON, path-like or
+  unknown image ids (404/400) instead of letting them reach the file system.
+* ``POST /train/{model}``: checks there are enough studies marked normal and answers 409 with what to do if not,
+  instead of starting a subprocess that would fail; then delegates to the stock ``run_model``.
+* ``DELETE /train/``: asks a running training to stop gracefully (it finishes the current step, calibrates and
+  publishes what it has) for up to ``stop_grace_s`` seconds, then falls back to the stock kill.
+
+The stock handlers do the rest, so the REST surface is unchanged for stock clients.
+"""
+
+
+import json
+import logging
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+import time
+from typing import Optional
+
+from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, UploadFile
+
+logger = logging.getLogger(__name__)
+
+ROUTE_PREFIX = "spmamba_"
+
+
+def upload_suffix(filename) -> str:
+    """The upload's extension(s) (``.nii.gz``), reduced to a safe alphabet; ``.nii.gz`` when there is none."""
+    suffix = "".join(pathlib.Path(os.path.basename(filename or "")).suffixes[-2:]).lower()
+    suffix = re.sub(r"[^a-z0-9.]", "", suffix)
+    return suffix or ".nii.gz"
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def install(fastapi_app) -> None:
+    from monailabel.config import settings
+    from monailabel.endpoints import infer as ep_infer
+    from monailabel.endpoints import train as ep_train
+    from monailabel.endpoints.user.auth import RBAC, User
+    from monailabel.interfaces.utils.app import app_instance
+    from monailabel.utils.async_tasks.utils import processes, tasks
+
+    from .errors import bad_request, check_id, not_found
+
+    api = settings.MONAI_LABEL_API_STR
+
+    def spmamba_infer(
+        background_tasks: BackgroundTasks,
+        model: str,
+        image: str = "",
+        session_id: str = "",
+        params: str = Form("{}"),
+        file: UploadFile = File(None),
+        label: UploadFile = File(None),
+        output: Optional[ep_infer.ResultType] = None,
+        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
+    ):
+        instance = app_instance()
+        if model not in instance._infers:
+            raise not_found(f"no inference model {model!r}; available: {', '.join(sorted(instance._infers))}")
+        try:
+            p = json.loads(params) if params else {}
+        except ValueError as e:
+            raise bad_request(f"params is not valid JSON: {e}") from e
+        if not isinstance(p, dict):
+            raise bad_request("params must be a JSON object")
+        for key in ("image", "model"):
+            if key in p:
+                raise bad_request(f"params may not set {key!r}: use the URL (?image=ID) or upload a file")
+        if file:
+            # keep the upload ourselves so error messages can name the client's file, not a temporary one
+            suffix = upload_suffix(file.filename)
+            fd, tmp = tempfile.mkstemp(prefix="tmp_upload_", suffix=suffix)
+            with os.fdopen(fd, "wb") as out:
+                shutil.copyfileobj(file.file, out)
+            background_tasks.add_task(_remove, tmp)
+            p["upload_name"] = os.path.basename(file.filename or "upload" + suffix)
+            image, file = tmp, None
+        elif not session_id:
+            if not image:
+                raise bad_request("no input: give ?image=ID of a datastore study or upload a file")
+            check_id(image)
+            ds = instance.datastore()
+            if hasattr(ds, "sync"):
+                ds.sync()
+            if image not in ds.list_images():
+                raise not_found(f"image {image!r} not found in the datastore")
+        return ep_infer.run_inference(background_tasks, model, image, session_id, json.dumps(p), file, label, output)
+
+    def spmamba_train(
+        model: str,
+        params: Optional[dict] = None,
+        run_sync: Optional[bool] = False,
+        enqueue: Optional[bool] = False,
+        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN)),
+    ):
+        instance = app_instance()
+        task = instance._trainers.get(model)
+        if task is None:
+            raise not_found(f"no training task {model!r}; available: {', '.join(sorted(instance._trainers))}")
+        if hasattr(task, "precheck"):
+            if len(processes("train")) and not enqueue:
+                raise HTTPException(status_code=429, detail="a training is already running (DELETE /train/ stops it)")
+            task.precheck({"model": model, **(params or {})}, instance.datastore())
+        return ep_train.run_model(model, params, run_sync, enqueue)
+
+    def spmamba_train_stop(user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+        instance = app_instance()
+        s = getattr(instance, "settings", None)
+        running = dict(processes("train"))
+        if running and s is not None and s.stop_grace_s > 0:
+            task_id = next(iter(running))
+            with open(s.stop_path, "w") as f:
+                f.write(str(time.time()))
+            deadline = time.time() + s.stop_grace_s
+            while time.time() < deadline and task_id in processes("train"):
+                time.sleep(0.2)
+            if task_id not in processes("train"):
+                for t in tasks("train"):
+                    if t["id"] == task_id:
+                        t["status"] = "STOPPED"
+                        t["stopped"] = "graceful: the model trained so far was calibrated and published"
+                        logger.info(f"Training {task_id} stopped gracefully")
+                        return t
+        return ep_train.stop()
+
+    router = fastapi_app.router
+    router.routes[:] = [r for r in router.routes if not getattr(r, "name", "").startswith(ROUTE_PREFIX)]
+    added = [
+        (api + "/infer/{model}", spmamba_infer, ["POST"], "Run inference (validated, runs in the thread pool)"),
+        (api + "/train/{model}", spmamba_train, ["POST"], "Run training (checks the curated normals first)"),
+        (api + "/train/", spmamba_train_stop, ["DELETE"], "Stop training (graceful, then kill)"),
+    ]
+    for path, endpoint, methods, summary in added:
+        router.add_api_route(path, endpoint, methods=methods, name=endpoint.__name__, summary=summary)
+        router.routes.insert(0, router.routes.pop())
+    fastapi_app.openapi_schema = None
+    logger.info("SP-Mamba app: validating routes installed for /infer/{model}, /train/{model}, DELETE /train/")

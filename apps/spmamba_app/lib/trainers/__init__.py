@@ -1,0 +1,3 @@
+from .anomaly import AnomalyTrain
+
+__all__ = ["AnomalyTrain"]

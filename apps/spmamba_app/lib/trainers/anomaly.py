@@ -1,0 +1,210 @@
+"""Training task: fit SP-Mamba on the studies curated as normal, publish the model atomically.
+
+MONAI Label's ``BasicTrainTask`` assumes labelled segmentation (``final`` labels, Dice), so this task subclasses
+``TrainTask`` directly and calls ``spmamba.train.train_detector``. It still runs in MONAI Label's own machinery:
+``POST /train/spmamba`` starts ``python -m monailabel.interfaces.utils.app -m train`` in a subprocess (status at
+``GET /train/``, stop with ``DELETE /train/``), and this object's ``__call__`` runs in that subprocess.
+
+Progress goes to ``<model_dir>/train_stats.json`` (atomic writes), which ``stats()`` serves in ``/info/``'s
+``train_stats``: status, epoch, total_epochs, loss, val_score, phase, pid, model_version. The new model is written
+to a temporary file in the model folder and renamed over ``spmamba.pt``, so a killed training leaves the previous
+model intact and the inference task picks the new one up by its modification time, without a restart.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from typing import Any, Dict, List, Optional
+
+from monailabel.interfaces.tasks.train import TrainTask
+
+from ..configs import AppSettings
+from ..errors import bad_request, conflict
+
+logger = logging.getLogger(__name__)
+
+
+def _write_json_atomic(path: str, data: Dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".stats.", suffix=".tmp", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _pid_alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError, TypeError):
+        return False
+    try:  # a zombie (killed, not yet reaped) is not alive
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return f.read().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return True
+
+
+def _finite(x: Any) -> Optional[float]:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+class AnomalyTrain(TrainTask):
+    def __init__(self, settings: AppSettings):
+        super().__init__("Train SP-Mamba on the studies curated as normal (info.curation == 'normal')")
+        self.settings = settings
+
+    # ------------------------------------------------------------------ info
+    def config(self) -> Dict[str, Any]:
+        return {
+            "preset": self.settings.preset,
+            "max_epochs": self.settings.epochs or 0,  # 0 = the preset's default
+            "device": self.settings.device,
+            "unflagged_normal": self.settings.unflagged_normal,
+            "min_normals": self.settings.min_normals,
+        }
+
+    def stats(self) -> Dict[str, Any]:
+        try:
+            with open(self.settings.stats_path) as f:
+                stats = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        if stats.get("status") == "RUNNING" and not _pid_alive(stats.get("pid")):
+            stats["status"] = "STOPPED"
+            stats["detail"] = "the training process ended without finishing (stopped or killed)"
+        return stats
+
+    # ------------------------------------------------------------------ checks
+    def _params(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        preset = str(request.get("preset") or self.settings.preset)
+        epochs = request.get("max_epochs", request.get("epochs")) or self.settings.epochs
+        if epochs is not None:
+            try:
+                epochs = int(epochs)
+            except (TypeError, ValueError):
+                raise bad_request(f"max_epochs must be an integer, not {epochs!r}") from None
+            if epochs < 1:
+                epochs = None  # 0 = preset default
+        return {"preset": preset, "epochs": epochs}
+
+    def training_images(self, datastore) -> List[str]:
+        ids = datastore.training_studies(self.settings.unflagged_normal)
+        paths = [datastore.get_image_uri(i) for i in ids]
+        return [p for p in paths if p and os.path.isfile(p)]
+
+    def precheck(self, request: Dict[str, Any], datastore) -> List[str]:
+        """Raise a 4xx (in the server, before a subprocess is started) when training cannot start."""
+        self._params(request)
+        images = self.training_images(datastore)
+        need = self.settings.min_normals
+        if len(images) < need:
+            how = "marked normal" + (" or unreviewed" if self.settings.unflagged_normal else "")
+            raise conflict(
+                f"too few normal studies to train: {len(images)} {how}, at least {need} needed. Mark studies with "
+                f"PUT /datastore/image/info?image=ID and info={{\"curation\": \"normal\"}}"
+            )
+        return images
+
+    # ------------------------------------------------------------------ run (in MONAI Label's train subprocess)
+    def __call__(self, request, datastore):
+        from spmamba.train import train_detector
+
+        s = self.settings
+        os.makedirs(s.model_dir, exist_ok=True)
+        if os.path.exists(s.stop_path):
+            os.unlink(s.stop_path)
+        started = time.time()
+        stats: Dict[str, Any] = {
+            "status": "RUNNING",
+            "pid": os.getpid(),
+            "start_ts": int(started),
+            "phase": "loading",
+            "epoch": 0,
+            "total_epochs": None,
+            "loss": None,
+            "val_score": None,
+        }
+        try:
+            params = self._params(request)
+            images = self.precheck(request, datastore)
+        except Exception as e:
+            detail = getattr(e, "detail", None) or str(e)
+            _write_json_atomic(s.stats_path, {**stats, "status": "ERROR", "detail": detail, "pid": None})
+            raise RuntimeError(detail) from e
+        stats.update({"preset": params["preset"], "n_studies": len(images), "total_epochs": params["epochs"]})
+        _write_json_atomic(s.stats_path, stats)
+        last_write = [0.0]
+
+        def progress(p: Dict[str, Any]) -> None:
+            for k in ("phase", "epoch", "total_epochs", "step", "total_steps"):
+                if p.get(k) is not None:
+                    stats[k] = p[k]
+            for k in ("loss", "val_score"):
+                if k in p:
+                    stats[k] = _finite(p[k])
+            if stats.get("val_score") is not None:
+                stats["best_metric"] = stats["val_score"]
+            stats["elapsed_s"] = round(time.time() - started, 1)
+            now = time.time()
+            if now - last_write[0] > 0.5 or p.get("phase") != "train":
+                last_write[0] = now
+                _write_json_atomic(s.stats_path, stats)
+            logger.info(f"progress: {json.dumps({k: stats.get(k) for k in ('phase', 'epoch', 'total_epochs', 'loss', 'val_score')})}")
+
+        try:
+            detector = train_detector(
+                images,
+                config=params["preset"],
+                epochs=params["epochs"],
+                device=s.device,
+                encoder_weights=s.encoder_weights,
+                progress=progress,
+                should_stop=lambda: os.path.exists(s.stop_path),
+            )
+            stats["phase"] = "publishing"
+            _write_json_atomic(s.stats_path, stats)
+            fd, tmp = tempfile.mkstemp(prefix=".spmamba.", suffix=".pt.part", dir=s.model_dir)
+            os.close(fd)
+            try:
+                detector.save(tmp)
+                os.replace(tmp, s.published_model)  # atomic publish: readers see the old or the new file
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        except Exception as e:
+            stats.update({"status": "ERROR", "detail": f"{type(e).__name__}: {e}", "pid": None})
+            stats["elapsed_s"] = round(time.time() - started, 1)
+            _write_json_atomic(s.stats_path, stats)
+            raise
+        stopped = os.path.exists(s.stop_path)
+        if stopped:
+            os.unlink(s.stop_path)
+        stats.update(
+            {
+                "status": "DONE",
+                "stopped_early": stopped,
+                "phase": "done",
+                "pid": None,
+                "model_version": detector.version,
+                "model_path": s.published_model,
+                "total_time": round(time.time() - started, 1),
+                "elapsed_s": round(time.time() - started, 1),
+                "end_ts": int(time.time()),
+            }
+        )
+        _write_json_atomic(s.stats_path, stats)
+        logger.info(f"Published SP-Mamba model {detector.version} to {s.published_model}")
+        return stats

@@ -1,0 +1,170 @@
+"""SP-Mamba MONAI Label app: unsupervised anomaly detection, training on curated normals, curation.
+
+    monailabel start_server --app apps/spmamba_app --studies DIR [--conf preset fast] [--conf model PATH] ...
+
+Glue only: every scientific step is a call into ``spmamba`` (see docs/LIBRARY_API.md); the REST surface and the
+``--conf`` options are documented in docs/APP.md.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Any, Callable, Dict
+
+from lib.activelearning import MostAnomalousUnreviewed, SuspectNormal
+from lib.configs import CURATION_KEY, CURATION_STATES, parse_conf
+from lib.datastore import VOLUME_EXTENSIONS, CuratedDatastore
+from lib.errors import bad_request, check_id, not_found
+from lib.infers import AnomalyInfer, AnomalySegmentationInfer, Detection
+from lib.model_store import ModelStore
+from lib.scoring import AnomalyScoring
+from lib.trainers import AnomalyTrain
+from monailabel.config import settings as ml_settings
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.tasks.activelearning.random import Random
+
+import lib.routes as routes
+
+logger = logging.getLogger(__name__)
+
+
+class SPMambaApp(MONAILabelApp):
+    def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
+        if studies.startswith(("http://", "https://")):
+            raise ValueError("the SP-Mamba app needs a local studies folder (curation lives in its datastore)")
+        self.settings = parse_conf(app_dir, studies, conf)
+        os.makedirs(self.settings.model_dir, exist_ok=True)
+        self.model_store = ModelStore(self.settings.published_model, self.settings.model, self.settings.device)
+        self.detection = Detection(self.settings, self.model_store)
+        try:
+            from spmamba import __version__ as lib_version
+        except Exception:  # noqa: BLE001
+            lib_version = "unknown"
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="SP-Mamba anomaly detection",
+            description="Unsupervised anomaly detection (SP-Mamba) trained on studies curated as normal",
+            version=str(lib_version),
+            labels=None,
+        )
+        self._datastore.seed_curation(self.settings.seed_curation)
+
+    # ------------------------------------------------------------------ tasks
+    def init_datastore(self) -> Datastore:
+        return CuratedDatastore(
+            self.studies,
+            extensions=[f"*{e}" for e in VOLUME_EXTENSIONS],
+            auto_reload=ml_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=ml_settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def init_infers(self) -> Dict[str, InferTask]:
+        return {
+            "spmamba": AnomalyInfer(self.detection),
+            "spmamba_seg": AnomalySegmentationInfer(self.detection),
+        }
+
+    def init_trainers(self) -> Dict[str, TrainTask]:
+        return {"spmamba": AnomalyTrain(self.settings)}
+
+    def init_strategies(self) -> Dict[str, Strategy]:
+        return {
+            "suspect_normal": SuspectNormal(self.detection),
+            "most_anomalous": MostAnomalousUnreviewed(self.detection),
+            "random": Random(),
+        }
+
+    def init_scoring_methods(self) -> Dict[str, ScoringMethod]:
+        return {"anomaly": AnomalyScoring(self.detection)}
+
+    def init_batch_infer(self) -> Callable:
+        return super().init_batch_infer()
+
+    # ------------------------------------------------------------------ info
+    def info(self) -> Dict[str, Any]:
+        meta = super().info()
+        ds = self._datastore
+        counts = {state: len(ds.studies_by_state(state)) for state in CURATION_STATES}
+        counts["unreviewed"] = len(ds.studies_by_state(None))
+        meta["spmamba"] = {
+            "model": self.model_store.describe(),
+            "curation_key": CURATION_KEY,
+            "curation_states": list(CURATION_STATES),
+            "curation": counts,
+            "settings": self.settings.to_json(),
+        }
+        return meta
+
+    # ------------------------------------------------------------------ inference
+    def infer(self, request, datastore=None):
+        """Refuse image references that are neither a datastore id nor a file MONAI Label itself received."""
+        image = request.get("image")
+        if isinstance(image, str):
+            ds = datastore if datastore else self.datastore()
+            if hasattr(ds, "sync"):
+                ds.sync()
+            if image not in ds.list_images():
+                if os.path.isabs(image) and os.path.isfile(image):
+                    real = os.path.realpath(image)
+                    roots = [tempfile.gettempdir(), ml_settings.MONAI_LABEL_SESSION_PATH or "",
+                             os.path.join(os.path.expanduser("~"), ".cache", "monailabel", "sessions")]
+                    if not any(r and real.startswith(os.path.realpath(r) + os.sep) for r in roots):
+                        raise bad_request("image must be a datastore id or an uploaded file")
+                else:
+                    check_id(image)
+                    raise not_found(f"image {image!r} not found in the datastore")
+        return super().infer(request, datastore)
+
+    # ------------------------------------------------------------------ active learning / scoring
+    def next_sample(self, request):
+        """As MONAI Label's, minus the automatic re-scoring of every study after each request."""
+        strategy = request.get("strategy") or "random"
+        task = self._strategies.get(strategy)
+        if task is None:
+            raise not_found(f"no active-learning strategy {strategy!r}; available: {', '.join(sorted(self._strategies))}")
+        res = task(request, self.datastore())
+        if not res or not res.get("id"):
+            return {}
+        res["path"] = self._datastore.get_image_uri(res["id"])
+        return res
+
+    def scoring(self, request, datastore=None):
+        method = request.get("method")
+        if method and method not in self._scoring_methods:
+            raise not_found(f"no scoring method {method!r}; available: {', '.join(sorted(self._scoring_methods))}")
+        return super().scoring(request, datastore)
+
+    def async_scoring(self, method, params=None):
+        """Automatic scoring (start-up, after training) only when enabled and a model exists; never fails."""
+        if method is None and (not self.settings.auto_score or not self.model_store.available()):
+            return {}
+        try:
+            return super().async_scoring(method, params)
+        except Exception as e:  # noqa: BLE001 - e.g. no server to notify when run outside one
+            logger.warning(f"Automatic scoring not started: {e}")
+            return {}
+
+    def on_init_complete(self):
+        try:
+            import monailabel.app as server
+
+            routes.install(server.app)
+        except Exception:  # noqa: BLE001 - the stock routes still work
+            logger.exception("Could not install the validating routes; using MONAI Label's stock ones")
+        super().on_init_complete()
+        if self.settings.auto_train and not self.model_store.available():
+            trainer = self._trainers.get("spmamba")
+            try:
+                trainer.precheck({}, self._datastore)
+                logger.info("No model yet: starting a training on the curated normal studies (auto_train)")
+                self.async_training("spmamba")
+            except Exception as e:  # noqa: BLE001
+                logger.warning(f"auto_train: not started ({getattr(e, 'detail', e)})")
