@@ -1,0 +1,672 @@
+"""The ``spmamba`` command: synth, train, detect, evaluate, serve, demo.
+
+The contract (docs/CLI.md, ARCHITECTURE.md "CLI") is stable: scripts and checks drive it. Everything scientific is
+in the library; this module parses arguments, streams files, draws progress bars on stderr and turns the library's
+errors into one clear line on stderr and exit code 2 (0 = success, 2 = bad input / usage, 130 = interrupted).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+IMAGE_EXTS = (".nii.gz", ".nii", ".nrrd", ".nhdr")
+EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 2, 130
+
+
+class CLIError(Exception):
+    """A problem with the user's input; the message names the file and the problem."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------
+def _eprint(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def _is_image(p: Path) -> bool:
+    return p.name.lower().endswith(IMAGE_EXTS) and not p.name.startswith(".")
+
+
+def volume_id(path: str | os.PathLike) -> str:
+    """The id of a volume file: its name without the image extension (``case-0001.nii.gz`` -> ``case-0001``)."""
+    name = Path(path).name
+    for e in IMAGE_EXTS:
+        if name.lower().endswith(e):
+            return name[: -len(e)]
+    return name
+
+
+def _list_folder(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(image files, other files) directly inside ``folder``, sorted; hidden files are skipped."""
+    images, others = [], []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_file() and _is_image(p):
+            images.append(p)
+        elif p.is_file() and not p.name.lower().endswith((".raw", ".raw.gz")):  # .raw = data of a .nhdr
+            others.append(p)
+    return images, others
+
+
+def iter_inputs(inputs: Sequence[str]) -> Iterator[Path]:
+    """Yield image files from files and folders (folders: their direct image files, sorted), lazily."""
+    for raw in inputs:
+        p = Path(raw)
+        if p.is_dir():
+            found = False
+            for q in sorted(p.iterdir()):
+                if q.is_file() and _is_image(q):
+                    found = True
+                    yield q
+            if not found:
+                raise CLIError(f"{p}: folder has no .nii/.nii.gz/.nrrd files")
+        elif p.is_file():
+            if not _is_image(p):
+                raise CLIError(f"{p}: not a .nii/.nii.gz/.nrrd file")
+            yield p
+        else:
+            raise CLIError(f"{p}: no such file or folder")
+
+
+def _check_inputs(inputs: Sequence[str]) -> int:
+    """Check every input exists and ids are unique, without reading any volume; return the file count."""
+    seen: dict[str, Path] = {}
+    n = 0
+    for p in iter_inputs(inputs):
+        sid = volume_id(p)
+        if sid in seen and seen[sid].resolve() != p.resolve():
+            raise CLIError(f"{p}: same id {sid!r} as {seen[sid]}; outputs would overwrite each other (rename one)")
+        seen[sid] = p
+        n += 1
+    return n
+
+
+def _tqdm(**kw):
+    from tqdm.auto import tqdm
+
+    kw.setdefault("file", sys.stderr)
+    kw.setdefault("dynamic_ncols", True)
+    return tqdm(**kw)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# synth
+# ----------------------------------------------------------------------------------------------------------------
+def cmd_synth(args: argparse.Namespace) -> int:
+    from spmamba.data.synthetic import LESION_FAMILIES, make_dataset
+
+    families = tuple(f.strip() for f in args.families.split(",") if f.strip()) if args.families else LESION_FAMILIES
+    bad = [f for f in families if f not in LESION_FAMILIES]
+    if bad:
+        raise CLIError(f"--families: unknown {', '.join(bad)} (choose from {', '.join(LESION_FAMILIES)})")
+    if args.n_train < 0 or args.n_test < 0:
+        raise CLIError("--n-train and --n-test must be >= 0")
+    if not 0.5 <= args.spacing <= 8.0:
+        raise CLIError(f"--spacing {args.spacing}: must be between 0.5 and 8 mm")
+    t0 = time.time()
+    if not args.quiet:
+        _eprint(f"[synth] {args.n_train} normal training + {args.n_test} test volumes at {args.spacing:g} mm "
+                f"(seed {args.seed}) -> {args.out}")
+    summary = make_dataset(args.out, n_train=args.n_train, n_test=args.n_test, seed=args.seed, spacing=args.spacing,
+                           progress=not args.quiet, abnormal_fraction=args.abnormal_fraction, families=families)
+    dt = time.time() - t0
+    n = args.n_train + args.n_test
+    summary["seconds"] = round(dt, 2)
+    print(f"wrote {n} volumes ({summary['n_abnormal']} abnormal test cases), shape {tuple(summary['shape'])}, "
+          f"{args.spacing:g} mm, to {args.out} in {dt:.1f} s")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train
+# ----------------------------------------------------------------------------------------------------------------
+class _StopFlag:
+    """SIGINT handler: the first Ctrl-C asks training to stop (a valid checkpoint is still written); the second
+    aborts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = None
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def _handler(self, signum, frame) -> None:  # noqa: ARG002
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        _eprint("\n[train] stopping after the current step; the model will be calibrated and saved "
+                "(press Ctrl-C again to abort without saving)")
+
+    def __enter__(self) -> "_StopFlag":
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+class _TrainProgress:
+    """Turns the library's progress dicts into one tqdm bar per phase (on stderr)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.bar = None
+        self.phase = None
+        self.last: dict = {}
+
+    def __call__(self, info: dict) -> None:
+        self.last = dict(info)
+        if self.quiet:
+            return
+        phase = info.get("phase", "train")
+        total = info.get("total_steps")
+        if phase != self.phase or self.bar is None or (total and self.bar.total != total):
+            if self.bar is not None:
+                self.bar.close()
+            self.phase = phase
+            desc = phase
+            if info.get("total_epochs") and phase == "train":
+                desc = f"train {info.get('epoch', '?')}/{info['total_epochs']}"
+            self.bar = _tqdm(total=total, desc=desc, unit="step", leave=False)
+        step = info.get("step")
+        if step is not None and self.bar.total is not None:
+            self.bar.n = min(int(step), int(self.bar.total))
+        elif step is not None:
+            self.bar.n = int(step)
+        if phase == "train" and info.get("total_epochs"):
+            self.bar.set_description(f"train {info.get('epoch', '?')}/{info['total_epochs']}", refresh=False)
+        post = {k: info[k] for k in ("loss", "val_score") if isinstance(info.get(k), (int, float))}
+        if post:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in post.items()}, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _training_files(folder: str) -> list[Path]:
+    d = Path(folder)
+    if not d.exists():
+        raise CLIError(f"{d}: no such folder (--normal needs a folder of normal volumes)")
+    if not d.is_dir():
+        raise CLIError(f"{d}: not a folder (--normal needs a folder of normal volumes)")
+    images, others = _list_folder(d)
+    if others:
+        names = ", ".join(p.name for p in others[:5]) + (" ..." if len(others) > 5 else "")
+        _eprint(f"[train] ignoring {len(others)} file(s) that are not .nii/.nii.gz/.nrrd in {d}: {names}")
+    if not images:
+        raise CLIError(f"{d}: no .nii/.nii.gz/.nrrd volumes found")
+    return images
+
+
+def train_model(normal_dir: str, out: str, *, config: str = "fast", epochs: int | None = None, device: str = "auto",
+                resume: str | None = None, encoder_weights: str = "none", val_fraction: float = 0.2, seed: int = 0,
+                quiet: bool = False) -> dict:
+    """What ``spmamba train`` does (also used by ``spmamba demo``); returns a summary dict."""
+    from spmamba.train import train_detector
+
+    files = _training_files(normal_dir)
+    out_path = Path(out)
+    if out_path.exists() and out_path.is_dir():
+        raise CLIError(f"{out_path}: is a folder; --out needs a file name such as model.pt")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if resume and not Path(resume).is_file():
+        raise CLIError(f"{resume}: --resume checkpoint not found")
+    if not quiet:
+        _eprint(f"[train] {len(files)} normal volumes from {normal_dir}, preset {config!r}"
+                + (f", {epochs} epochs" if epochs else "") + f", device {device}; Ctrl-C stops early and still saves")
+    progress = _TrainProgress(quiet)
+    t0 = time.time()
+    with _StopFlag() as stop:
+        try:
+            detector = train_detector(files, config=config, epochs=epochs, device=device, val_fraction=val_fraction,
+                                      seed=seed, encoder_weights=encoder_weights, progress=progress,
+                                      should_stop=stop, resume=resume, checkpoint_path=str(out_path))
+        finally:
+            progress.close()
+        detector.save(str(out_path))
+    dt = time.time() - t0
+    summary = {"model": str(out_path), "version": getattr(detector, "version", None), "n_volumes": len(files),
+               "seconds": round(dt, 1), "stopped_early": stop.requested}
+    meta = getattr(detector, "meta", {}) or {}
+    if isinstance(meta, dict) and meta.get("training"):
+        summary["training"] = meta["training"]
+    return summary
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.epochs is not None and args.epochs < 1:
+        raise CLIError(f"--epochs {args.epochs}: must be >= 1")
+    if not 0.0 < args.val_fraction < 1.0:
+        raise CLIError(f"--val-fraction {args.val_fraction}: must be between 0 and 1")
+    s = train_model(args.normal, args.out, config=args.config, epochs=args.epochs, device=args.device,
+                    resume=args.resume, encoder_weights=args.encoder_weights, val_fraction=args.val_fraction,
+                    seed=args.seed, quiet=args.quiet)
+    note = " (stopped early by Ctrl-C; calibrated)" if s["stopped_early"] else ""
+    print(f"saved {s['model']} (version {s['version']}) trained on {s['n_volumes']} volumes in "
+          f"{s['seconds']:.1f} s{note}")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# detect
+# ----------------------------------------------------------------------------------------------------------------
+def save_mosaic(image, heatmap, pixel_threshold: float, path: str | os.PathLike, *, axis: int = 2, n: int = 12,
+                title: str = "") -> None:
+    """PNG mosaic of ``n`` slices along ``axis`` with the heatmap overlaid where it exceeds ``pixel_threshold``.
+
+    Slices are spread over the non-zero extent of the image and always include the heatmap's peak slice.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    img = np.moveaxis(np.asarray(image, dtype=np.float32), axis, -1)
+    hm = np.moveaxis(np.asarray(heatmap, dtype=np.float32), axis, -1)
+    nz = np.nonzero(np.any(img != 0, axis=(0, 1)))[0]
+    lo, hi = (int(nz[0]), int(nz[-1])) if nz.size else (0, img.shape[2] - 1)
+    n = max(1, min(n, hi - lo + 1))
+    picks = list(np.unique(np.linspace(lo, hi, n + 2)[1:-1].round().astype(int))) if n > 1 else [lo]
+    peak = int(np.unravel_index(int(np.argmax(hm)), hm.shape)[2])
+    if peak not in picks:
+        picks[int(np.argmin([abs(p - peak) for p in picks]))] = peak
+        picks = sorted(set(picks))
+    cols = min(6, len(picks))
+    rows = int(np.ceil(len(picks) / cols))
+    fg = img[img != 0]
+    vmin, vmax = (np.percentile(fg, [1, 99]) if fg.size else (0.0, 1.0))
+    hmax = float(np.nanmax(hm)) if np.isfinite(hm).any() else 1.0
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.6 * rows + 0.4), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, k in zip(axes.ravel(), picks):
+        ax.imshow(img[:, :, k].T, cmap="gray", origin="lower", vmin=vmin, vmax=vmax, interpolation="nearest")
+        over = np.ma.masked_less(hm[:, :, k].T, pixel_threshold)
+        ax.imshow(over, cmap="inferno", origin="lower", alpha=0.6, vmin=pixel_threshold,
+                  vmax=max(hmax, pixel_threshold + 1e-6), interpolation="nearest")
+        ax.set_title(f"slice {k}" + (" (peak)" if k == peak else ""), fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=80)
+    plt.close(fig)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from spmamba.detector import Detector
+    from spmamba.volume import VolumeError, load_volume, save_volume
+
+    n_files = _check_inputs(args.inputs)
+    model = Path(args.model)
+    if not model.is_file():
+        raise CLIError(f"{model}: model file not found (make one with `spmamba train`)")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"{out}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    detector = Detector.load(str(model), device=args.device)
+    pixel_threshold = None
+    failed: list[tuple[str, str]] = []
+    n_done = n_abnormal = 0
+    t0 = time.time()
+    scores_path = out / "scores.csv"
+    bar = None if args.quiet else _tqdm(total=n_files, desc="detect", unit="vol")
+    try:
+        with open(scores_path, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["id", "score", "threshold", "abnormal"])
+            fh.flush()
+            for path in iter_inputs(args.inputs):
+                sid = volume_id(path)
+                try:
+                    vol = load_volume(path)
+                    res = detector.detect(vol.array, affine=vol.affine)
+                except VolumeError as exc:
+                    failed.append((str(path), str(exc)))
+                    _eprint(f"[detect] skipped: {exc}")
+                    if bar is not None:
+                        bar.update(1)
+                    continue
+                save_volume(res.heatmap, vol.affine, str(out / f"{sid}_anomaly.nii.gz"))
+                pixel_threshold = float(res.pixel_threshold)
+                writer.writerow([sid, f"{float(res.score):.6g}", f"{float(res.threshold):.6g}",
+                                 int(bool(res.abnormal))])
+                fh.flush()
+                if args.png:
+                    flag = "ABNORMAL" if res.abnormal else "normal"
+                    save_mosaic(vol.array, res.heatmap, float(res.pixel_threshold), out / f"{sid}_overlay.png",
+                                axis=int(getattr(res, "slice_axis", 2)),
+                                title=f"{sid}: score {float(res.score):.4g} (threshold {float(res.threshold):.4g}) "
+                                      f"{flag}")
+                n_done += 1
+                n_abnormal += int(bool(res.abnormal))
+                if bar is not None:
+                    bar.set_postfix_str(f"{sid} {'ABN' if res.abnormal else 'ok'}", refresh=False)
+                    bar.update(1)
+                del vol, res
+    finally:
+        if bar is not None:
+            bar.close()
+    meta = {"model": str(model), "version": getattr(detector, "version", None),
+            "pixel_threshold": pixel_threshold if pixel_threshold is not None else _pixel_threshold(detector),
+            "n_inputs": n_files, "n_done": n_done, "n_failed": len(failed),
+            "failed": [{"path": p, "error": e} for p, e in failed], "seconds": round(time.time() - t0, 2)}
+    _write_json(out / "detect.json", meta)
+    print(f"{n_done} volume(s) scored, {n_abnormal} abnormal; heatmaps and scores.csv in {out}"
+          + (f"; {len(failed)} input(s) could not be read (see above)" if failed else ""))
+    return EXIT_BAD_INPUT if failed else EXIT_OK
+
+
+def _pixel_threshold(detector) -> float | None:
+    for name in ("pixel_threshold",):
+        v = getattr(detector, name, None)
+        if isinstance(v, (int, float)):
+            return float(v)
+    cal = getattr(detector, "calibration", None)
+    if isinstance(cal, dict) and isinstance(cal.get("pixel_threshold"), (int, float)):
+        return float(cal["pixel_threshold"])
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluate
+# ----------------------------------------------------------------------------------------------------------------
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from spmamba.metrics import evaluate_folder, format_table
+
+    bar = None if args.quiet else _tqdm(total=None, desc="evaluate", unit="vol", leave=False)
+
+    def progress(done: int, total: int, sid: str) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.n = done
+            bar.set_postfix_str(sid, refresh=False)
+            bar.refresh()
+
+    try:
+        result = evaluate_folder(args.pred, args.masks, args.labels, threshold=args.threshold,
+                                 images_dir=args.images, min_region_voxels=args.min_region_voxels,
+                                 progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    json_path = Path(args.json) if args.json else Path(args.pred) / "metrics.json"
+    if str(json_path) == "-":
+        print(json.dumps(result, indent=2, default=_json_default))
+        return EXIT_OK
+    print(format_table(result))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = json_path.with_name(f".{json_path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=_json_default))
+    os.replace(tmp, json_path)
+    print(f"(JSON: {json_path})")
+    return EXIT_OK
+
+
+def _json_default(o):
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+    except ImportError:  # pragma: no cover
+        pass
+    return str(o)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# serve / demo
+# ----------------------------------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from spmamba import server
+
+    conf = dict(kv.split("=", 1) for kv in args.conf) if args.conf else {}
+    if args.model:
+        if not Path(args.model).is_file():
+            raise CLIError(f"{args.model}: model file not found")
+        conf["model"] = str(Path(args.model).resolve())
+    studies = Path(args.studies)
+    if studies.exists() and not studies.is_dir():
+        raise CLIError(f"{studies}: not a folder")
+    _eprint(f"[serve] MONAI Label app on http://{args.host}:{args.port} with studies {studies.resolve()} "
+            "(Ctrl-C stops it)")
+    return int(server.serve(studies=str(studies), app_dir=args.app_dir, host=args.host, port=args.port,
+                            conf=conf or None, block=True) or 0)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    import shutil
+
+    if dst.exists():
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def demo_model_path(app_dir: str | os.PathLike | None = None) -> Path:
+    """Where ``spmamba demo`` puts its model: the app's published model (``<app>/model/spmamba.pt``)."""
+    from spmamba import server
+
+    app = Path(app_dir) if app_dir else server.default_app_dir()
+    return app / "model" / "spmamba.pt"
+
+
+def prepare_demo(demo_dir: str | os.PathLike, *, n_train: int = 20, n_test: int = 12, seed: int = 0,
+                 spacing: float = 2.0, quiet: bool = False) -> Path:
+    """Make ``demo_dir`` (synth data, skipped if present) and ``demo_dir/studies`` (all volumes, with a
+    curation.csv marking the training normals as normal); return the studies folder."""
+    from spmamba.data.synthetic import make_dataset
+
+    d = Path(demo_dir)
+    labels = d / "test" / "labels.csv"
+    if labels.exists() and any((d / "train").glob("*.nii.gz")):
+        if not quiet:
+            _eprint(f"[demo] using existing demo data in {d}")
+    else:
+        if not quiet:
+            _eprint(f"[demo] making demo studies in {d} ({n_train} normal + {n_test} test volumes)")
+        make_dataset(d, n_train=n_train, n_test=n_test, seed=seed, spacing=spacing, progress=not quiet)
+    studies = d / "studies"
+    studies.mkdir(parents=True, exist_ok=True)
+    states = []
+    for p in sorted((d / "train").glob("*.nii.gz")):
+        _link_or_copy(p, studies / p.name)
+        states.append((volume_id(p), "normal"))
+    for p in sorted((d / "test" / "images").glob("*.nii.gz")):
+        _link_or_copy(p, studies / p.name)
+    cur = studies / "curation.csv"
+    if not cur.exists():
+        from spmamba import server
+
+        server.write_curation_csv(cur, states)
+    return studies
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    studies = prepare_demo(args.dir, n_train=args.n_train, n_test=args.n_test, seed=args.seed, quiet=args.quiet)
+    model = Path(args.model) if args.model else demo_model_path(args.app_dir)
+    if model.exists():
+        _eprint(f"[demo] using existing model {model}")
+    else:
+        _eprint(f"[demo] training a quick model ({args.config} preset) on {Path(args.dir) / 'train'} -> {model}")
+        s = train_model(str(Path(args.dir) / "train"), str(model), config=args.config, epochs=args.epochs,
+                        device=args.device, quiet=args.quiet)
+        _eprint(f"[demo] model ready in {s['seconds']:.0f} s: {model}")
+    if args.no_serve:
+        print(f"demo ready: studies {studies}, model {model}")
+        return EXIT_OK
+    from spmamba import server
+
+    conf = {"model": str(model.resolve())} if args.model else None
+    _eprint(f"[demo] serving on http://{args.host}:{args.port} (open it in 3D Slicer's MONAI Label module; "
+            "Ctrl-C stops)")
+    return int(server.serve(studies=str(studies.resolve()), app_dir=args.app_dir, host=args.host, port=args.port,
+                            conf=conf, block=True) or 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# parser and entry point
+# ----------------------------------------------------------------------------------------------------------------
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("spmamba")
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spmamba", description="Unsupervised anomaly detection in medical volumes "
+                                "(SP-Mamba): make data, train on normal scans, detect, evaluate, serve.")
+    p.add_argument("--version", action="version", version=f"spmamba {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("synth", help="make brain-MRI phantoms with simulated lesions (no download)",
+                       description="Write OUT/train/*.nii.gz (normal), OUT/test/images/*.nii.gz, OUT/test/masks/"
+                       "*.nii.gz (0/1, same grid) and OUT/test/labels.csv (id,abnormal,family,lesion_voxels,"
+                       "n_lesions). About half the test set is abnormal. Deterministic per seed.")
+    s.add_argument("out", metavar="OUT")
+    s.add_argument("--n-train", type=int, default=24, help="normal training volumes (default 24)")
+    s.add_argument("--n-test", type=int, default=32, help="test volumes, about half abnormal (default 32)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--spacing", type=float, default=2.0, help="voxel size in mm (default 2; 4-6 for quick tests)")
+    s.add_argument("--abnormal-fraction", type=float, default=0.5, help="share of abnormal test volumes (0.5)")
+    s.add_argument("--families", default=None,
+                   help="comma-separated lesion families (default all: tumour,ms,infarct,haemorrhage)")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_synth)
+
+    t = sub.add_parser("train", help="train on a folder of normal volumes and calibrate thresholds",
+                       description="Train SP-Mamba on normal volumes; a held-out share is used to calibrate the "
+                       "pixel and volume thresholds. Ctrl-C stops early and still saves a valid, calibrated model.")
+    t.add_argument("--normal", required=True, metavar="DIR", help="folder of normal .nii/.nii.gz/.nrrd volumes")
+    t.add_argument("--out", required=True, metavar="MODEL.pt", help="checkpoint file to write")
+    t.add_argument("--config", default="fast", metavar="NAME", help="preset: paper, fast (default) or tiny")
+    t.add_argument("--epochs", type=int, default=None, help="override the preset's number of epochs")
+    t.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
+    t.add_argument("--resume", default=None, metavar="CKPT", help="continue from a checkpoint")
+    t.add_argument("--encoder-weights", default="none", metavar="W",
+                   help="encoder weights: none (default, no download), imagenet or a .pt/.pth file")
+    t.add_argument("--val-fraction", type=float, default=0.2, help="share of normals held out for calibration")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("detect", help="anomaly heatmaps and scores for volumes",
+                       description="Writes DIR/<id>_anomaly.nii.gz (float32, same shape and affine as the input), "
+                       "DIR/scores.csv (id,score,threshold,abnormal), DIR/detect.json (model, pixel threshold) and, "
+                       "with --png, DIR/<id>_overlay.png. Volumes are processed one at a time. Exit code 2 when an "
+                       "input could not be read (the others are still processed).")
+    d.add_argument("--model", required=True, metavar="MODEL.pt")
+    d.add_argument("inputs", nargs="+", metavar="INPUT", help="files or folders of .nii/.nii.gz/.nrrd")
+    d.add_argument("--out", required=True, metavar="DIR")
+    d.add_argument("--png", action="store_true", help="also write a slice mosaic with the heatmap overlaid")
+    d.add_argument("--device", default="auto")
+    d.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_detect)
+
+    e = sub.add_parser("evaluate", help="image, pixel and lesion metrics of a detect output against masks",
+                       description="Image AUROC/AP/F1-max, pixel AUROC/AP/AUPRO/best Dice, lesion-wise TPR/PPV, "
+                       "HD99 and mean surface distance. Prints a table and writes JSON (default PRED/metrics.json).")
+    e.add_argument("--pred", required=True, metavar="DIR", help="a `spmamba detect` output folder")
+    e.add_argument("--masks", required=True, metavar="DIR", help="ground-truth masks <id>.nii.gz (0/1)")
+    e.add_argument("--labels", default=None, metavar="CSV", help="id,abnormal (default: abnormal = mask not empty)")
+    e.add_argument("--json", default=None, metavar="PATH", help="where to write the JSON ('-' = print it instead)")
+    e.add_argument("--threshold", type=float, default=None,
+                   help="heatmap threshold for lesion metrics (default: the model's calibrated pixel threshold)")
+    e.add_argument("--images", default=None, metavar="DIR",
+                   help="input images: restrict pixel metrics to their non-zero voxels (foreground)")
+    e.add_argument("--min-region-voxels", type=int, default=1, help="drop predicted regions smaller than this")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_evaluate)
+
+    v = sub.add_parser("serve", help="start the MONAI Label server on 127.0.0.1")
+    v.add_argument("--studies", default="studies", metavar="DIR", help="folder of studies (default ./studies)")
+    v.add_argument("--model", default=None, metavar="MODEL.pt", help="serve this checkpoint")
+    v.add_argument("--app-dir", default=None, metavar="DIR", help="the MONAI Label app (default apps/spmamba_app)")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE", help="app option (repeatable)")
+    v.set_defaults(func=cmd_serve)
+
+    m = sub.add_parser("demo", help="make demo studies and a quick model, then serve them on 127.0.0.1:8000",
+                       description="Makes ./demo with `synth` (skipped if present), trains a quick model into the "
+                       "app's model folder (apps/spmamba_app/model/spmamba.pt) if none exists, then starts the "
+                       "MONAI Label server with the demo studies.")
+    m.add_argument("--dir", default="demo", help="demo folder (default ./demo)")
+    m.add_argument("--n-train", type=int, default=20)
+    m.add_argument("--n-test", type=int, default=12)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--config", default="fast", help="training preset (default fast)")
+    m.add_argument("--epochs", type=int, default=None)
+    m.add_argument("--device", default="auto")
+    m.add_argument("--model", default=None, metavar="MODEL.pt", help="use/write this model instead of the app's")
+    m.add_argument("--app-dir", default=None, metavar="DIR")
+    m.add_argument("--host", default="127.0.0.1")
+    m.add_argument("--port", type=int, default=8000)
+    m.add_argument("--no-serve", action="store_true", help="prepare data and model, do not start the server")
+    m.add_argument("-q", "--quiet", action="store_true")
+    m.set_defaults(func=cmd_demo)
+    return p
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    errs: list[type[BaseException]] = [CLIError]
+    for mod, name in (("spmamba.volume", "VolumeError"), ("spmamba.train", "TrainingDataError"),
+                      ("spmamba.checkpoint", "CheckpointError"), ("spmamba.metrics", "EvaluationError")):
+        try:
+            m = __import__(mod, fromlist=[name])
+            errs.append(getattr(m, name))
+        except Exception:  # noqa: BLE001 - a missing optional part must not break the CLI
+            continue
+    return tuple(errs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``spmamba`` command; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        _eprint(f"spmamba {args.command}: interrupted")
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001
+        if isinstance(exc, _known_errors()):
+            _eprint(f"spmamba {args.command}: error: {exc}")
+            return EXIT_BAD_INPUT
+        if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+            _eprint(f"spmamba {args.command}: error: {exc}")
+            return EXIT_BAD_INPUT
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
