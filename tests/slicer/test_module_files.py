@@ -180,3 +180,4 @@ def test_module_test_class_runs_headless(scene, monkeypatch):
     test.runTest()
     logic = AnomalyDetection.AnomalyDetectionLogic("localhost:9")
     assert logic.server_url == "http://localhost:9"
+    sys.modules.pop("AnomalyDetection", None)  # imported against stubs: do not leave it for other tests

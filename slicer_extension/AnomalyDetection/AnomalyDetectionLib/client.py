@@ -279,8 +279,9 @@ class AnomalyClient:
                 status=status,
                 detail=detail,
             )
-        if "model" in low and any(w in low for w in ("no model", "not trained", "not available", "not initialized",
-                                                     "no trained", "not found", "does not exist", "missing")):
+        if what.startswith("POST /infer") and "model" in low and status in (409, 500, 503) and (
+            any(w in low for w in ("no ", "not trained", "not available", "yet", "cannot be loaded", "missing"))
+        ):
             return ServerError(
                 "No trained model on the server yet: mark some studies normal in Curate, then press "
                 f"'Start training' in Retrain.{suffix}",
@@ -527,8 +528,9 @@ class AnomalyClient:
         return bool(res) and str(res.get("status", "RUNNING")).upper() == "RUNNING"
 
     def stop_training(self) -> Dict[str, Any]:
-        """``DELETE /train/``: stop the running training."""
-        return self._json("DELETE", "/train/", what="DELETE /train/")
+        """``DELETE /train/``: stop the running training (the app may wait for a graceful stop, hence the long
+        timeout)."""
+        return self._json("DELETE", "/train/", timeout=max(self.timeout, 90.0), what="DELETE /train/")
 
 
 def normalize_url(url: str) -> str:
@@ -561,27 +563,36 @@ class ServerSummary:
 
 
 def summarize_info(info: Dict[str, Any]) -> ServerSummary:
-    """Extract models (with their version when the app publishes one), strategies, trainers and train stats."""
+    """Extract the heatmap models (segmentation-type models are left out when others exist) with their version,
+    strategies, trainers and train stats.
+
+    The model version is read from the model's own entry (``version`` / ``model_version``), else from the app's
+    extra section (``info["spmamba"]["model"]["version"]``, what the SP-Mamba app publishes), else from the last
+    training's stats (``train_stats[model]["model_version"]``).
+    """
     models = info.get("models") or {}
+    heat_models = [m for m, v in models.items() if not (isinstance(v, dict) and v.get("type") == "segmentation")]
+    names = heat_models or list(models)
+    app_model = ((info.get("spmamba") or {}).get("model") or {}) if isinstance(info.get("spmamba"), dict) else {}
+    app_version = app_model.get("version") if isinstance(app_model, dict) else None
+    train_stats = info.get("train_stats") or {}
     versions: Dict[str, str] = {}
-    for name, m in models.items():
-        if not isinstance(m, dict):
-            continue
-        v = m.get("model_version") or m.get("version")
-        if not v:
-            cfg = m.get("config") or {}
-            v = cfg.get("model_version") if isinstance(cfg, dict) else None
+    for name in names:
+        m = models.get(name) if isinstance(models.get(name), dict) else {}
+        v = m.get("model_version") or m.get("version") or app_version
+        if not v and isinstance(train_stats.get(name), dict):
+            v = train_stats[name].get("model_version")
         versions[name] = "" if v in (None, "") else str(v)
     strategies = info.get("strategies") or {}
     trainers = info.get("trainers") or {}
     return ServerSummary(
         name=str(info.get("name", "")),
         version=str(info.get("version", "")),
-        models=list(models),
+        models=names,
         model_versions=versions,
         strategies=list(strategies),
         trainers=list(trainers),
-        train_stats=info.get("train_stats") or {},
+        train_stats=train_stats,
     )
 
 

@@ -452,10 +452,6 @@ class AnomalyLogic:
     # ============================================================================================ retrain
     def start_training(self, params: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         """(worker) ``POST /train/{model}``: train on the studies marked normal."""
-        counts = self.client.curation_counts()
-        if counts.get("normal", 0) == 0:
-            raise ServerError("Training refused: no study is marked normal yet. Mark the normal studies in Curate "
-                              "first.", kind="refused")
         return self.client.start_training(self.model, params or {})
 
     def stop_training(self) -> Dict[str, Any]:
