@@ -1,0 +1,231 @@
+"""The module's client and task runner against small local HTTP servers: formats, errors, timeouts, threads."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from AnomalyDetectionLib.client import (
+    AnomalyClient,
+    ServerError,
+    decode_multipart,
+    encode_multipart,
+    normalize_url,
+    summarize_info,
+    train_progress,
+)
+from AnomalyDetectionLib.tasks import TaskRunner
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Fake:
+    """A tiny HTTP server: ``routes[(method, path)] = (status, content_type, body_bytes | callable, delay_s)``."""
+
+    def __init__(self):
+        self.routes = {}
+        self.requests = []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _serve(self):
+                path = self.path.split("?")[0]
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                fake.requests.append((self.command, self.path, dict(self.headers), body))
+                status, ctype, payload, delay = fake.routes.get((self.command, path), (404, "application/json",
+                                                                                     b'{"detail":"Not Found"}', 0))
+                if callable(payload):
+                    payload = payload(body, self.headers)
+                time.sleep(delay)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", ctype)
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            do_GET = do_POST = do_PUT = do_DELETE = _serve
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", _free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture()
+def fake():
+    f = _Fake()
+    yield f
+    f.close()
+
+
+def _json(obj, status=200, delay=0):
+    return (status, "application/json", json.dumps(obj).encode(), delay)
+
+
+INFO = {
+    "name": "SP-Mamba anomaly detection", "version": "0.1.0",
+    "models": {"spmamba": {"type": "others", "labels": []}, "spmamba_seg": {"type": "segmentation"}},
+    "strategies": {"most_anomalous": {}, "suspect_normal": {}, "random": {}},
+    "trainers": {"spmamba": {}},
+    "train_stats": {"spmamba": {"epoch": 3, "total_epochs": 12, "loss": 0.25, "phase": "train"}},
+    "spmamba": {"model": {"ready": True, "version": "v1abc"}},
+}
+
+
+def test_normalize_url():
+    assert normalize_url("localhost:8000/") == "http://localhost:8000"
+    assert normalize_url("") == "http://127.0.0.1:8000"
+    assert normalize_url("https://a.b/c/") == "https://a.b/c"
+
+
+def test_multipart_round_trip(tmp_path):
+    f = tmp_path / "x.nii.gz"
+    payload = bytes(range(256)) * 10 + b"\r\n--tricky\r\n"
+    f.write_bytes(payload)
+    body, ctype = encode_multipart({"params": json.dumps({"a": 1})}, {"file": str(f)})
+    parts = {p["name"]: p for p in decode_multipart(body, ctype)}
+    assert json.loads(parts["params"]["data"]) == {"a": 1}
+    assert parts["file"]["filename"] == "x.nii.gz" and parts["file"]["data"] == payload
+
+
+def test_summarize_info_and_progress():
+    s = summarize_info(INFO)
+    assert s.models == ["spmamba"]  # the segmentation-type model is not a heatmap model
+    assert s.model_version("spmamba") == "v1abc"
+    assert s.strategies == ["most_anomalous", "suspect_normal", "random"]
+    percent, text = train_progress(s.train_stats, "spmamba")
+    assert percent == 25 and "epoch 3/12" in text and "loss 0.25" in text
+    assert train_progress({}, "spmamba") == (None, "no training statistics yet")
+    # version from the last training's stats when the app has no other place for it
+    s2 = summarize_info({"models": {"m": {}}, "train_stats": {"m": {"model_version": "v9"}}})
+    assert s2.model_version("m") == "v9"
+
+
+def test_server_down_says_what_to_do():
+    client = AnomalyClient(f"http://127.0.0.1:{_free_port()}", timeout=2)
+    with pytest.raises(ServerError) as e:
+        client.info()
+    assert e.value.kind == "unreachable"
+    assert "Cannot reach the server" in str(e.value) and "running" in str(e.value)
+
+
+def test_wrong_url_is_reported(fake):
+    fake.routes[("GET", "/")] = (200, "text/html", b"<html>hello</html>", 0)
+    with pytest.raises(ServerError) as e:
+        AnomalyClient(fake.url).info()  # 404 on /info/: not a MONAI Label server
+    assert e.value.kind == "wrong_url" and "check the server URL" in str(e.value)
+    fake.routes[("GET", "/info/")] = (200, "text/html", b"<html>hello</html>", 0)
+    with pytest.raises(ServerError) as e:
+        AnomalyClient(fake.url).info()
+    assert e.value.kind == "wrong_url"
+
+
+def test_timeout_is_reported_quickly(fake):
+    fake.routes[("GET", "/info/")] = _json(INFO, delay=1.2)
+    client = AnomalyClient(fake.url, timeout=0.3)
+    t0 = time.monotonic()
+    with pytest.raises(ServerError) as e:
+        client.info()
+    assert time.monotonic() - t0 < 1.0
+    assert e.value.kind == "timeout" and "did not answer within" in str(e.value)
+
+
+def test_detect_parses_multipart_answer(fake, tmp_path):
+    heat = b"\x1f\x8b fake nifti bytes \r\n--not-a-boundary"
+    result = {"score": 2.5, "threshold": 1.0, "pixel_threshold": 0.3, "verdict": "abnormal", "model_version": "v1"}
+
+    def answer(body, headers):
+        return (b"--BOUND\r\nContent-Disposition: form-data; name=\"params\"\r\nContent-Type: application/json\r\n\r\n"
+                + json.dumps(result).encode() + b"\r\n--BOUND\r\nContent-Disposition: form-data; name=\"image\"; "
+                b"filename=\"tmpabc.nii.gz\"\r\nContent-Type: application/gzip\r\n\r\n" + heat + b"\r\n--BOUND--\r\n")
+
+    fake.routes[("POST", "/infer/spmamba")] = (200, "multipart/form-data; boundary=BOUND", answer, 0)
+    r = AnomalyClient(fake.url).detect(image_id="case1", out_dir=str(tmp_path))
+    assert r.heatmap_path.endswith("case1_anomaly.nii.gz")
+    assert open(r.heatmap_path, "rb").read() == heat
+    assert (r.score, r.threshold, r.pixel_threshold, r.abnormal, r.verdict, r.model_version) == (
+        2.5, 1.0, 0.3, True, "abnormal", "v1")
+    method, path, headers, body = fake.requests[-1]
+    assert path == "/infer/spmamba?image=case1"
+    parts = {p["name"]: p for p in decode_multipart(body, headers["Content-Type"])}
+    assert json.loads(parts["params"]["data"])["result_extension"] == ".nii.gz"
+
+
+def test_detect_without_heatmap_or_model(fake):
+    fake.routes[("POST", "/infer/spmamba")] = _json({"score": 1.0})
+    with pytest.raises(ServerError) as e:
+        AnomalyClient(fake.url).detect(image_id="a")
+    assert e.value.kind == "no_model"
+    fake.routes[("POST", "/infer/spmamba")] = _json(
+        {"detail": "No SP-Mamba model is available yet: train one first"}, status=409)
+    with pytest.raises(ServerError) as e:
+        AnomalyClient(fake.url).detect(image_id="a")
+    assert e.value.kind == "no_model" and "Start training" in str(e.value)
+
+
+def test_curation_counts_and_marks(fake):
+    fake.routes[("GET", "/datastore/")] = _json({"objects": {
+        "a": {"image": {"info": {"curation": "normal"}}}, "b": {"image": {"info": {"curation": "abnormal"}}},
+        "c": {"image": {"info": {}}}, "d": {"image": {"info": {"curation": "excluded"}}},
+        "e": {"image": {"info": {"curation": "normal"}}}}})
+    fake.routes[("PUT", "/datastore/image/info")] = _json({})
+    client = AnomalyClient(fake.url)
+    assert client.curation_counts() == {"normal": 2, "abnormal": 1, "excluded": 1, "unreviewed": 1}
+    client.set_curation("c", "excluded")
+    method, path, headers, body = fake.requests[-1]
+    assert (method, path) == ("PUT", "/datastore/image/info?image=c")
+    parts = {p["name"]: p for p in decode_multipart(body, headers["Content-Type"])}
+    assert json.loads(parts["info"]["data"]) == {"curation": "excluded"}
+    with pytest.raises(ValueError):
+        client.set_curation("c", "maybe")
+
+
+def test_training_refused_and_status(fake):
+    fake.routes[("POST", "/train/spmamba")] = _json({"detail": "a training is already running"}, status=429)
+    with pytest.raises(ServerError) as e:
+        AnomalyClient(fake.url).start_training()
+    assert e.value.kind == "refused" and "Training refused" in str(e.value) and "already running" in str(e.value)
+    fake.routes[("POST", "/train/spmamba")] = _json({"detail": "too few normal studies to train"}, status=409)
+    with pytest.raises(ServerError) as e:
+        AnomalyClient(fake.url).start_training()
+    assert e.value.kind == "refused" and "too few normal" in str(e.value)
+    # GET /train/ answers 404 when there never was a training
+    assert AnomalyClient(fake.url).training_status() is None
+    assert AnomalyClient(fake.url).is_training() is False
+
+
+def test_task_runner_keeps_caller_free_and_delivers_on_poll():
+    runner = TaskRunner()
+    got, errors = [], []
+    t0 = time.monotonic()
+    runner.submit("slow", time.sleep, 0.3, on_done=lambda r: got.append("slept"))
+    runner.submit("boom", lambda: 1 / 0, on_error=errors.append)
+    assert time.monotonic() - t0 < 0.1  # submit returns at once: the GUI thread is not blocked
+    assert runner.busy("slow") and runner.busy()
+    assert got == []  # nothing is delivered before poll(): callbacks run on the polling (GUI) thread
+    caller = threading.get_ident()
+    thread_of_callback = []
+    runner.submit("where", lambda: None, on_done=lambda r: thread_of_callback.append(threading.get_ident()))
+    runner.wait(5)
+    assert got == ["slept"] and isinstance(errors[0], ZeroDivisionError)
+    assert thread_of_callback == [caller]
+    assert not runner.busy()
+    runner.shutdown()
