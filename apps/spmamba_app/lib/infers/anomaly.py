@@ -181,6 +181,7 @@ class _BaseAnomalyInfer(InferTask):
     def info(self) -> Dict[str, Any]:
         i = super().info()
         i["model"] = self.detection.store.describe()
+        i["model_version"] = i["model"]["version"]
         i["result_extensions"] = list(RESULT_EXTENSIONS)
         return i
 
