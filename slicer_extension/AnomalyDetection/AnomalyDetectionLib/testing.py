@@ -82,9 +82,8 @@ def ensure_slice_views() -> None:
     """Make Red/Yellow/Green slice and slice-composite nodes when the scene has none (headless scenes)."""
     if slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode") > 0:
         return
-    for name, orientation in (("Red", "Axial"), ("Yellow", "Sagittal"), ("Green", "Coronal")):
+    for name in ("Red", "Yellow", "Green"):
         slice_node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSliceNode")
         slice_node.SetLayoutName(name)
-        slice_node.SetOrientation(orientation)
         composite = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
         composite.SetLayoutName(name)
