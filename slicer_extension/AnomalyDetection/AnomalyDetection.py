@@ -24,7 +24,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from AnomalyDetectionLib.client import CURATION_STATES, DEFAULT_URL, UNREVIEWED, ServerError
+from AnomalyDetectionLib.client import CURATION_STATES, DEFAULT_URL, UNREVIEWED, ServerError, train_progress
 from AnomalyDetectionLib.logic import AnomalyLogic
 from AnomalyDetectionLib.tasks import TaskRunner
 
@@ -210,8 +210,6 @@ class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         version = summary.model_version(self.logic.model)
         self.lastVersion = version
         self.ui.modelVersionLabel.text = version or "(none yet)"
-        from AnomalyDetectionLib.client import train_progress
-
         percent, text = train_progress(summary.train_stats, self.logic.model)
         self.ui.serverInfoLabel.text = (
             f"{summary.name} {summary.version}: models {', '.join(summary.models) or 'none'}; "
