@@ -1,0 +1,99 @@
+"""Units of the app that need neither a model nor a server: --conf parsing, the datastore's file safety."""
+from __future__ import annotations
+
+import json
+import sys
+import threading
+
+import pytest
+from conftest import APP_DIR
+
+
+@pytest.fixture(scope="module")
+def applib():
+    sys.path.insert(0, str(APP_DIR))
+    try:
+        import lib.configs as configs
+        import lib.datastore as datastore
+        import lib.routes as routes
+
+        yield configs, datastore, routes
+    finally:
+        sys.path.remove(str(APP_DIR))
+
+
+def test_parse_conf_defaults_and_errors(applib, tmp_path):
+    configs = applib[0]
+    s = configs.parse_conf(str(tmp_path), str(tmp_path / "studies"), {})
+    assert s.preset == "fast" and s.device == "auto" and s.slice_axis is None and s.unflagged_normal is False
+    assert s.published_model == str((tmp_path / "model" / "spmamba.pt").resolve())
+    s = configs.parse_conf(str(tmp_path), "x", {"slice_axis": "axial", "unflagged_normal": "yes", "model": str(tmp_path / "m.pt")})
+    assert s.slice_axis == 2 and s.unflagged_normal is True and s.model.endswith("m.pt")
+    for bad in ({"slice_axis": "7"}, {"device": "tpu"}, {"unflagged_normal": "perhaps"}, {"epochs": "-1"},
+                {"encoder_weights": str(tmp_path / "missing.pt")}):
+        with pytest.raises(ValueError) as e:
+            configs.parse_conf(str(tmp_path), "x", bad)
+        assert list(bad)[0] in str(e.value)
+
+
+def test_upload_suffix_is_sanitised(applib):
+    routes = applib[2]
+    assert routes.upload_suffix("brain.nii.gz") == ".nii.gz"
+    assert routes.upload_suffix("a.b.c.nrrd") == ".c.nrrd"
+    assert routes.upload_suffix("../../evil.n$ii") == ".nii"
+    assert routes.upload_suffix(None) == ".nii.gz"
+
+
+def _datastore(applib, path):
+    return applib[1].CuratedDatastore(str(path), extensions=["*.nii.gz"], auto_reload=False)
+
+
+def test_two_processes_never_lose_each_others_updates(applib, tmp_path, tiny_data):
+    """The server and a scoring subprocess each hold a datastore; both write -> both updates survive."""
+    import shutil
+
+    for i in range(3):
+        shutil.copy(tiny_data["normal"][i], tmp_path / f"s{i}.nii.gz")
+    server, worker = _datastore(applib, tmp_path), _datastore(applib, tmp_path)
+    server.update_image_info("s0", {"curation": "normal"})
+    worker.update_image_info("s1", {"anomaly": {"score": 1.0}})  # worker's copy predates the server's write
+    server.update_image_info("s2", {"curation": "abnormal"})
+    data = json.loads((tmp_path / "datastore_v2.json").read_text())["objects"]
+    assert data["s0"]["image"]["info"]["curation"] == "normal"
+    assert data["s1"]["image"]["info"]["anomaly"] == {"score": 1.0}
+    assert data["s2"]["image"]["info"]["curation"] == "abnormal"
+    assert server.get_image_info("s1")["anomaly"] == {"score": 1.0}  # reads pick up other writers
+
+
+def test_concurrent_updates_keep_the_file_valid(applib, tmp_path, tiny_data):
+    import shutil
+
+    for i in range(4):
+        shutil.copy(tiny_data["normal"][0], tmp_path / f"s{i}.nii.gz")
+    stores = [_datastore(applib, tmp_path) for _ in range(4)]
+
+    def hammer(k):
+        for j in range(25):
+            stores[k].update_image_info(f"s{k}", {"n": j, "curation": "normal" if j % 2 else "excluded"})
+
+    threads = [threading.Thread(target=hammer, args=(k,)) for k in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    data = json.loads((tmp_path / "datastore_v2.json").read_text())["objects"]
+    assert all(data[f"s{k}"]["image"]["info"]["n"] == 24 for k in range(4))
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_curation_csv_seeds_only_unset_states(applib, tmp_path, tiny_data):
+    import shutil
+
+    for i in range(3):
+        shutil.copy(tiny_data["normal"][i], tmp_path / f"s{i}.nii.gz")
+    ds = _datastore(applib, tmp_path)
+    ds.update_image_info("s0", {"curation": "excluded"})
+    csv = tmp_path / "curation.csv"
+    csv.write_text("id,curation\ns0,normal\ns1,normal\ns2,bogus\nmissing,normal\n")
+    assert ds.seed_curation(str(csv)) == 1
+    assert ds.training_studies(False) == ["s1"]
+    assert ds.training_studies(True) == ["s1", "s2"]
+    assert ds.curation("s0") == "excluded"
