@@ -8,13 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 
 import numpy as np
 import pytest
@@ -22,6 +16,7 @@ import pytest
 from AnomalyDetectionLib.client import ServerError
 from AnomalyDetectionLib.logic import AnomalyLogic
 from AnomalyDetectionLib.tasks import TaskRunner
+from server_utils import monailabel_server
 
 pytestmark = pytest.mark.slow
 
@@ -29,12 +24,6 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 APP_DIR = os.path.join(REPO, "apps", "spmamba_app")
 N_STUDIES = 5
 SHAPE = (32, 32, 8)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _phantom(seed: int, lesion: bool = False) -> np.ndarray:
@@ -67,41 +56,10 @@ def server(tmp_path_factory):
     studies.mkdir()
     for i in range(N_STUDIES):
         _write(str(studies / f"study{i}.nii.gz"), _phantom(i, lesion=(i == N_STUDIES - 1)))
-    port = _free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", APP_DIR, "--studies", str(studies),
-           "-i", "127.0.0.1", "-p", str(port),
-           "--conf", "min_normals", "2", "--conf", "epochs", "1", "--conf", "auto_score", "false",
-           "--conf", "stop_grace_s", "5"]
-    log_path = root / "server.log"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, cwd=str(root), stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        if proc.poll() is not None:
-            log.close()
-            pytest.fail(f"server exited early ({proc.returncode}):\n{log_path.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url + "/info/", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except Exception:  # noqa: BLE001 - not up yet
-            pass
-        if time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not start in 120 s:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.5)
-    yield {"url": url, "studies": str(studies), "root": str(root), "log": str(log_path)}
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and its training subprocess (own session)
-        proc.wait(timeout=20)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    log.close()
-    shutil.rmtree(os.path.join(str(root), "studies"), ignore_errors=True)
+    log_path = str(root / "server.log")
+    conf = {"min_normals": "2", "epochs": "1", "auto_score": "false", "stop_grace_s": "5"}
+    with monailabel_server(APP_DIR, str(studies), log_path, conf) as url:
+        yield {"url": url, "studies": str(studies), "root": str(root), "log": log_path}
 
 
 def _log_tail(server) -> str:
