@@ -212,7 +212,9 @@ def test_curation_set_read_clear(make_app, tiny_data):
     r = c.put("/datastore/image/info", params={"image": "n1"}, data={"info": json.dumps({"curation": "maybe"})})
     assert r.status_code == 422 and "normal" in r.json()["detail"]
     r = c.put("/datastore/image/info", params={"image": "n1"}, data={"info": "[1, 2]"})
-    assert r.status_code == 422
+    assert r.status_code == 400 and "JSON object" in r.json()["detail"]
+    r = c.put("/datastore/image/info", params={"image": "n1"}, data={"info": "{oops"})
+    assert r.status_code == 400 and "JSON" in r.json()["detail"]
     counts = c.get("/info/").json()["spmamba"]["curation"]
     assert counts == {"normal": 1, "abnormal": 1, "excluded": 1, "unreviewed": 0}
     r = c.put("/datastore/image/info", params={"image": "n1"}, data={"info": json.dumps({"curation": None})})

@@ -1,4 +1,4 @@
-"""Three MONAI Label endpoints, re-registered in front of the stock ones (same paths, same parameters).
+"""Five MONAI Label endpoints, re-registered in front of the stock ones (same paths, same parameters).
 
 MONAI Label 0.8.5 offers no hook to validate a request before it spends work on it, so at server start-up
 (``on_init_complete``, which only runs in the server process) the app puts these routes ahead of the stock ones:
@@ -11,6 +11,9 @@ MONAI Label 0.8.5 offers no hook to validate a request before it spends work on 
   instead of starting a subprocess that would fail; then delegates to the stock ``run_model``.
 * ``DELETE /train/``: asks a running training to stop gracefully (it finishes the current step, calibrates and
   publishes what it has) for up to ``stop_grace_s`` seconds, then falls back to the stock kill.
+
+* ``PUT /datastore/image`` and ``PUT /datastore/image/info``: malformed ``params`` / ``info`` JSON and path-like ids
+  are a 400 (the stock handlers answer 500); the files themselves are validated by the app's datastore.
 
 The stock handlers do the rest, so the REST surface is unchanged for stock clients.
 """
@@ -139,12 +142,46 @@ def install(fastapi_app) -> None:
                         return t
         return ep_train.stop()
 
+    from monailabel.endpoints import datastore as ep_datastore
+
+    def _json_object(text: str, field: str) -> dict:
+        try:
+            value = json.loads(text) if text else {}
+        except ValueError as e:
+            raise bad_request(f"{field} is not valid JSON: {e}") from e
+        if not isinstance(value, dict):
+            raise bad_request(f"{field} must be a JSON object")
+        return value
+
+    def spmamba_add_image(
+        background_tasks: BackgroundTasks,
+        image: Optional[str] = None,
+        params: str = Form("{}"),
+        file: UploadFile = File(...),
+        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
+    ):
+        _json_object(params, "params")
+        if image is not None:
+            check_id(image)
+        return ep_datastore.add_image(background_tasks, image, params, file, user.username)
+
+    def spmamba_put_image_info(
+        image: str,
+        info: str = Form("{}"),
+        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
+    ):
+        _json_object(info, "info")
+        check_id(image)
+        return ep_datastore.update_image_info(image, info, user.username)
+
     router = fastapi_app.router
     router.routes[:] = [r for r in router.routes if not getattr(r, "name", "").startswith(ROUTE_PREFIX)]
     added = [
         (api + "/infer/{model}", spmamba_infer, ["POST"], "Run inference (validated, runs in the thread pool)"),
         (api + "/train/{model}", spmamba_train, ["POST"], "Run training (checks the curated normals first)"),
         (api + "/train/", spmamba_train_stop, ["DELETE"], "Stop training (graceful, then kill)"),
+        (api + "/datastore/image", spmamba_add_image, ["PUT"], "Upload a new image (validated before it is stored)"),
+        (api + "/datastore/image/info", spmamba_put_image_info, ["PUT"], "Update image info (curation state)"),
     ]
     for path, endpoint, methods, summary in added:
         router.add_api_route(path, endpoint, methods=methods, name=endpoint.__name__, summary=summary)
