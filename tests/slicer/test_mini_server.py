@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -34,7 +35,10 @@ def mini_server(tmp_path_factory):
 
     image, _ = testing.synthetic_arrays()
     nib.save(nib.Nifti1Image(image, testing.ijk_to_ras()), str(studies / "case1.nii.gz"))
-    with monailabel_server(MINI_APP, str(studies), str(root / "server.log")) as url:
+    app_dir = root / "mini_app"  # a copy: MONAI Label writes logs/ and model/ into the app folder
+    app_dir.mkdir()
+    shutil.copy(os.path.join(MINI_APP, "main.py"), str(app_dir / "main.py"))
+    with monailabel_server(str(app_dir), str(studies), str(root / "server.log")) as url:
         yield url
 
 
