@@ -49,7 +49,7 @@ __all__ = [
 
 LESION_FAMILIES: tuple[str, ...] = ("tumour", "ms", "infarct", "haemorrhage")
 _ROLES = {"train": 1, "test": 2, "demo": 3, "custom": 4}
-_MARGIN_MM = 6.0
+_MARGIN_MM = 14.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -202,14 +202,14 @@ def _warp_coordinates(tpl: Template, rng: np.random.Generator, lesions: Sequence
     """Template voxel coordinates (3, X*Y*Z) sampled by each output voxel: affine + smooth warp + mass effect."""
     pts = _cached_grid(tpl.spacing)
     centre = pts.mean(axis=1, keepdims=True)
-    rot = _rotation(rng, 6.0 * strength)
-    scale = np.diag(rng.uniform(1 - 0.07 * strength, 1 + 0.07 * strength, size=3))
-    shift = rng.uniform(-5.0, 5.0, size=(3, 1)) * strength
+    rot = _rotation(rng, 4.0 * strength)
+    scale = np.diag(rng.uniform(1 - 0.05 * strength, 1 + 0.05 * strength, size=3))
+    shift = rng.uniform(-3.0, 3.0, size=(3, 1)) * strength
     m = (rot @ scale).astype(np.float32)
     q = m @ (pts - centre) + centre + shift.astype(np.float32)
 
     # Smooth non-linear warp: random displacements on a ~24 mm lattice, cubic-upsampled (mm).
-    amp = rng.uniform(1.5, 3.5) * strength
+    amp = rng.uniform(1.0, 3.0) * strength
     cell = 24.0 / tpl.spacing
     for d in range(3):
         q[d] += amp * _smooth_field(rng, tpl.shape, cell).reshape(-1)
@@ -299,8 +299,12 @@ def _local_box(centre_vox: np.ndarray, reach_vox: float, shape: Sequence[int]) -
 
 
 def _paint_lesion(img: np.ndarray, mask: np.ndarray, tissue: np.ndarray, les: _Lesion, tpl: Template,
-                  rng: np.random.Generator, levels: dict[str, float]) -> None:
-    """Change intensities of ``img`` and set ``mask`` for one lesion, in place (local box only)."""
+                  rng: np.random.Generator, levels: dict[str, float]) -> int:
+    """Change intensities of ``img`` and set ``mask`` for one lesion, in place (local box only).
+
+    The mask is the lesion's support (soft membership >= 0.5) inside the brain, whatever tissue it covers. A lesion that would leave no mask
+    voxel (too small for the grid, or outside the parenchyma) is not painted; returns the mask voxel count.
+    """
     sp = tpl.spacing
     inv = np.linalg.inv(tpl.affine)
     cv = inv[:3, :3] @ les.centre_mm + inv[:3, 3]
@@ -339,26 +343,34 @@ def _paint_lesion(img: np.ndarray, mask: np.ndarray, tissue: np.ndarray, les: _L
         rim_level = wm_level * rng.uniform(1.25, 1.6)
         local = local * (1 - a_core) + rim_level * texture * a_core
         local = local * (1 - a_nec) + csf_level * rng.uniform(0.9, 1.4) * texture * a_nec
-        lesion_alpha = a_oed
+        support = soft(oedema_r)
     elif les.family == "ms":
         a = soft(1.0) * parenchyma
         local = local * (1 - a) + wm_level * rng.uniform(1.3, 1.6) * texture * a
-        lesion_alpha = a
+        support = soft(1.0)
     elif les.family == "infarct":
         a = soft(1.0) * parenchyma
         level = csf_level * rng.uniform(1.0, 1.6)
-        local = local * (1 - a) + level * texture * a
-        lesion_alpha = a
+        local = local * (1 - a) + np.minimum(local, level * texture) * a  # darkens tissue, never brightens
+        support = soft(1.0)
     elif les.family == "haemorrhage":
         a_all = soft(1.0) * brain_w
         a_core = soft(rng.uniform(0.7, 0.85)) * brain_w
         local = local * (1 - a_all) + csf_level * rng.uniform(0.6, 0.9) * a_all  # dark rim
         local = local * (1 - a_core) + wm_level * rng.uniform(1.4, 1.8) * texture * a_core
-        lesion_alpha = a_all
+        support = soft(1.0)
     else:  # pragma: no cover - guarded by _plan_lesions
         raise ValueError(les.family)
+    les_mask = (support >= 0.5) & (brain_w > 0.5)
+    if not les_mask.any():
+        return 0
     img[box] = local
-    mask[box] |= (lesion_alpha >= 0.5)
+    mask[box] |= les_mask
+    return int(les_mask.sum())
+
+
+def sid_or(subject_id: str | None, role: str, index: int) -> str:
+    return subject_id or f"{role}-{index:04d}"
 
 
 def make_subject(seed: int, index: int = 0, *, abnormal: bool = False, family: str | None = None,
@@ -398,9 +410,7 @@ def make_subject(seed: int, index: int = 0, *, abnormal: bool = False, family: s
 
     mask = np.zeros(tpl.shape, dtype=bool)
     levels = {"wm": wm_v, "gm": gm_v, "csf": csf_v}
-    for les in lesions:
-        _paint_lesion(img, mask, maps, les, tpl, les_rng, levels)
-    mask &= brain > 0.5
+    painted = [les for les in lesions if _paint_lesion(img, mask, maps, les, tpl, les_rng, levels) > 0]
 
     # Bias field and Rician noise (MONAI), then skull-strip again and apply a random scanner gain.
     from monai.transforms import RandBiasField, RandRicianNoise
@@ -414,9 +424,12 @@ def make_subject(seed: int, index: int = 0, *, abnormal: bool = False, family: s
     gain = anat_rng.uniform(400.0, 1200.0)
     img = (img * (brain > 0.05) * gain).astype(np.float32)
 
-    sid = subject_id or f"{role}-{index:04d}"
-    params = {"family": family, "n_lesions": len(lesions),
-              "lesion_radius_mm": [round(float(l.radius_mm), 2) for l in lesions],
+    sid = sid_or(subject_id, role, index)
+    if abnormal and not painted:  # every planned lesion fell outside the parenchyma: try another draw
+        return make_subject(seed, index + 100_003, abnormal=True, family=family, spacing=spacing, role=role,
+                            subject_id=sid_or(subject_id, role, index))
+    params = {"family": family, "n_lesions": len(painted),
+              "lesion_radius_mm": [round(float(l.radius_mm), 2) for l in painted],
               "contrast": {"csf": round(csf_v, 3), "gm": round(gm_v, 3)}, "gain": round(gain, 1)}
     return SyntheticSubject(id=sid, image=img, mask=mask.astype(np.uint8), affine=tpl.affine.copy(),
                             abnormal=bool(abnormal), family=family, params=params)
