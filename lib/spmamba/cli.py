@@ -219,8 +219,6 @@ def train_model(normal_dir: str, out: str, *, config: str = "fast", epochs: int 
                 resume: str | None = None, encoder_weights: str = "none", val_fraction: float = 0.2, seed: int = 0,
                 quiet: bool = False) -> dict:
     """What ``spmamba train`` does (also used by ``spmamba demo``); returns a summary dict."""
-    from spmamba.train import train_detector
-
     files = _training_files(normal_dir)
     out_path = Path(out)
     if out_path.exists() and out_path.is_dir():
@@ -231,6 +229,8 @@ def train_model(normal_dir: str, out: str, *, config: str = "fast", epochs: int 
     if not quiet:
         _eprint(f"[train] {len(files)} normal volumes from {normal_dir}, preset {config!r}"
                 + (f", {epochs} epochs" if epochs else "") + f", device {device}; Ctrl-C stops early and still saves")
+    from spmamba.train import train_detector
+
     progress = _TrainProgress(quiet)
     t0 = time.time()
     with _StopFlag() as stop:
@@ -316,9 +316,6 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
-    from spmamba.detector import Detector
-    from spmamba.volume import VolumeError, load_volume, save_volume
-
     n_files = _check_inputs(args.inputs)
     model = Path(args.model)
     if not model.is_file():
@@ -326,6 +323,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CLIError(f"{out}: exists and is not a folder")
+    from spmamba.detector import Detector
+    from spmamba.volume import VolumeError, load_volume, save_volume
+
     out.mkdir(parents=True, exist_ok=True)
     detector = Detector.load(str(model), device=args.device)
     pixel_threshold = None
