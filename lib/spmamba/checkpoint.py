@@ -1,0 +1,78 @@
+"""One checkpoint file: format tag, model preset, weights, calibration, preprocessing, versions, training summary,
+and (optionally) the optimiser state to resume training. Written atomically; read with clear errors."""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "FORMAT", "FORMAT_VERSION", "weights_digest"]
+
+FORMAT = "spmamba-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A model file that is missing, foreign, corrupt or from an incompatible version."""
+
+
+def weights_digest(state_dict: dict[str, torch.Tensor], extra: Any = None) -> str:
+    """Short content hash of weights (+ calibration): the model version shown to users."""
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        t = state_dict[k].detach().cpu().contiguous()
+        h.update(k.encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    if extra is not None:
+        h.update(repr(extra).encode())
+    return h.hexdigest()[:12]
+
+
+def save_checkpoint(path: Union[str, Path], payload: dict[str, Any]) -> Path:
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
+    """Read and check a checkpoint; CheckpointError says what is wrong and what to do."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"model file {path} does not exist; train one with `spmamba train` first")
+    if not path.is_file() or path.stat().st_size == 0:
+        raise CheckpointError(f"model file {path} is empty or not a file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (zipfile.BadZipFile, EOFError, RuntimeError, io.UnsupportedOperation, OSError) as e:
+        raise CheckpointError(f"model file {path} is corrupt or truncated ({e}); re-train or restore a copy") from e
+    except Exception as e:  # unpickling errors of foreign files
+        raise CheckpointError(f"model file {path} is not an spmamba checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CheckpointError(f"model file {path} is not an spmamba checkpoint (no '{FORMAT}' tag)")
+    if int(obj.get("format_version", -1)) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"model file {path} has format version {obj.get('format_version')}, newer than this spmamba "
+            f"understands ({FORMAT_VERSION}); upgrade spmamba"
+        )
+    for key in ("config", "state_dict", "calibration"):
+        if key not in obj:
+            raise CheckpointError(f"model file {path} lacks '{key}'; it is incomplete")
+    return obj

@@ -1,0 +1,189 @@
+"""A trained SP-Mamba model with its preprocessing and calibration: volume in, heatmap + score out.
+
+Volume pipeline: reorient to RAS voxel order -> move the slice axis first -> robust intensity scaling to [0, 1]
+-> keep slices with enough foreground -> pad to square + resize to S x S -> model in batches (inference mode) ->
+anomaly maps resized back onto each slice -> heatmap in the file's voxel order (slices without foreground are 0).
+
+Volume score: mean of the 3 highest slice scores (``scoring.aggregate_slice_scores``); a slice score is SP-Mamba's
+image score of that slice's map.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+import torch
+
+from . import __version__
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, weights_digest
+from .models import SPMamba, get_config
+from .scoring import aggregate_slice_scores
+from .volume import batch_to_slices, normalise_intensity, slices_to_batch, to_canonical, validate_array
+
+__all__ = ["Detector", "DetectionResult", "Preprocessing", "Calibration", "resolve_device", "prepare_slices"]
+
+
+def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.device:
+    """"auto" -> CUDA when available, else CPU."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
+    return dev
+
+
+@dataclass
+class Preprocessing:
+    slice_axis: int = 2  # in RAS voxel order: 0 sagittal, 1 coronal, 2 axial
+    min_foreground: float = 0.02  # a slice is scored when at least this share of it is foreground
+    batch_size: int = 16
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class Calibration:
+    """Thresholds measured on held-out normal volumes."""
+
+    pixel_threshold: float = float("inf")
+    volume_threshold: float = float("inf")
+    pixel_fpr: float = 0.001
+    volume_fpr: float = 0.05
+    n_volumes: int = 0
+    normal_volume_scores: list = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Calibration":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class DetectionResult:
+    heatmap: np.ndarray  # float32, same shape as the input volume
+    score: float
+    threshold: float
+    pixel_threshold: float
+    abnormal: bool
+    slice_axis: int
+    slice_scores: list  # [(slice index in RAS order, score)]
+    timings: dict
+
+
+def prepare_slices(array: np.ndarray, affine: Optional[np.ndarray], prep: Preprocessing):
+    """Volume -> (normalised slices (n, h, w) along the slice axis in RAS order, indices of foreground slices,
+    canonical volume). The indices are the slices worth scoring."""
+    canon = to_canonical(array, affine)
+    vol = np.moveaxis(canon.array, prep.slice_axis, 0)
+    norm, fg = normalise_intensity(vol)
+    fg_share = fg.reshape(fg.shape[0], -1).mean(1)
+    keep = [int(i) for i in np.nonzero(fg_share >= prep.min_foreground)[0]]
+    return norm, keep, canon
+
+
+class Detector:
+    """SP-Mamba model + preprocessing + calibration + metadata."""
+
+    def __init__(self, model: SPMamba, preprocessing: Optional[Preprocessing] = None,
+                 calibration: Optional[Calibration] = None, meta: Optional[dict] = None, device="auto"):
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.preprocessing = preprocessing or Preprocessing()
+        self.calibration = calibration or Calibration()
+        self.meta = dict(meta or {})
+        self._version: Optional[str] = None
+
+    # ------------------------------------------------------------------ files
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def version(self) -> str:
+        """Content hash of weights + calibration: changes with every training."""
+        if self._version is None:
+            self._version = weights_digest(self.model.state_dict(), asdict(self.calibration))
+        return self._version
+
+    def invalidate_version(self) -> None:
+        self._version = None
+
+    def checkpoint_payload(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "calibration": asdict(self.calibration),
+            "preprocessing": asdict(self.preprocessing),
+            "meta": {**self.meta, "library_version": __version__, "torch_version": str(torch.__version__)},
+            "version": self.version,
+        }
+
+    def save(self, path: Union[str, Path], training_state: Optional[dict] = None) -> Path:
+        payload = self.checkpoint_payload()
+        if training_state is not None:
+            payload["training_state"] = training_state
+        return save_checkpoint(path, payload)
+
+    @classmethod
+    def from_payload(cls, obj: dict, device="auto", source: str = "checkpoint") -> "Detector":
+        try:
+            config = get_config(obj["config"])
+            model = SPMamba(config, encoder_weights="none")  # the file holds the encoder's weights too
+            model.load_state_dict(obj["state_dict"])
+        except (ValueError, RuntimeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{source} does not fit this version's SP-Mamba model: {e}") from e
+        det = cls(model, Preprocessing.from_dict(obj.get("preprocessing", {})),
+                  Calibration.from_dict(obj.get("calibration", {})), obj.get("meta", {}), device)
+        return det
+
+    @classmethod
+    def load(cls, path: Union[str, Path], device="auto") -> "Detector":
+        return cls.from_payload(load_checkpoint(path), device, source=f"model file {path}")
+
+    # ------------------------------------------------------------------ inference
+    @torch.inference_mode()
+    def score_slices(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, 1, S, S) in [0, 1] -> (anomaly maps (n, S, S), image scores (n,)) on the CPU."""
+        self.model.eval()
+        out = self.model(batch.to(self.device, non_blocking=True))
+        maps = self.model.anomaly_map(out)
+        scores = self.model.image_score(maps)
+        return maps.float().cpu(), scores.float().cpu()
+
+    def detect(self, array: np.ndarray, affine: Optional[np.ndarray] = None,
+               progress: Optional[Callable[[int, int], None]] = None) -> DetectionResult:
+        """Heatmap on the input grid and the volume verdict. ``array``: (X, Y, Z) or a 2-D image."""
+        t0 = time.perf_counter()
+        arr = validate_array(array)
+        prep = self.preprocessing
+        norm, keep, canon = prepare_slices(arr, affine, prep)
+        t1 = time.perf_counter()
+        heat = np.zeros(norm.shape, dtype=np.float32)
+        slice_scores: list[tuple[int, float]] = []
+        S = self.config.image_size
+        for start in range(0, len(keep), prep.batch_size):
+            idx = keep[start:start + prep.batch_size]
+            batch, geom = slices_to_batch(norm[idx], S)
+            maps, scores = self.score_slices(batch)
+            heat[idx] = batch_to_slices(maps, geom)
+            slice_scores += [(i, float(s)) for i, s in zip(idx, scores.tolist())]
+            if progress is not None:
+                progress(min(start + prep.batch_size, len(keep)), len(keep))
+        t2 = time.perf_counter()
+        heatmap = canon.to_file_order(np.moveaxis(heat, 0, prep.slice_axis)).astype(np.float32, copy=False)
+        if heatmap.shape != arr.shape:  # 2-D input: (X, Y, 1) -> (X, Y)
+            heatmap = heatmap.reshape(np.asarray(array).shape)
+        score = aggregate_slice_scores(np.array([s for _, s in slice_scores]))
+        cal = self.calibration
+        t3 = time.perf_counter()
+        return DetectionResult(
+            heatmap=heatmap, score=score, threshold=float(cal.volume_threshold),
+            pixel_threshold=float(cal.pixel_threshold), abnormal=bool(score > cal.volume_threshold),
+            slice_axis=prep.slice_axis, slice_scores=slice_scores,
+            timings={"prepare_s": t1 - t0, "model_s": t2 - t1, "assemble_s": t3 - t2, "total_s": t3 - t0},
+        )

@@ -1,0 +1,124 @@
+"""Model presets as dataclasses. A checkpoint stores the preset it was trained with (``asdict``)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SPMambaConfig:
+    """Everything that defines an SP-Mamba model and its scoring.
+
+    Sizes follow the paper at 256x256: encoder levels 64x64x64, 32x32x128, 16x16x256, bottleneck 8x8x512.
+    At other input sizes every map scales by image_size/256 (the bottleneck side is image_size/32).
+    """
+
+    name: str = "paper"
+    image_size: int = 256
+    encoder: str = "resnet34"  # resnet18 | resnet34 (MONAI's 2-D ResNet, torchvision parameter names)
+    decoder_dims: tuple[int, ...] = (512, 256, 128, 64)
+    decoder_depths: tuple[int, ...] = (3, 4, 6, 3)
+    d_state: int = 16
+    ssm_expand: int = 2
+    drop_path: float = 0.2
+    scan: str = "ch"  # ch | hilbert | raster
+    n_directions: int = 8
+    use_prototypes: bool = True
+    n_prototypes: int = 5
+    prototype_window: int = 3
+    # loss: sum over levels of mse_weight * MSE + prototype_weight * mean(d_up)
+    mse_weight: float = 5.0
+    prototype_weight: float = 25.0
+    # anomaly map: mean(1 - cos) over levels, Gaussian blur, + map_prototype_weight * d_up
+    map_blur_sigma: float = 4.0
+    map_prototype_weight: float = 0.5
+    # image score: max(A) + score_beta * contrast + score_gamma * concentration
+    use_score_terms: bool = True
+    score_beta: float = 3750.0
+    score_gamma: float = -0.08
+    # optimisation (paper: AdamW lr 0.005 * batch / 16, wd 1e-4, lr x0.1 at 80%, clip 5, 1000 epochs, batch 16)
+    batch_size: int = 16
+    base_lr: float = 0.005
+    weight_decay: float = 1e-4
+    grad_clip: float = 5.0
+    epochs: int = 1000
+
+    @property
+    def bottleneck_size(self) -> int:
+        return self.image_size // 32
+
+    @property
+    def lr(self) -> float:
+        return self.base_lr * self.batch_size / 16
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["decoder_dims"] = list(self.decoder_dims)
+        d["decoder_depths"] = list(self.decoder_depths)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SPMambaConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model settings {sorted(unknown)}; this file needs a newer spmamba")
+        d = dict(d)
+        for k in ("decoder_dims", "decoder_depths"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+    def with_overrides(self, **kw: Any) -> "SPMambaConfig":
+        return replace(self, **kw)
+
+    def validate(self) -> None:
+        s = self.image_size
+        if s < 64 or s & (s - 1):
+            raise ValueError(f"image_size must be a power of two >= 64 (the CH scan needs 2**k maps), got {s}")
+        if len(self.decoder_dims) != 4 or len(self.decoder_depths) != 4:
+            raise ValueError("decoder_dims and decoder_depths need 4 entries (bottleneck stage + 3 levels)")
+        if tuple(self.decoder_dims) != (512, 256, 128, 64):
+            raise ValueError("decoder_dims must be (512, 256, 128, 64): the decoder's levels are compared with the "
+                             "ResNet encoder's 256/128/64-channel levels")
+        if self.encoder not in ("resnet18", "resnet34"):
+            raise ValueError(f"encoder must be resnet18 or resnet34, got {self.encoder!r}")
+        if self.n_directions not in (1, 2, 4, 8):
+            raise ValueError("n_directions must be 1, 2, 4 or 8")
+
+
+PRESETS: dict[str, SPMambaConfig] = {
+    # As published (MambaAD/SP-Mamba): 256x256, ResNet34, decoder 512/256/128/64 x 3/4/6/3 VSS layers.
+    "paper": SPMambaConfig(),
+    # Trains in minutes on a 2-core CPU: 128x128 input (bottleneck 4x4), one LSS block of 1-2 VSS layers per
+    # stage, the same encoder, scan, prototypes and scoring.
+    "fast": SPMambaConfig(
+        name="fast", image_size=128, decoder_dims=(512, 256, 128, 64), decoder_depths=(1, 1, 2, 1),
+        drop_path=0.1, batch_size=16, base_lr=0.005, epochs=30,
+    ),
+    # For tests only: seconds per step.
+    "tiny": SPMambaConfig(
+        name="tiny", image_size=64, encoder="resnet18", decoder_depths=(1, 1, 1, 1), ssm_expand=1,
+        drop_path=0.0, n_prototypes=2, batch_size=4, base_lr=0.005, epochs=2, map_blur_sigma=1.0,
+    ),
+}
+
+
+def get_config(name_or_config: "str | SPMambaConfig | dict", **overrides: Any) -> SPMambaConfig:
+    """A preset by name ("paper", "fast", "tiny"), a config, or a dict of settings; then overrides."""
+    if isinstance(name_or_config, SPMambaConfig):
+        cfg = name_or_config
+    elif isinstance(name_or_config, dict):
+        cfg = SPMambaConfig.from_dict(name_or_config)
+    else:
+        try:
+            cfg = PRESETS[name_or_config]
+        except KeyError:
+            raise ValueError(f"unknown preset {name_or_config!r}; choose one of {sorted(PRESETS)}") from None
+    if overrides:
+        cfg = cfg.with_overrides(**overrides)
+    cfg.validate()
+    return cfg
+
+
+__all__ = ["SPMambaConfig", "PRESETS", "get_config", "field"]

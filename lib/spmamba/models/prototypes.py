@@ -1,0 +1,70 @@
+"""Window-sliding prototypes (SP-Mamba): a learnable bank of K prototypes per bottleneck position, matched
+against the features in a small window around that position.
+
+For position p and prototype k: sim_k(p) = max over q in the w x w window around p (clipped at the borders) of
+cos(P[p, k], X[q]);  d(p) = min_k (1 - sim_k(p)).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["prototype_distance", "prototype_distance_loop", "PrototypeBank"]
+
+
+def prototype_distance(features: torch.Tensor, prototypes: torch.Tensor, window: int = 3) -> torch.Tensor:
+    """Vectorised window-sliding prototype distance.
+
+    Args:
+        features: (B, H, W, C) bottleneck features X.
+        prototypes: (H*W, K, C) prototype bank P (row-major positions).
+        window: odd window side w.
+    Returns:
+        d: (B, H, W), d(p) = min_k (1 - max_{q in window(p)} cos(P[p,k], X[q])).
+    """
+    if window % 2 != 1:
+        raise ValueError(f"window must be odd, got {window}")
+    B, H, W, C = features.shape
+    if prototypes.shape[0] != H * W or prototypes.shape[2] != C:
+        raise ValueError(f"prototypes {tuple(prototypes.shape)} do not fit features {tuple(features.shape)}: need ({H * W}, K, {C})")
+    r = window // 2
+    x = F.normalize(features, dim=-1).permute(0, 3, 1, 2)  # (B, C, H, W)
+    p = F.normalize(prototypes, dim=-1)  # (HW, K, C)
+    # neighbours of every position: (B, C, w*w, HW); padded neighbours are masked out below
+    cols = F.unfold(x, window, padding=r).view(B, C, window * window, H * W)
+    sims = torch.einsum("bcwp,pkc->bpkw", cols, p)  # (B, HW, K, w*w)
+    valid = F.unfold(x.new_ones(1, 1, H, W), window, padding=r).view(window * window, H * W).t() > 0.5  # (HW, w*w)
+    sims = sims.masked_fill(~valid[None, :, None, :], float("-inf"))
+    best = sims.amax(dim=-1)  # (B, HW, K)
+    return (1.0 - best).amin(dim=-1).view(B, H, W)
+
+
+def prototype_distance_loop(features: torch.Tensor, prototypes: torch.Tensor, window: int = 3) -> torch.Tensor:
+    """The published per-position formula as plain loops (reference for tests and the benchmark)."""
+    B, H, W, C = features.shape
+    r = window // 2
+    out = features.new_empty(B, H, W)
+    for b in range(B):
+        for i in range(H):
+            for j in range(W):
+                P = prototypes[i * W + j]  # (K, C)
+                best = None
+                for qi in range(max(0, i - r), min(H, i + r + 1)):
+                    for qj in range(max(0, j - r), min(W, j + r + 1)):
+                        s = F.cosine_similarity(P, features[b, qi, qj].unsqueeze(0), dim=-1)  # (K,)
+                        best = s if best is None else torch.maximum(best, s)
+                out[b, i, j] = (1 - best).min()
+    return out
+
+
+class PrototypeBank(nn.Module):
+    """Learnable (H*W, K, C) bank; forward(features (B, H, W, C)) -> d (B, H, W). Learned only by gradient."""
+
+    def __init__(self, size: int, n_prototypes: int, channels: int, window: int = 3):
+        super().__init__()
+        self.window = window
+        self.prototypes = nn.Parameter(torch.randn(size * size, n_prototypes, channels) * 0.02)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return prototype_distance(features, self.prototypes, self.window)

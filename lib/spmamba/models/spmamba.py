@@ -1,0 +1,86 @@
+"""SP-Mamba: frozen ResNet teacher -> fusion bottleneck -> window-sliding prototypes + Mamba decoder student."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..scoring import feature_distance_map, gaussian_blur, image_score
+from .bottleneck import FusionBottleneck
+from .config import SPMambaConfig, get_config
+from .encoder import IMAGENET_MEAN, IMAGENET_STD, ResNetEncoder
+from .mamba_decoder import MambaDecoder
+from .prototypes import PrototypeBank
+
+__all__ = ["SPMamba", "SPMambaOutput"]
+
+
+@dataclass
+class SPMambaOutput:
+    enc: list[torch.Tensor]  # encoder levels [(B,64,S/4,S/4), (B,128,S/8,S/8), (B,256,S/16,S/16)]
+    dec: list[torch.Tensor]  # decoder levels, same shapes
+    proto_distance: Optional[torch.Tensor]  # (B, S/32, S/32) window-sliding prototype distance, or None
+
+
+class SPMamba(nn.Module):
+    """Input: grey slices (B, 1, S, S) with intensities in [0, 1] (S = config.image_size)."""
+
+    def __init__(self, config: "SPMambaConfig | str" = "paper", encoder_weights: str = "none"):
+        super().__init__()
+        self.config = cfg = get_config(config)
+        self.encoder = ResNetEncoder(cfg.encoder, encoder_weights)
+        self.bottleneck = FusionBottleneck(ResNetEncoder.channels)
+        s = cfg.bottleneck_size
+        self.prototypes = (PrototypeBank(s, cfg.n_prototypes, cfg.decoder_dims[0], cfg.prototype_window)
+                           if cfg.use_prototypes else None)
+        self.decoder = MambaDecoder(
+            s, cfg.decoder_dims, cfg.decoder_depths, cfg.drop_path,
+            scan=cfg.scan, n_directions=cfg.n_directions, d_state=cfg.d_state, expand=cfg.ssm_expand,
+        )
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def forward(self, x: torch.Tensor) -> SPMambaOutput:
+        if x.dim() != 4 or x.shape[1] != 1:
+            raise ValueError(f"SPMamba expects (B, 1, S, S) grey slices, got {tuple(x.shape)}")
+        x = (x.expand(-1, 3, -1, -1) - self.pixel_mean) / self.pixel_std
+        with torch.no_grad():
+            enc = [f.detach() for f in self.encoder(x)]
+        z = self.bottleneck(enc)  # (B, 512, s, s)
+        proto_d = self.prototypes(z.permute(0, 2, 3, 1)) if self.prototypes is not None else None
+        dec = self.decoder(z)
+        return SPMambaOutput(enc, dec, proto_d)
+
+    def _proto_up(self, out: SPMambaOutput) -> Optional[torch.Tensor]:
+        if out.proto_distance is None:
+            return None
+        S = self.config.image_size
+        return F.interpolate(out.proto_distance.unsqueeze(1), size=(S, S), mode="bilinear", align_corners=False).squeeze(1)
+
+    def loss(self, out: SPMambaOutput) -> torch.Tensor:
+        """sum over levels of mse_weight * MSE(f_enc, f_dec) + prototype_weight * mean(d_upsampled)."""
+        cfg = self.config
+        loss = sum(cfg.mse_weight * F.mse_loss(fd, fe) for fe, fd in zip(out.enc, out.dec))
+        d_up = self._proto_up(out)
+        if d_up is not None:
+            loss = loss + cfg.prototype_weight * d_up.mean()
+        return loss
+
+    def anomaly_map(self, out: SPMambaOutput) -> torch.Tensor:
+        """A = blur(mean_levels(1 - cos), sigma) + map_prototype_weight * d_up. -> (B, S, S)."""
+        cfg = self.config
+        a = gaussian_blur(feature_distance_map(out.enc, out.dec, cfg.image_size), cfg.map_blur_sigma)
+        d_up = self._proto_up(out)
+        if d_up is not None:
+            a = a + cfg.map_prototype_weight * d_up
+        return a
+
+    def image_score(self, maps: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        return image_score(maps, cfg.score_beta, cfg.score_gamma, cfg.use_score_terms)
