@@ -164,6 +164,11 @@ class AnomalyTrain(TrainTask):
                 _write_json_atomic(s.stats_path, stats)
             logger.info(f"progress: {json.dumps({k: stats.get(k) for k in ('phase', 'epoch', 'total_epochs', 'loss', 'val_score')})}")
 
+        extra: Dict[str, Any] = {}
+        if s.slice_axis is not None:
+            from spmamba.detector import Preprocessing
+
+            extra["preprocessing"] = Preprocessing(slice_axis=s.slice_axis)
         try:
             detector = train_detector(
                 images,
@@ -173,6 +178,7 @@ class AnomalyTrain(TrainTask):
                 encoder_weights=s.encoder_weights,
                 progress=progress,
                 should_stop=lambda: os.path.exists(s.stop_path),
+                **extra,
             )
             stats["phase"] = "publishing"
             _write_json_atomic(s.stats_path, stats)
