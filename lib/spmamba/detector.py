@@ -176,8 +176,9 @@ class Detector:
                 progress(min(start + prep.batch_size, len(keep)), len(keep))
         t2 = time.perf_counter()
         heatmap = canon.to_file_order(np.moveaxis(heat, 0, prep.slice_axis)).astype(np.float32, copy=False)
-        if heatmap.shape != arr.shape:  # 2-D input: (X, Y, 1) -> (X, Y)
-            heatmap = heatmap.reshape(np.asarray(array).shape)
+        in_shape = np.shape(array)
+        if heatmap.shape != in_shape:  # 2-D input (X, Y) or trailing singleton axes: back to the input's shape
+            heatmap = heatmap.reshape(in_shape)
         score = aggregate_slice_scores(np.array([s for _, s in slice_scores]))
         cal = self.calibration
         t3 = time.perf_counter()
