@@ -160,7 +160,8 @@ class _StopFlag:
 
 
 class _TrainProgress:
-    """Turns the library's progress dicts into one tqdm bar per phase (on stderr)."""
+    """Turns the library's progress dicts into tqdm bars on stderr: one for loading, one for the whole training
+    run (epochs x steps, with epoch and loss), one for calibration."""
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
@@ -168,31 +169,42 @@ class _TrainProgress:
         self.phase = None
         self.last: dict = {}
 
+    def _open(self, phase: str, total, unit: str) -> None:
+        self.close()
+        self.phase = phase
+        self.bar = _tqdm(total=total, desc=phase, unit=unit, leave=False)
+
     def __call__(self, info: dict) -> None:
         self.last = dict(info)
         if self.quiet:
             return
         phase = info.get("phase", "train")
-        total = info.get("total_steps")
-        if phase != self.phase or self.bar is None or (total and self.bar.total != total):
-            if self.bar is not None:
-                self.bar.close()
-            self.phase = phase
-            desc = phase
-            if info.get("total_epochs") and phase == "train":
-                desc = f"train {info.get('epoch', '?')}/{info['total_epochs']}"
-            self.bar = _tqdm(total=total, desc=desc, unit="step", leave=False)
-        step = info.get("step")
-        if step is not None and self.bar.total is not None:
-            self.bar.n = min(int(step), int(self.bar.total))
-        elif step is not None:
-            self.bar.n = int(step)
-        if phase == "train" and info.get("total_epochs"):
-            self.bar.set_description(f"train {info.get('epoch', '?')}/{info['total_epochs']}", refresh=False)
-        post = {k: info[k] for k in ("loss", "val_score") if isinstance(info.get(k), (int, float))}
-        if post:
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in post.items()}, refresh=False)
-        self.bar.refresh()
+        if phase == "done":
+            self.close()
+            return
+        if phase == "epoch":  # end of an epoch: show its mean loss on the training bar
+            if self.bar is not None and isinstance(info.get("loss"), (int, float)):
+                self.bar.set_postfix_str(f"epoch {info.get('epoch')}/{info.get('total_epochs')} "
+                                         f"mean loss {info['loss']:.4g}")
+            return
+        if phase == "train":
+            steps, epochs = info.get("total_steps") or 1, info.get("total_epochs") or 1
+            total = int(steps) * int(epochs)
+            if self.phase != "train" or self.bar is None or self.bar.total != total:
+                self._open("train", total, "step")
+            done = (int(info.get("epoch", 1)) - 1) * int(steps) + int(info.get("step", 0))
+            self.bar.n = min(done, total)
+            loss = info.get("loss")
+            self.bar.set_postfix_str(f"epoch {info.get('epoch')}/{epochs}"
+                                     + (f" loss {loss:.4g}" if isinstance(loss, (int, float)) else ""),
+                                     refresh=False)
+            self.bar.refresh()
+            return
+        if phase != self.phase or self.bar is None:
+            self._open(phase, info.get("total_steps"), "vol")
+        if info.get("step") is not None:
+            self.bar.n = int(info["step"])
+            self.bar.refresh()
 
     def close(self) -> None:
         if self.bar is not None:
@@ -233,14 +245,25 @@ def train_model(normal_dir: str, out: str, *, config: str = "fast", epochs: int 
 
     progress = _TrainProgress(quiet)
     t0 = time.time()
+    # Per-epoch checkpoints (with the optimiser state, for --resume) go to MODEL.pt.partial; MODEL.pt itself is
+    # only ever replaced by a finished, calibrated model.
+    partial = out_path.with_name(out_path.name + ".partial")
     with _StopFlag() as stop:
         try:
             detector = train_detector(files, config=config, epochs=epochs, device=device, val_fraction=val_fraction,
                                       seed=seed, encoder_weights=encoder_weights, progress=progress,
-                                      should_stop=stop, resume=resume, checkpoint_path=str(out_path))
+                                      should_stop=stop, resume=resume, checkpoint_path=str(partial))
+        except KeyboardInterrupt:
+            progress.close()
+            if partial.exists():
+                _eprint(f"[train] aborted; the last finished epoch is in {partial} (continue with --resume {partial})")
+            raise
         finally:
             progress.close()
-        detector.save(str(out_path))
+        if partial.exists():
+            os.replace(partial, out_path)
+        else:  # pragma: no cover - the library always writes checkpoint_path; keep the CLI safe if it does not
+            detector.save(str(out_path))
     dt = time.time() - t0
     summary = {"model": str(out_path), "version": getattr(detector, "version", None), "n_volumes": len(files),
                "seconds": round(dt, 1), "stopped_early": stop.requested}
@@ -309,6 +332,14 @@ def save_mosaic(image, heatmap, pixel_threshold: float, path: str | os.PathLike,
     plt.close(fig)
 
 
+def _to_ras(array, affine):
+    """The array in the closest RAS voxel order (for display: axis 2 = axial, like the model's slice axes)."""
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(affine)
+    return nib.orientations.apply_orientation(array, ornt)
+
+
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str))
@@ -357,7 +388,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
                 fh.flush()
                 if args.png:
                     flag = "ABNORMAL" if res.abnormal else "normal"
-                    save_mosaic(vol.array, res.heatmap, float(res.pixel_threshold), out / f"{sid}_overlay.png",
+                    img_ras, heat_ras = _to_ras(vol.array, vol.affine), _to_ras(res.heatmap, vol.affine)
+                    save_mosaic(img_ras, heat_ras, float(res.pixel_threshold), out / f"{sid}_overlay.png",
                                 axis=int(getattr(res, "slice_axis", 2)),
                                 title=f"{sid}: score {float(res.score):.4g} (threshold {float(res.threshold):.4g}) "
                                       f"{flag}")
@@ -386,9 +418,8 @@ def _pixel_threshold(detector) -> float | None:
         if isinstance(v, (int, float)):
             return float(v)
     cal = getattr(detector, "calibration", None)
-    if isinstance(cal, dict) and isinstance(cal.get("pixel_threshold"), (int, float)):
-        return float(cal["pixel_threshold"])
-    return None
+    v = cal.get("pixel_threshold") if isinstance(cal, dict) else getattr(cal, "pixel_threshold", None)
+    return float(v) if isinstance(v, (int, float)) else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
