@@ -117,7 +117,8 @@ def install(fastapi_app) -> None:
         if task is None:
             raise not_found(f"no training task {model!r}; available: {', '.join(sorted(instance._trainers))}")
         if hasattr(task, "precheck"):
-            if len(processes("train")) and not enqueue:
+            busy = len(processes("train")) or any(t.get("status") in ("SUBMITTED", "RUNNING") for t in tasks("train"))
+            if busy and not enqueue:  # the stock check misses a task submitted but not yet started
                 raise HTTPException(status_code=429, detail="a training is already running (DELETE /train/ stops it)")
             task.precheck({"model": model, **(params or {})}, instance.datastore())
         return ep_train.run_model(model, params, run_sync, enqueue)
