@@ -229,7 +229,7 @@ def _training_files(folder: str) -> list[Path]:
 
 def train_model(normal_dir: str, out: str, *, config: str = "fast", epochs: int | None = None, device: str = "auto",
                 resume: str | None = None, encoder_weights: str = "none", val_fraction: float = 0.2, seed: int = 0,
-                quiet: bool = False) -> dict:
+                max_steps: int | None = None, quiet: bool = False) -> dict:
     """What ``spmamba train`` does (also used by ``spmamba demo``); returns a summary dict."""
     files = _training_files(normal_dir)
     out_path = Path(out)
@@ -252,7 +252,8 @@ def train_model(normal_dir: str, out: str, *, config: str = "fast", epochs: int 
         try:
             detector = train_detector(files, config=config, epochs=epochs, device=device, val_fraction=val_fraction,
                                       seed=seed, encoder_weights=encoder_weights, progress=progress,
-                                      should_stop=stop, resume=resume, checkpoint_path=str(partial))
+                                      should_stop=stop, resume=resume, checkpoint_path=str(partial),
+                                      **({"max_steps": max_steps} if max_steps else {}))
         except KeyboardInterrupt:
             progress.close()
             if partial.exists():
@@ -276,11 +277,13 @@ def train_model(normal_dir: str, out: str, *, config: str = "fast", epochs: int 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.epochs is not None and args.epochs < 1:
         raise CLIError(f"--epochs {args.epochs}: must be >= 1")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise CLIError(f"--max-steps {args.max_steps}: must be >= 1")
     if not 0.0 < args.val_fraction < 1.0:
         raise CLIError(f"--val-fraction {args.val_fraction}: must be between 0 and 1")
     s = train_model(args.normal, args.out, config=args.config, epochs=args.epochs, device=args.device,
                     resume=args.resume, encoder_weights=args.encoder_weights, val_fraction=args.val_fraction,
-                    seed=args.seed, quiet=args.quiet)
+                    seed=args.seed, max_steps=args.max_steps, quiet=args.quiet)
     note = " (stopped early by Ctrl-C; calibrated)" if s["stopped_early"] else ""
     print(f"saved {s['model']} (version {s['version']}) trained on {s['n_volumes']} volumes in "
           f"{s['seconds']:.1f} s{note}")
@@ -607,6 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encoder weights: none (default, no download), imagenet or a .pt/.pth file")
     t.add_argument("--val-fraction", type=float, default=0.2, help="share of normals held out for calibration")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--max-steps", type=int, default=None, metavar="N",
+                   help="stop after N optimisation steps in all (quick smoke runs; the model is still calibrated)")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 

@@ -27,8 +27,9 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def trained(tiny_data: Path, tmp_path_factory) -> Path:
     model = tmp_path_factory.mktemp("model") / "model.pt"
+    # 1 epoch of the tiny preset, capped at 4 optimisation steps (CPU time; the pure-PyTorch scan is slow)
     rc = main(["train", "--normal", str(tiny_data / "train"), "--out", str(model), "--config", "tiny",
-               "--epochs", "1", "--device", "cpu", "-q"])
+               "--epochs", "1", "--max-steps", "4", "--device", "cpu", "-q"])
     assert rc == 0 and model.is_file()
     return model
 
@@ -138,7 +139,7 @@ def test_train_refuses_unusable_data(tiny_data: Path, tmp_path: Path, capsys, ca
         nib.save(nib.Nifti1Image(a, np.eye(4)), str(d / culprit))
     out = tmp_path / "m.pt"
     rc = main(["train", "--normal", str(d), "--out", str(out), "--config", "tiny", "--epochs", "1",
-               "--device", "cpu", "-q"])
+               "--max-steps", "1", "--device", "cpu", "-q"])
     err = capsys.readouterr().err
     assert rc == 2, err
     assert "error:" in err
@@ -188,6 +189,6 @@ def test_train_resume(tiny_data: Path, trained: Path, tmp_path: Path):
 
     out = tmp_path / "resumed.pt"
     rc = main(["train", "--normal", str(tiny_data / "train"), "--out", str(out), "--config", "tiny", "--epochs", "2",
-               "--resume", str(trained), "--device", "cpu", "-q"])
+               "--max-steps", "2", "--resume", str(trained), "--device", "cpu", "-q"])
     assert rc == 0
     assert Detector.load(out, device="cpu").version != Detector.load(trained, device="cpu").version
