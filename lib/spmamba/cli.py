@@ -133,11 +133,16 @@ class _StopFlag:
     """SIGINT handler: the first Ctrl-C asks training to stop (a valid checkpoint is still written); the second
     aborts at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, time_limit_s: float | None = None) -> None:
         self.requested = False
+        self.timed_out = False
         self._old = None
+        self._deadline = time.time() + time_limit_s if time_limit_s else None
 
     def __call__(self) -> bool:
+        if not self.requested and self._deadline is not None and time.time() > self._deadline:
+            self.timed_out = self.requested = True
+            _eprint("\n[train] time limit reached; stopping after this step, then calibrating and saving")
         return self.requested
 
     def _handler(self, signum, frame) -> None:  # noqa: ARG002
@@ -229,7 +234,7 @@ def _training_files(folder: str) -> list[Path]:
 
 def train_model(normal_dir: str, out: str, *, config: str = "fast", epochs: int | None = None, device: str = "auto",
                 resume: str | None = None, encoder_weights: str = "none", val_fraction: float = 0.2, seed: int = 0,
-                max_steps: int | None = None, quiet: bool = False) -> dict:
+                max_steps: int | None = None, time_limit_min: float | None = None, quiet: bool = False) -> dict:
     """What ``spmamba train`` does (also used by ``spmamba demo``); returns a summary dict."""
     files = _training_files(normal_dir)
     out_path = Path(out)
@@ -248,7 +253,7 @@ def train_model(normal_dir: str, out: str, *, config: str = "fast", epochs: int 
     # Per-epoch checkpoints (with the optimiser state, for --resume) go to MODEL.pt.partial; MODEL.pt itself is
     # only ever replaced by a finished, calibrated model.
     partial = out_path.with_name(out_path.name + ".partial")
-    with _StopFlag() as stop:
+    with _StopFlag(time_limit_min * 60 if time_limit_min else None) as stop:
         try:
             detector = train_detector(files, config=config, epochs=epochs, device=device, val_fraction=val_fraction,
                                       seed=seed, encoder_weights=encoder_weights, progress=progress,
@@ -267,7 +272,8 @@ def train_model(normal_dir: str, out: str, *, config: str = "fast", epochs: int 
             detector.save(str(out_path))
     dt = time.time() - t0
     summary = {"model": str(out_path), "version": getattr(detector, "version", None), "n_volumes": len(files),
-               "seconds": round(dt, 1), "stopped_early": stop.requested}
+               "seconds": round(dt, 1), "stopped_early": stop.requested and not stop.timed_out,
+               "timed_out": stop.timed_out}
     meta = getattr(detector, "meta", {}) or {}
     if isinstance(meta, dict) and meta.get("training"):
         summary["training"] = meta["training"]
@@ -277,14 +283,17 @@ def train_model(normal_dir: str, out: str, *, config: str = "fast", epochs: int 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.epochs is not None and args.epochs < 1:
         raise CLIError(f"--epochs {args.epochs}: must be >= 1")
+    if args.time_limit is not None and args.time_limit <= 0:
+        raise CLIError(f"--time-limit {args.time_limit}: must be > 0 minutes")
     if args.max_steps is not None and args.max_steps < 1:
         raise CLIError(f"--max-steps {args.max_steps}: must be >= 1")
     if not 0.0 < args.val_fraction < 1.0:
         raise CLIError(f"--val-fraction {args.val_fraction}: must be between 0 and 1")
     s = train_model(args.normal, args.out, config=args.config, epochs=args.epochs, device=args.device,
                     resume=args.resume, encoder_weights=args.encoder_weights, val_fraction=args.val_fraction,
-                    seed=args.seed, max_steps=args.max_steps, quiet=args.quiet)
+                    seed=args.seed, max_steps=args.max_steps, time_limit_min=args.time_limit, quiet=args.quiet)
     note = " (stopped early by Ctrl-C; calibrated)" if s["stopped_early"] else ""
+    note += " (time limit reached; calibrated)" if s["timed_out"] else ""
     print(f"saved {s['model']} (version {s['version']}) trained on {s['n_volumes']} volumes in "
           f"{s['seconds']:.1f} s{note}")
     return EXIT_OK
@@ -519,11 +528,9 @@ def prepare_demo(demo_dir: str | os.PathLike, *, n_train: int = 20, n_test: int 
     d = Path(demo_dir)
     labels = d / "test" / "labels.csv"
     if labels.exists() and any((d / "train").glob("*.nii.gz")):
-        if not quiet:
-            _eprint(f"[demo] using existing demo data in {d}")
+        _eprint(f"[demo] using existing demo data in {d}")
     else:
-        if not quiet:
-            _eprint(f"[demo] making demo studies in {d} ({n_train} normal + {n_test} test volumes)")
+        _eprint(f"[demo] making demo studies in {d} ({n_train} normal + {n_test} test volumes)")
         make_dataset(d, n_train=n_train, n_test=n_test, seed=seed, spacing=spacing, progress=not quiet)
     studies = d / "studies"
     studies.mkdir(parents=True, exist_ok=True)
@@ -542,14 +549,18 @@ def prepare_demo(demo_dir: str | os.PathLike, *, n_train: int = 20, n_test: int 
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    studies = prepare_demo(args.dir, n_train=args.n_train, n_test=args.n_test, seed=args.seed, quiet=args.quiet)
+    studies = prepare_demo(args.dir, n_train=args.n_train, n_test=args.n_test, seed=args.seed,
+                           spacing=args.spacing, quiet=args.quiet)
     model = Path(args.model) if args.model else demo_model_path(args.app_dir)
     if model.exists():
         _eprint(f"[demo] using existing model {model}")
     else:
         _eprint(f"[demo] training a quick model ({args.config} preset) on {Path(args.dir) / 'train'} -> {model}")
+        if args.train_minutes:
+            _eprint(f"[demo] training stops after {args.train_minutes:g} min at most (--train-minutes); "
+                    "a longer run gives a better model")
         s = train_model(str(Path(args.dir) / "train"), str(model), config=args.config, epochs=args.epochs,
-                        device=args.device, quiet=args.quiet)
+                        device=args.device, time_limit_min=args.train_minutes or None, quiet=args.quiet)
         _eprint(f"[demo] model ready in {s['seconds']:.0f} s: {model}")
     if args.no_serve:
         print(f"demo ready: studies {studies}, model {model}")
@@ -612,6 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-steps", type=int, default=None, metavar="N",
                    help="stop after N optimisation steps in all (quick smoke runs; the model is still calibrated)")
+    t.add_argument("--time-limit", type=float, default=None, metavar="MIN",
+                   help="stop training after MIN minutes (then calibrate and save, as with Ctrl-C)")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
@@ -662,6 +675,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--config", default="fast", help="training preset (default fast)")
     m.add_argument("--epochs", type=int, default=None)
+    m.add_argument("--train-minutes", type=float, default=10.0,
+                   help="time limit of the demo's training (default 10; 0 = the preset's full schedule)")
+    m.add_argument("--spacing", type=float, default=2.0, help="voxel size of the demo studies in mm")
     m.add_argument("--device", default="auto")
     m.add_argument("--model", default=None, metavar="MODEL.pt", help="use/write this model instead of the app's")
     m.add_argument("--app-dir", default=None, metavar="DIR")

@@ -192,3 +192,22 @@ def test_train_resume(tiny_data: Path, trained: Path, tmp_path: Path):
                "--max-steps", "2", "--resume", str(trained), "--device", "cpu", "-q"])
     assert rc == 0
     assert Detector.load(out, device="cpu").version != Detector.load(trained, device="cpu").version
+
+
+def test_demo_prepares_studies_and_reuses_model(tiny_data: Path, trained: Path, tmp_path: Path, capsys):
+    demo = tmp_path / "demo"
+    args = ["demo", "--dir", str(demo), "--n-train", "3", "--n-test", "2", "--spacing", "6", "--model", str(trained),
+            "--no-serve", "-q"]
+    assert main(args) == 0
+    studies = demo / "studies"
+    names = sorted(p.name for p in studies.glob("*.nii.gz"))
+    assert names == ["case-0000.nii.gz", "case-0001.nii.gz", "normal-0000.nii.gz", "normal-0001.nii.gz",
+                     "normal-0002.nii.gz"]
+    rows = list(csv.DictReader(open(studies / "curation.csv")))
+    assert [(r["id"], r["curation"]) for r in rows] == [(f"normal-{i:04d}", "normal") for i in range(3)]
+    err = capsys.readouterr().err
+    assert "using existing model" in err
+    before = (demo / "train" / "normal-0000.nii.gz").stat().st_mtime
+    assert main(args) == 0  # second run: data present, nothing regenerated
+    assert (demo / "train" / "normal-0000.nii.gz").stat().st_mtime == before
+    assert "using existing demo data" in capsys.readouterr().err

@@ -216,3 +216,20 @@ def test_detect_refuses_duplicate_ids(tmp_path, capsys):
                str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and "same id 'same'" in err
+
+
+def test_stop_flag_time_limit():
+    from spmamba.cli import _StopFlag
+
+    assert _StopFlag()() is False
+    flag = _StopFlag(time_limit_s=1e-6)
+    import time
+
+    time.sleep(0.01)
+    assert flag() is True and flag.timed_out
+
+
+def test_train_refuses_bad_limits(tiny_data, tmp_path, capsys):
+    for opt in (["--time-limit", "0"], ["--max-steps", "0"], ["--val-fraction", "1.5"]):
+        rc = main(["train", "--normal", str(tiny_data / "train"), "--out", str(tmp_path / "m.pt")] + opt)
+        assert rc == 2 and opt[0] in capsys.readouterr().err
