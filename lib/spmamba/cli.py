@@ -304,9 +304,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 def save_mosaic(image, heatmap, pixel_threshold: float, path: str | os.PathLike, *, axis: int = 2, n: int = 12,
                 title: str = "") -> None:
-    """PNG mosaic of ``n`` slices along ``axis`` with the heatmap overlaid where it exceeds ``pixel_threshold``.
-
-    Slices are spread over the non-zero extent of the image and always include the heatmap's peak slice.
+    """PNG mosaic of ``n`` slices along ``axis``: the image in grey, the heatmap faintly over the foreground
+    (colour from its median to its maximum), strongly where it reaches ``pixel_threshold`` (what the model calls
+    abnormal), outlined in cyan. Slices are spread over the non-zero extent and always include the peak slice.
     """
     import matplotlib
 
@@ -326,17 +326,28 @@ def save_mosaic(image, heatmap, pixel_threshold: float, path: str | os.PathLike,
         picks = sorted(set(picks))
     cols = min(6, len(picks))
     rows = int(np.ceil(len(picks) / cols))
-    fg = img[img != 0]
+    fg_mask = img != 0
+    fg = img[fg_mask]
     vmin, vmax = (np.percentile(fg, [1, 99]) if fg.size else (0.0, 1.0))
+    hfg = hm[fg_mask] if fg.size else hm.ravel()
     hmax = float(np.nanmax(hm)) if np.isfinite(hm).any() else 1.0
+    hlo = float(np.percentile(hfg, 50)) if hfg.size else 0.0
+    hhi = max(hmax, pixel_threshold) if np.isfinite(pixel_threshold) else hmax
+    hlo = min(hlo, hhi - 1e-6)
     fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.6 * rows + 0.4), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, k in zip(axes.ravel(), picks):
         ax.imshow(img[:, :, k].T, cmap="gray", origin="lower", vmin=vmin, vmax=vmax, interpolation="nearest")
-        over = np.ma.masked_less(hm[:, :, k].T, pixel_threshold)
-        ax.imshow(over, cmap="inferno", origin="lower", alpha=0.6, vmin=pixel_threshold,
-                  vmax=max(hmax, pixel_threshold + 1e-6), interpolation="nearest")
+        h = hm[:, :, k].T
+        inside = fg_mask[:, :, k].T
+        # faint heatmap over the brain, strong where the model calls a voxel abnormal, contour at the threshold
+        ax.imshow(np.ma.masked_where(~inside | (h < hlo), h), cmap="inferno", origin="lower", alpha=0.3, vmin=hlo, vmax=hhi,
+                  interpolation="nearest")
+        if np.isfinite(pixel_threshold) and (h >= pixel_threshold).any():
+            ax.imshow(np.ma.masked_less(h, pixel_threshold), cmap="inferno", origin="lower", alpha=0.8, vmin=hlo,
+                      vmax=hhi, interpolation="nearest")
+            ax.contour(h >= pixel_threshold, levels=[0.5], colors="cyan", linewidths=0.8, origin="lower")
         ax.set_title(f"slice {k}" + (" (peak)" if k == peak else ""), fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -710,6 +721,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _eprint(f"spmamba {args.command}: interrupted")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # output piped into `head` and the like
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:  # pragma: no cover
+            pass
+        return EXIT_OK
     except Exception as exc:  # noqa: BLE001
         if isinstance(exc, _known_errors()):
             _eprint(f"spmamba {args.command}: error: {exc}")

@@ -506,7 +506,9 @@ def evaluate_folder(pred_dir: str | Path, masks_dir: str | Path, labels_csv: str
     acc = accumulator or PixelMetricAccumulator(max_fpr=max_fpr)
     per_volume: list[dict] = []
 
-    def volumes():
+    n_passes = 1 if threshold is not None else 2
+
+    def volumes(pass_no: int = 0):
         for k, (sid, hm, mpath) in enumerate(plan):
             h, h_aff = _read(hm)
             if mpath is not None:
@@ -525,28 +527,38 @@ def evaluate_folder(pred_dir: str | Path, masks_dir: str | Path, labels_csv: str
                     raise EvaluationError(f"{ip}: image shape {img.shape} differs from heatmap {hm} shape {h.shape}")
                 region = img != 0
             if progress:
-                progress(k + 1, len(plan), sid)
+                progress(pass_no * len(plan) + k + 1, n_passes * len(plan), sid)
             yield sid, h, (np.asarray(m) > 0), region, _spacing(h_aff)
 
     mask_has_lesion: dict[str, bool] = {}
-    for sid, h, m, region, _ in volumes():
+
+    def lesion_row(les: LesionMetricAccumulator, sid, h, m, region, sp) -> None:
+        if region is not None:
+            h = np.where(region, h, -np.inf)
+        row = les.add(h, m, sp)
+        per_volume.append({"id": sid, **{k: row[k] for k in ("n_gt", "n_gt_detected", "n_pred", "n_pred_true",
+                                                             "dice", "hd99_mm", "msd_mm")}})
+
+    # One pass when the threshold is known; otherwise a second pass at the best-Dice threshold.
+    les = LesionMetricAccumulator(threshold=float(threshold), min_region_voxels=min_region_voxels) \
+        if threshold is not None else None
+    for sid, h, m, region, sp in volumes():
         acc.add(h, m, region)
         mask_has_lesion[sid] = bool(m.any())
+        if les is not None:
+            lesion_row(les, sid, h, m, region, sp)
     pixel = acc.compute()
-    if threshold is None:
+    if les is None:
         threshold, source = pixel.get("best_dice_threshold", float("nan")), "best Dice threshold (optimistic)"
+        if not math.isnan(threshold):
+            les = LesionMetricAccumulator(threshold=float(threshold), min_region_voxels=min_region_voxels)
+            for sid, h, m, region, sp in volumes(1):
+                lesion_row(les, sid, h, m, region, sp)
 
     lesion: dict
-    if threshold is None or (isinstance(threshold, float) and math.isnan(threshold)):
-        lesion = {"note": "no threshold available"}
+    if les is None:
+        lesion = {"note": "no threshold available (pixel metrics undefined)"}
     else:
-        les = LesionMetricAccumulator(threshold=float(threshold), min_region_voxels=min_region_voxels)
-        for sid, h, m, region, sp in volumes():
-            if region is not None:
-                h = np.where(region, h, -np.inf)
-            row = les.add(h, m, sp)
-            per_volume.append({"id": sid, **{k: row[k] for k in ("n_gt", "n_gt_detected", "n_pred",
-                                                                 "n_pred_true", "dice", "hd99_mm", "msd_mm")}})
         lesion = les.compute()
         lesion["threshold_source"] = source
 
