@@ -42,13 +42,53 @@ def mamba_ssm_available() -> bool:
     return _mamba_selective_scan_fn is not None
 
 
-# exp(x) for x below this is flushed to exactly 0: float32 denormals would make every later multiply ~50x slower,
-# and exp(-80) = 1.8e-35 is far below the float32 resolution of any term it is added to.
-_LOG_FLUSH = -80.0
+# Decay factors exp(x) are computed as exp(max(x, -80)): exp(-80) = 1.8e-35 is far below the float32 resolution of
+# any term it is added to, and the floor keeps the recurrence out of denormal numbers, which would make every later
+# multiply ~50x slower on x86 CPUs.
+_LOG_FLOOR = -80.0
 
 
-def _decay(log_a: torch.Tensor) -> torch.Tensor:
-    return torch.where(log_a > _LOG_FLUSH, torch.exp(log_a), 0.0)
+def _chunk_len(L: int, chunk: Optional[int]) -> int:
+    return max(1, min(L, chunk or max(8, int(2 ** round(math.log2(math.sqrt(L)))))))
+
+
+def _to_chunks(x: torch.Tensor, T: int) -> torch.Tensor:
+    """(L, ...) time-major -> (T, nc, ...) contiguous, zero-padded at the end: step t of every chunk is one
+    contiguous slice, so the short loops below read and write contiguous memory."""
+    L = x.shape[0]
+    nc = -(-L // T)
+    if nc * T != L:
+        x = torch.cat([x, x.new_zeros((nc * T - L,) + tuple(x.shape[1:]))])
+    return x.reshape((nc, T) + tuple(x.shape[1:])).transpose(0, 1).contiguous()
+
+
+def _from_chunks(x: torch.Tensor, L: int) -> torch.Tensor:
+    """(T, nc, ...) -> (L, ...)."""
+    T, nc = x.shape[:2]
+    return x.transpose(0, 1).reshape((T * nc,) + tuple(x.shape[2:]))[:L]
+
+
+def _chunked_scan(a: torch.Tensor, b: torch.Tensor, chunk_decay: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """h_t = a_t * h_{t-1} + b_t (or from the end if reverse) in chunk layout.
+
+    a, b: (T, nc, M) contiguous; chunk_decay: (nc, M) product of a over each chunk. Returns h (T, nc, M).
+    Two loops over the T steps (all chunks at once) and one over the nc chunks: ~2*sqrt(L) Python steps.
+    """
+    T, nc, M = b.shape
+    steps = range(T - 1, -1, -1) if reverse else range(T)
+    h = b.new_zeros(nc, M)  # pass 1: each chunk from a zero state -> its final state
+    for t in steps:
+        h = torch.addcmul(b[t], a[t], h)
+    start = torch.empty_like(h)  # the true state entering each chunk
+    state = h.new_zeros(M)
+    for c in (range(nc - 1, -1, -1) if reverse else range(nc)):
+        start[c] = state
+        state = torch.addcmul(h[c], chunk_decay[c], state)
+    out = torch.empty_like(b)  # pass 2: rerun each chunk from its true start
+    h = start
+    for t in steps:
+        h = torch.addcmul(b[t], a[t], h, out=out[t])
+    return out
 
 
 def linear_recurrence(log_a: torch.Tensor, b: torch.Tensor, reverse: bool = False, chunk: Optional[int] = None) -> torch.Tensor:
@@ -64,40 +104,12 @@ def linear_recurrence(log_a: torch.Tensor, b: torch.Tensor, reverse: bool = Fals
         h: same shape as b.
     """
     L = log_a.shape[0]
-    out_shape = b.shape
-    la2 = log_a.reshape(L, -1)
-    b2 = b.reshape(L, -1)
-    M = la2.shape[1]
-    T = min(L, chunk or max(8, int(2 ** round(math.log2(math.sqrt(L))))))
-    nc = -(-L // T)
-    pad = nc * T - L
-    if pad:  # padding at the end is neutral both ways: b = 0 keeps a zero state at zero
-        la2 = torch.cat([la2, la2.new_zeros(pad, M)])
-        b2 = torch.cat([b2, b2.new_zeros(pad, M)])
-    a3 = _decay(la2).view(nc, T, M)
-    b3 = b2.view(nc, T, M)
-    # total decay of each chunk, from the log domain (a running product would underflow into denormals)
-    decay = _decay(la2.view(nc, T, M).sum(1))
-    steps = range(T - 1, -1, -1) if reverse else range(T)
-    # pass 1: every chunk from a zero state at once -> its end state
-    h = b3.new_zeros(nc, M)
-    for t in steps:
-        h = torch.addcmul(b3[:, t], a3[:, t], h)
-    # carry the true state across chunk boundaries (nc short steps)
-    start = torch.empty_like(h)
-    state = h.new_zeros(M)
-    for c in (range(nc - 1, -1, -1) if reverse else range(nc)):
-        start[c] = state
-        state = torch.addcmul(h[c], decay[c], state)
-    # pass 2: rerun every chunk from its true starting state, writing the output in place
-    out = torch.empty_like(b3)
-    h = start
-    for t in steps:
-        h = torch.addcmul(b3[:, t], a3[:, t], h, out=out[:, t])
-    out = out.view(nc * T, M)
-    if pad:
-        out = out[:L]
-    return out.reshape(out_shape)
+    T = _chunk_len(L, chunk)
+    la = _to_chunks(log_a.reshape(L, -1), T)  # padding: log_a = 0 and b = 0 keep a zero state at zero
+    bc = _to_chunks(b.reshape(L, -1), T)
+    decay = la.sum(0).clamp_min_(_LOG_FLOOR).exp_()
+    h = _chunked_scan(la.clamp_min_(_LOG_FLOOR).exp_(), bc, decay, reverse)
+    return _from_chunks(h, L).reshape(b.shape)
 
 
 def _bc_time_major(X: torch.Tensor, dim: int) -> torch.Tensor:
@@ -112,38 +124,47 @@ def _bc_time_major(X: torch.Tensor, dim: int) -> torch.Tensor:
     return Xg.reshape(L, bsz, dim, N)
 
 
-def _channel_groups(bsz: int, dim: int, L: int, N: int):
-    step = max(1, _GROUP_ELEMENTS // max(1, bsz * L * N))
-    return [(s, min(dim, s + step)) for s in range(0, dim, step)]
+def _group_bc(X: torch.Tensor) -> torch.Tensor:
+    """B or C (batch, N, L) or (batch, G, N, L) -> (L, batch, G, N) contiguous (small: no channel axis)."""
+    return (X.unsqueeze(1) if X.dim() == 3 else X).permute(3, 0, 1, 2).contiguous()
+
+
+def _channel_slices(bsz: int, dim: int, G: int, L: int, N: int):
+    """Channel ranges processed together: within one B/C group, and small enough that a (batch, channels, L, N)
+    working tensor stays within a fixed budget."""
+    per = dim // G
+    step = max(1, min(per, _GROUP_ELEMENTS // max(1, bsz * L * N)))
+    return [(g, s, min(s + step, (g + 1) * per)) for g in range(G) for s in range(g * per, (g + 1) * per, step)]
 
 
 class _SelectiveScanCore(torch.autograd.Function):
     """y = scan(u, dt, A, B, C) + D*u with dt already bias-added and softplus-ed. Shapes as in selective_scan.
 
-    Internally time-major: (L, batch, channels, N), so that each step of the recurrence reads contiguous memory.
+    Works per channel slice in chunk layout (T, nc, batch, channels, N); B and C of a slice's group broadcast
+    over its channels.
     """
 
     @staticmethod
     def forward(ctx, u, dt, A, B, C, D):
         bsz, dim, L = u.shape
         N = A.shape[1]
-        u_tm = u.permute(2, 0, 1)  # (L, b, dim)
-        dt_tm = dt.permute(2, 0, 1)
-        B_tm = _bc_time_major(B, dim)
-        C_tm = _bc_time_major(C, dim)
-        y_tm = u.new_empty(L, bsz, dim)
         G = 1 if B.dim() == 3 else B.shape[1]
-        per = dim // G
-        Cg_tm = (C.unsqueeze(1) if C.dim() == 3 else C).permute(3, 0, 1, 2).contiguous()  # (L, b, G, N)
-        for s, e in _channel_groups(bsz, dim, L, N):
-            per_group = s // per == (e - 1) // per  # the channel slice lies within one B/C group
-            dtg = dt_tm[:, :, s:e, None]  # (L, b, g, 1)
-            log_a = dtg * A[s:e]  # (L, b, g, N)
-            bx = (dtg * u_tm[:, :, s:e, None]) * B_tm[:, :, s:e]
-            h = linear_recurrence(log_a, bx)
-            y_tm[:, :, s:e] = torch.matmul(h, Cg_tm[:, :, s // per].unsqueeze(-1)).squeeze(-1) if per_group \
-                else (h * C_tm[:, :, s:e]).sum(-1)
-        y = y_tm.permute(1, 2, 0)
+        T = _chunk_len(L, None)
+        u_c = _to_chunks(u.permute(2, 0, 1), T)  # (T, nc, b, dim)
+        dt_c = _to_chunks(dt.permute(2, 0, 1), T)
+        dt_sum = dt_c.sum(0)  # (nc, b, dim): a chunk's total decay is exp(A * sum dt)
+        B_c = _to_chunks(_group_bc(B), T)  # (T, nc, b, G, N)
+        C_c = _to_chunks(_group_bc(C), T)
+        y_c = u_c.new_empty(u_c.shape)
+        for g, s, e in _channel_slices(bsz, dim, G, L, N):
+            dts = dt_c[..., s:e, None]  # (T, nc, b, ch, 1)
+            a = (dts * A[s:e]).clamp_min_(_LOG_FLOOR).exp_()  # (T, nc, b, ch, N)
+            bx = (dts * u_c[..., s:e, None]) * B_c[..., g:g + 1, :]
+            decay = (dt_sum[..., s:e, None] * A[s:e]).clamp_min_(_LOG_FLOOR).exp_()
+            shape = a.shape
+            h = _chunked_scan(a.view(T, shape[1], -1), bx.view(T, shape[1], -1), decay.reshape(shape[1], -1), False)
+            y_c[..., s:e] = torch.matmul(h.view(shape), C_c[..., g, :, None]).squeeze(-1)
+        y = _from_chunks(y_c, L).permute(1, 2, 0)
         if D is not None:
             y = y + D.view(1, -1, 1) * u
         ctx.save_for_backward(u, dt, A, B, C, D)
@@ -154,62 +175,65 @@ class _SelectiveScanCore(torch.autograd.Function):
         u, dt, A, B, C, D = ctx.saved_tensors
         bsz, dim, L = u.shape
         N = A.shape[1]
-        u_tm = u.permute(2, 0, 1)  # (L, b, dim)
-        dt_tm = dt.permute(2, 0, 1)
-        dy_tm = dy.permute(2, 0, 1)
         G = 1 if B.dim() == 3 else B.shape[1]
-        per = dim // G
-        # B, C time-major per group without expanding over channels: (L, b, G, N)
-        Bg_tm = (B.unsqueeze(1) if B.dim() == 3 else B).permute(3, 0, 1, 2).contiguous()
-        B_tm = _bc_time_major(B, dim)
-        C_tm = _bc_time_major(C, dim)
-        du_tm = u.new_empty(L, bsz, dim)
-        ddt_tm = u.new_empty(L, bsz, dim)
+        T = _chunk_len(L, None)
+        u_c = _to_chunks(u.permute(2, 0, 1), T)  # (T, nc, b, dim)
+        dt_tm = dt.permute(2, 0, 1)
+        dt_c = _to_chunks(dt_tm, T)
+        # a_{t+1} for the backward recurrence: dt shifted one step back in time (0 past the end: no effect,
+        # since the backward state starts at zero there)
+        dtn_c = _to_chunks(torch.cat([dt_tm[1:], dt_tm.new_zeros((1,) + tuple(dt_tm.shape[1:]))]), T)
+        dy_c = _to_chunks(dy.permute(2, 0, 1), T)
+        B_c = _to_chunks(_group_bc(B), T)  # (T, nc, b, G, N)
+        C_c = _to_chunks(_group_bc(C), T)
+        dt_sum, dtn_sum = dt_c.sum(0), dtn_c.sum(0)
+        du_c = torch.empty_like(u_c)
+        ddt_c = torch.empty_like(u_c)
         dA = torch.empty_like(A)
-        dB_tm = B.new_zeros(L, bsz, G, N)
-        dC_tm = C.new_zeros(L, bsz, G, N)
-        for s, e in _channel_groups(bsz, dim, L, N):
-            dtg = dt_tm[:, :, s:e]  # (L, b, g)
-            ug = u_tm[:, :, s:e]
-            dyg = dy_tm[:, :, s:e]
+        dB_c = torch.zeros_like(B_c)
+        dC_c = torch.zeros_like(C_c)
+        for g, s, e in _channel_slices(bsz, dim, G, L, N):
+            dts = dt_c[..., s:e, None]  # (T, nc, b, ch, 1)
+            uc = u_c[..., s:e, None]
+            dyc = dy_c[..., s:e, None]
             Ag = A[s:e]
-            # log a_t and log a_{t+1} as two views of one buffer (a_L = 0 ends the backward recurrence)
-            la_buf = u.new_empty((L + 1, bsz, e - s, N))
-            torch.mul(dtg.unsqueeze(-1), Ag, out=la_buf[:L])
-            la_buf[L] = -math.inf
-            dtu = dtg * ug
-            bx = dtu.unsqueeze(-1) * B_tm[:, :, s:e]
-            h = linear_recurrence(la_buf[:L], bx)
-            # g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1}: the same recurrence run backwards in time.
-            g = linear_recurrence(la_buf[1:], C_tm[:, :, s:e] * dyg.unsqueeze(-1), reverse=True)
-            del la_buf
-            # channels of this slice belong to B/C groups gi = channel // per
-            sum_gB = u.new_empty(L, bsz, e - s)  # sum_n g B
-            for gi in range(s // per, (e - 1) // per + 1):
-                lo, hi = max(s, gi * per) - s, min(e, (gi + 1) * per) - s
-                dB_tm[:, :, gi] += torch.matmul(dtu[:, :, lo:hi].unsqueeze(-2), g[:, :, lo:hi]).squeeze(-2)
-                dC_tm[:, :, gi] += torch.matmul(dyg[:, :, lo:hi].unsqueeze(-2), h[:, :, lo:hi]).squeeze(-2)
-                sum_gB[:, :, lo:hi] = torch.matmul(g[:, :, lo:hi], Bg_tm[:, :, gi].unsqueeze(-1)).squeeze(-1)
+            Bg = B_c[..., g:g + 1, :]  # (T, nc, b, 1, N)
+            Cg = C_c[..., g:g + 1, :]
+            a = (dts * Ag).clamp_min_(_LOG_FLOOR).exp_()
+            dtu = dts * uc
+            bx = dtu * Bg
+            shape = a.shape
+            nc = shape[1]
+            flat = lambda x: x.reshape(T, nc, -1)  # noqa: E731
+            decay = (dt_sum[..., s:e, None] * Ag).clamp_min_(_LOG_FLOOR).exp_()
+            h = _chunked_scan(flat(a), flat(bx), decay.reshape(nc, -1), False).view(shape)
+            # g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1}: the same recurrence run backwards in time
+            a_next = (dtn_c[..., s:e, None] * Ag).clamp_min_(_LOG_FLOOR).exp_()
+            decay_next = (dtn_sum[..., s:e, None] * Ag).clamp_min_(_LOG_FLOOR).exp_()
+            gr = _chunked_scan(flat(a_next), flat(Cg * dyc), decay_next.reshape(nc, -1), True).view(shape)
+            del a_next
+            # per-group reductions over channels: dB_t = sum_ch g dt u, dC_t = sum_ch h dy
+            dB_c[..., g, :] += torch.matmul(dtu.transpose(-1, -2), gr).squeeze(-2)
+            dC_c[..., g, :] += torch.matmul(dyc.transpose(-1, -2), h).squeeze(-2)
+            sum_gB = torch.matmul(gr, Bg.transpose(-1, -2)).squeeze(-1)  # (T, nc, b, ch): sum_n g B
             # dL/d(dt*A) = g_t * a_t * h_{t-1} = g_t * (h_t - bx_t)
-            q = h.sub_(bx).mul_(g)
-            del bx, g
-            dA[s:e] = (q * dtg.unsqueeze(-1)).sum(dim=(0, 1))  # (einsum is ~5x slower here)
-            ddt_tm[:, :, s:e] = torch.einsum("lbgn,gn->lbg", q, Ag) + sum_gB * ug
-            du_tm[:, :, s:e] = sum_gB * dtg
+            q = h.sub_(bx).mul_(gr)
+            del bx, gr
+            dA[s:e] = (q * dts).sum(dim=(0, 1, 2))
+            ddt_c[..., s:e] = torch.linalg.vecdot(q, Ag) + sum_gB * uc[..., 0]
+            du_c[..., s:e] = sum_gB * dts[..., 0]
             del q
-        du = du_tm.permute(1, 2, 0)
-        ddt = ddt_tm.permute(1, 2, 0).contiguous()
+        du = _from_chunks(du_c, L).permute(1, 2, 0)
+        ddt = _from_chunks(ddt_c, L).permute(1, 2, 0).contiguous()
         dD = None
         if D is not None:
             du = du + D.view(1, -1, 1) * dy
             dD = (dy * u).sum(dim=(0, 2))
+        dB = _from_chunks(dB_c, L).permute(1, 2, 3, 0)  # (b, G, N, L)
+        dC = _from_chunks(dC_c, L).permute(1, 2, 3, 0)
         if B.dim() == 3:
-            dB = dB_tm[:, :, 0].permute(1, 2, 0).contiguous()
-            dC = dC_tm[:, :, 0].permute(1, 2, 0).contiguous()
-        else:
-            dB = dB_tm.permute(1, 2, 3, 0).contiguous()
-            dC = dC_tm.permute(1, 2, 3, 0).contiguous()
-        return du.contiguous(), ddt, dA, dB, dC, dD
+            dB, dC = dB[:, 0], dC[:, 0]
+        return du.contiguous(), ddt, dA, dB.contiguous(), dC.contiguous(), dD
 
 
 def selective_scan(
@@ -241,6 +265,11 @@ def selective_scan(
         raise ValueError(f"selective_scan: u and delta must both be (batch, dim, L), got {tuple(u.shape)} and {tuple(delta.shape)}")
     if A.dim() != 2 or A.shape[0] != u.shape[1]:
         raise ValueError(f"selective_scan: A must be (dim, N) with dim={u.shape[1]}, got {tuple(A.shape)}")
+    for name, X in (("B", B), ("C", C)):
+        if X.dim() not in (3, 4) or X.shape[0] != u.shape[0] or X.shape[-1] != u.shape[2] or X.shape[-2] != A.shape[1]:
+            raise ValueError(f"selective_scan: {name} must be (batch, N, L) or (batch, G, N, L), got {tuple(X.shape)}")
+        if X.dim() == 4 and u.shape[1] % X.shape[1]:
+            raise ValueError(f"selective_scan: dim {u.shape[1]} is not divisible by the {X.shape[1]} groups of {name}")
     if A.is_complex():
         raise NotImplementedError("selective_scan: complex A is not supported by the PyTorch path")
     if u.is_cuda and _mamba_selective_scan_fn is not None:
