@@ -342,8 +342,8 @@ def save_mosaic(image, heatmap, pixel_threshold: float, path: str | os.PathLike,
         h = hm[:, :, k].T
         inside = fg_mask[:, :, k].T
         # faint heatmap over the brain, strong where the model calls a voxel abnormal, contour at the threshold
-        ax.imshow(np.ma.masked_where(~inside | (h < hlo), h), cmap="inferno", origin="lower", alpha=0.3, vmin=hlo, vmax=hhi,
-                  interpolation="nearest")
+        ax.imshow(np.ma.masked_where(~inside | (h < hlo), h), cmap="inferno", origin="lower", alpha=0.3,
+                  vmin=hlo, vmax=hhi, interpolation="nearest")
         if np.isfinite(pixel_threshold) and (h >= pixel_threshold).any():
             ax.imshow(np.ma.masked_less(h, pixel_threshold), cmap="inferno", origin="lower", alpha=0.8, vmin=hlo,
                       vmax=hhi, interpolation="nearest")

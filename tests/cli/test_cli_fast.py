@@ -233,3 +233,8 @@ def test_train_refuses_bad_limits(tiny_data, tmp_path, capsys):
     for opt in (["--time-limit", "0"], ["--max-steps", "0"], ["--val-fraction", "1.5"]):
         rc = main(["train", "--normal", str(tiny_data / "train"), "--out", str(tmp_path / "m.pt")] + opt)
         assert rc == 2 and opt[0] in capsys.readouterr().err
+
+
+def test_serve_refuses_missing_model(tmp_path, capsys):
+    rc = main(["serve", "--studies", str(tmp_path), "--model", str(tmp_path / "absent.pt")])
+    assert rc == 2 and "absent.pt" in capsys.readouterr().err
