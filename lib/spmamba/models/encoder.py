@@ -111,7 +111,13 @@ class ResNetEncoder(nn.Module):
         net = factory(spatial_dims=2, n_input_channels=3, num_classes=1000, conv1_t_size=7, conv1_t_stride=2)
         state = load_encoder_weights(weights, arch)
         if state is not None:
-            missing, unexpected = net.load_state_dict(state, strict=False)
+            try:
+                missing, unexpected = net.load_state_dict(state, strict=False)
+            except RuntimeError as e:  # shape mismatches
+                raise EncoderWeightsError(
+                    f"encoder weights do not fit {arch} ({str(e).splitlines()[-1].strip()}); "
+                    "give torchvision's ResNet file for this architecture"
+                ) from e
             needed = [k for k in missing if not k.startswith("fc.")]
             if needed:
                 raise EncoderWeightsError(
