@@ -18,6 +18,9 @@ class SPMambaConfig:
     encoder: str = "resnet34"  # resnet18 | resnet34 (MONAI's 2-D ResNet, torchvision parameter names)
     decoder_dims: tuple[int, ...] = (512, 256, 128, 64)
     decoder_depths: tuple[int, ...] = (3, 4, 6, 3)
+    # "mamba" (SP-Mamba's LSS/SS2D decoder) | "cnn" (RD4AD-style convolutional student, a reference baseline;
+    # decoder_depths, scan and SSM settings are then unused)
+    decoder: str = "mamba"
     d_state: int = 16
     ssm_expand: int = 2
     drop_path: float = 0.2
@@ -83,6 +86,8 @@ class SPMambaConfig:
                              "ResNet encoder's 256/128/64-channel levels")
         if self.encoder not in ("resnet18", "resnet34"):
             raise ValueError(f"encoder must be resnet18 or resnet34, got {self.encoder!r}")
+        if self.decoder not in ("mamba", "cnn"):
+            raise ValueError(f"decoder must be mamba or cnn, got {self.decoder!r}")
         if self.n_directions not in (1, 2, 4, 8):
             raise ValueError("n_directions must be 1, 2, 4 or 8")
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ..scoring import feature_distance_map, gaussian_blur, image_score
 from .bottleneck import FusionBottleneck
+from .cnn_decoder import CNNDecoder
 from .config import SPMambaConfig, get_config
 from .encoder import IMAGENET_MEAN, IMAGENET_STD, ResNetEncoder
 from .mamba_decoder import MambaDecoder
@@ -36,10 +37,13 @@ class SPMamba(nn.Module):
         s = cfg.bottleneck_size
         self.prototypes = (PrototypeBank(s, cfg.n_prototypes, cfg.decoder_dims[0], cfg.prototype_window)
                            if cfg.use_prototypes else None)
-        self.decoder = MambaDecoder(
-            s, cfg.decoder_dims, cfg.decoder_depths, cfg.drop_path,
-            scan=cfg.scan, n_directions=cfg.n_directions, d_state=cfg.d_state, expand=cfg.ssm_expand,
-        )
+        if cfg.decoder == "cnn":
+            self.decoder: nn.Module = CNNDecoder(cfg.decoder_dims)
+        else:
+            self.decoder = MambaDecoder(
+                s, cfg.decoder_dims, cfg.decoder_depths, cfg.drop_path,
+                scan=cfg.scan, n_directions=cfg.n_directions, d_state=cfg.d_state, expand=cfg.ssm_expand,
+            )
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 

@@ -1,0 +1,256 @@
+"""Accuracy benchmark on the synthetic brain phantoms (issue 5, items 5-6).
+
+SP-Mamba (fast preset, offline: random frozen encoder unless --encoder-weights FILE) against a voxel-wise statistical
+baseline, an RD4AD-style CNN decoder with the same encoder, SP-Mamba ablations and position-aware normalisation.
+Each method runs in its own process (so peak memory is its own) under one training-time budget, and writes
+benchmarks/results/accuracy_<method>.json; ``--table`` prints the markdown table of all results found.
+
+    python benchmarks/bench_accuracy.py --data /tmp/bench/data2mm --train-seconds 240
+    python benchmarks/bench_accuracy.py --table
+
+Metrics come from spmamba.metrics: image AUROC/AP/F1-max over test volumes; pixel AUROC/AP/AUPRO/best Dice pooled over
+the foreground voxels (brain, from the intensity normalisation) of all test volumes; lesion TPR/PPV/HD99/MSD at the
+method's own pixel threshold, calibrated at 0.1% voxel FPR on held-out normals (the product's operating point).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+METHODS = ["spmamba", "voxelwise", "rd4ad_cnn", "spmamba_no_proto", "spmamba_hilbert"]
+OVERRIDES = {
+    "spmamba": {},
+    "spmamba_no_proto": {"use_prototypes": False},
+    "spmamba_hilbert": {"scan": "hilbert"},
+    "rd4ad_cnn": {"decoder": "cnn", "use_prototypes": False},
+    "spmamba_imagenet": {},
+}
+SPACING = 2.0
+
+
+def _load(path):
+    from spmamba.volume import load_volume
+    return load_volume(path)
+
+
+def _dataset(data: Path):
+    train = sorted((data / "train").glob("*.nii.gz"))
+    rows = list(csv.DictReader(open(data / "test" / "labels.csv")))
+    test = [(r["id"], data / "test" / "images" / f"{r['id']}.nii.gz", data / "test" / "masks" / f"{r['id']}.nii.gz",
+             int(r["abnormal"]), r["family"]) for r in rows]
+    return train, test
+
+
+def _split(n: int, seed: int = 0, val_fraction: float = 0.2):
+    """The same held-out split as spmamba.train.train_detector."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, int(round(val_fraction * n)))
+    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+
+
+def _fg(array):
+    from spmamba.volume import normalise_intensity
+    return normalise_intensity(array)[1]
+
+
+def evaluate(cases, pixel_threshold: float) -> dict:
+    """cases: list of dicts with heatmap, score, mask, label, fg."""
+    from spmamba.metrics import LesionMetricAccumulator, PixelMetricAccumulator, image_metrics
+
+    pix = PixelMetricAccumulator()
+    les = LesionMetricAccumulator(threshold=pixel_threshold)
+    for c in cases:
+        pix.add(c["heatmap"], c["mask"], region=c["fg"])
+        les.add(np.where(c["fg"], c["heatmap"], -np.inf), c["mask"], spacing=(SPACING,) * 3)
+    return {"image": image_metrics([c["label"] for c in cases], [c["score"] for c in cases]),
+            "pixel": pix.compute(), "lesion": les.compute(),
+            "scores": {c["id"]: [c["label"], c["score"]] for c in cases}}
+
+
+def _threshold(heatmaps_and_fg, fpr=0.001):
+    from spmamba.scoring import calibrate_threshold
+    return calibrate_threshold(np.concatenate([h[f] for h, f in heatmaps_and_fg]), fpr)
+
+
+def run_voxelwise(data: Path, args) -> list[dict]:
+    from spmamba.baselines import VoxelwiseBaseline
+
+    train, test = _dataset(data)
+    tr, va = _split(len(train))
+    t0 = time.perf_counter()
+    base = VoxelwiseBaseline().fit(_load(train[i]).array for i in tr)
+    cal = []
+    for i in va:
+        a = _load(train[i]).array
+        cal.append((base.heatmap(a), _fg(a)))
+    thr = _threshold(cal)
+    train_s = time.perf_counter() - t0
+    cases, det_s = [], []
+    for sid, img, msk, lab, fam in test:
+        a = _load(img).array
+        t = time.perf_counter()
+        h, s = base.detect(a)
+        det_s.append(time.perf_counter() - t)
+        cases.append({"id": sid, "heatmap": h, "score": s, "mask": _load(msk).array, "label": lab, "fg": _fg(a)})
+    return [{"method": "voxelwise", "train_s": train_s, "detect_s_per_volume": float(np.mean(det_s)),
+             "pixel_threshold": thr, **evaluate(cases, thr),
+             "notes": "per-voxel mean/std of 16 intensity-normalised normals, |z| smoothed sigma 1 voxel, top-50 mean"}]
+
+
+def run_spmamba(method: str, data: Path, args) -> list[dict]:
+    import torch
+    from spmamba.baselines import VoxelwiseStats, position_normalise, topk_mean
+    from spmamba.models import get_config
+    from spmamba.scoring import aggregate_slice_scores
+    from spmamba.train import train_detector
+
+    train, test = _dataset(data)
+    cfg = get_config("fast", **OVERRIDES[method])
+    weights = args.encoder_weights if method == "spmamba_imagenet" else "none"
+    budget = float(args.train_seconds)
+    t_loop = {}
+
+    def progress(d):
+        if d.get("phase") == "train" and "start" not in t_loop:
+            t_loop["start"] = time.perf_counter()
+        if d.get("phase") == "calibrate" and "end" not in t_loop:
+            t_loop["end"] = time.perf_counter()
+        if d.get("phase") == "epoch":
+            print(f"[{method}] epoch {d['epoch']} loss {d['loss']:.4f}", flush=True)
+
+    def stop():
+        return "start" in t_loop and time.perf_counter() - t_loop["start"] > budget
+
+    t0 = time.perf_counter()
+    det = train_detector([str(p) for p in train], config=cfg, epochs=args.epochs, device="cpu", seed=0,
+                         encoder_weights=weights, progress=progress, should_stop=stop)
+    train_s = time.perf_counter() - t0
+    info = det.meta["training"]
+    print(f"[{method}] trained {train_s:.0f}s epochs {info['epochs']} slices {info['n_slices']}", flush=True)
+    cases, det_s = [], []
+    for sid, img, msk, lab, fam in test:
+        v = _load(img)
+        r = det.detect(v.array, v.affine)
+        det_s.append(r.timings["total_s"])
+        cases.append({"id": sid, "heatmap": r.heatmap, "score": r.score, "mask": _load(msk).array, "label": lab,
+                      "fg": _fg(v.array)})
+    common = {"train_s": train_s, "train_loop_s": t_loop.get("end", t0) - t_loop.get("start", t0),
+              "epochs": info["epochs"], "n_train_slices": info["n_slices"], "final_loss": info["final_loss"],
+              "detect_s_per_volume": float(np.mean(det_s)), "config": {k: v for k, v in OVERRIDES[method].items()},
+              "encoder_weights": weights}
+    out = [{"method": method, "pixel_threshold": det.calibration.pixel_threshold, **common,
+            **evaluate(cases, det.calibration.pixel_threshold)}]
+    if method != "spmamba":
+        return out
+    # ablation without contrast/concentration terms: same maps, slice score = max(A) (on the volume grid)
+    nt = []
+    for c in cases:
+        h = c["heatmap"]
+        sl = h.reshape(-1, h.shape[2]).max(0)
+        nt.append({**c, "score": aggregate_slice_scores(sl[sl > 0])})
+    out.append({"method": "spmamba_no_score_terms", "pixel_threshold": det.calibration.pixel_threshold, **common,
+                **evaluate(nt, det.calibration.pixel_threshold)})
+    # position-aware normalisation: z-score of the heatmap against heatmaps of the training normals
+    t = time.perf_counter()
+    tr, va = _split(len(train))
+    stats = VoxelwiseStats.fit(det.detect(_load(train[i]).array, _load(train[i]).affine).heatmap for i in tr)
+    cal = []
+    for i in va:
+        v = _load(train[i])
+        fg = _fg(v.array)
+        cal.append((position_normalise(det.detect(v.array, v.affine).heatmap, stats, fg), fg))
+    thr = _threshold(cal)
+    fit_s = time.perf_counter() - t
+    pn = []
+    for c in cases:
+        t = time.perf_counter()
+        z = position_normalise(c["heatmap"], stats, c["fg"])
+        pn.append({**c, "heatmap": z, "score": topk_mean(z, 50)})
+    out.append({"method": "spmamba_posnorm", "pixel_threshold": thr, **common, "posnorm_fit_s": fit_s,
+                "train_s": train_s + fit_s, **evaluate(pn, thr),
+                "notes": "heatmap z-scored per voxel against SP-Mamba heatmaps of the 16 training normals; top-50 mean"})
+    return out
+
+
+def run_one(method: str, args) -> None:
+    data = Path(args.data)
+    load0 = os.getloadavg()
+    t0 = time.time()
+    rows = run_voxelwise(data, args) if method == "voxelwise" else run_spmamba(method, data, args)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for r in rows:
+        r.update(peak_rss_mb=peak_mb, wall_s=time.time() - t0, loadavg_start=load0, loadavg_end=os.getloadavg(),
+                 train_seconds_budget=args.train_seconds, data=str(data), spacing_mm=SPACING)
+        (RESULTS / f"accuracy_{r['method']}.json").write_text(json.dumps(r, indent=1, default=float))
+        print(f"wrote accuracy_{r['method']}.json", flush=True)
+
+
+def _f(x, nd=3):
+    return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{nd}f}"
+
+
+def table() -> str:
+    rows = []
+    order = METHODS + ["spmamba_no_score_terms", "spmamba_posnorm", "spmamba_imagenet"]
+    for m in order:
+        p = RESULTS / f"accuracy_{m}.json"
+        if not p.exists():
+            continue
+        r = json.loads(p.read_text())
+        i, px, le = r["image"], r["pixel"], r["lesion"]
+        rows.append(f"| {m} | {_f(i['auroc'])} | {_f(i['ap'])} | {_f(i['f1_max'])} | {_f(px['auroc'])} | "
+                    f"{_f(px['ap'])} | {_f(px['aupro'])} | {_f(px['best_dice'])} | {_f(le['tpr'], 2)} | "
+                    f"{_f(le['ppv'], 2)} | {_f(le['hd99_mm'], 1)} | {_f(le['msd_mm'], 1)} | {_f(r['train_s'], 0)} | "
+                    f"{_f(r['detect_s_per_volume'], 1)} | {_f(r['peak_rss_mb'], 0)} |")
+    head = ("| method | img AUROC | img AP | img F1max | px AUROC | px AP | AUPRO | best Dice | lesion TPR | "
+            "lesion PPV | HD99 mm | MSD mm | train s | detect s/vol | peak MB |\n|" + "---|" * 15)
+    return head + "\n" + "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="/tmp/bench/data2mm")
+    ap.add_argument("--make-data", action="store_true", help="write 20 train + 30 test 2 mm volumes to --data first")
+    ap.add_argument("--methods", nargs="*", default=METHODS)
+    ap.add_argument("--one", help="run one method in this process (used internally)")
+    ap.add_argument("--train-seconds", type=float, default=240.0, help="training-loop budget per method")
+    ap.add_argument("--epochs", type=int, default=100, help="epoch cap (the time budget usually stops first)")
+    ap.add_argument("--encoder-weights", default=None, help="torchvision ResNet34 .pth: adds spmamba_imagenet")
+    ap.add_argument("--table", action="store_true")
+    args = ap.parse_args()
+    if args.table:
+        print(table())
+        return
+    if args.one:
+        run_one(args.one, args)
+        return
+    if args.make_data:
+        from spmamba.data.synthetic import make_dataset
+        print(make_dataset(args.data, n_train=20, n_test=30, seed=0, spacing=SPACING, progress=False))
+    methods = list(args.methods)
+    if args.encoder_weights:
+        if not Path(args.encoder_weights).is_file():
+            sys.exit(f"no encoder weights file {args.encoder_weights}")
+        methods.append("spmamba_imagenet")
+    for m in methods:
+        cmd = [sys.executable, __file__, "--one", m, "--data", args.data, "--train-seconds", str(args.train_seconds),
+               "--epochs", str(args.epochs)] + (["--encoder-weights", args.encoder_weights] if args.encoder_weights else [])
+        print(">>", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=False)
+    print(table())
+
+
+if __name__ == "__main__":
+    main()

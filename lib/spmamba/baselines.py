@@ -1,0 +1,123 @@
+"""Reference detectors and position-aware statistics for volumes on a common grid.
+
+* :class:`VoxelwiseStats` - per-voxel mean and standard deviation of a stack of same-shaped arrays (normal
+  volumes, or the heatmaps a detector produced on normal volumes) and the z-score of a new array against them.
+* :class:`VoxelwiseBaseline` - the classic statistical baseline: per-voxel mean/std of intensity-normalised normal
+  volumes; heatmap = |z| (lightly smoothed, zero outside the foreground); volume score = mean of the top-k voxels.
+* :func:`position_normalise` - the same statistics applied to a detector's heatmaps ("position-aware
+  normalisation"): each voxel's anomaly value is compared with what the detector gives at that position on
+  normal volumes, which removes the hot spots normal anatomy causes in the same place in every scan.
+
+All of these assume the volumes share one voxel grid (registered to a template, as in the synthetic phantoms);
+arrays of another shape are refused.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import numpy as np
+from scipy import ndimage
+
+from .volume import normalise_intensity
+
+__all__ = ["VoxelwiseStats", "VoxelwiseBaseline", "position_normalise", "topk_mean"]
+
+
+def topk_mean(heatmap: np.ndarray, k: int = 50, region: Optional[np.ndarray] = None) -> float:
+    """Mean of the k highest values of ``heatmap`` (inside ``region`` when given): a volume score that a single
+    voxel cannot dominate."""
+    v = np.asarray(heatmap, dtype=np.float64)
+    v = v[region] if region is not None else v.ravel()
+    if v.size == 0:
+        return 0.0
+    k = max(1, min(int(k), v.size))
+    return float(np.partition(v, v.size - k)[-k:].mean())
+
+
+@dataclass
+class VoxelwiseStats:
+    """Per-voxel mean and (floored) standard deviation of same-shaped arrays."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    n: int
+
+    @classmethod
+    def fit(cls, arrays: Iterable[np.ndarray], std_floor: float = 0.5) -> "VoxelwiseStats":
+        """Streams the arrays (Welford). ``std_floor``: the std is raised to at least ``std_floor`` times the median
+        std over voxels that vary, so voxels that barely vary in the normals (background, few samples) do not give
+        huge z-scores."""
+        n, mean, m2, shape = 0, None, None, None
+        for a in arrays:
+            a = np.asarray(a, dtype=np.float64)
+            if shape is None:
+                shape, mean, m2 = a.shape, np.zeros(a.shape), np.zeros(a.shape)
+            elif a.shape != shape:
+                raise ValueError(f"all arrays must share one grid: got {a.shape} after {shape}")
+            n += 1
+            d = a - mean
+            mean += d / n
+            m2 += d * (a - mean)
+        if n < 2:
+            raise ValueError("VoxelwiseStats needs at least 2 arrays")
+        std = np.sqrt(m2 / (n - 1))
+        varying = std[std > 1e-8]
+        floor = std_floor * float(np.median(varying)) if varying.size else 1e-6
+        return cls(mean.astype(np.float32), np.maximum(std, max(floor, 1e-6)).astype(np.float32), n)
+
+    def zscore(self, array: np.ndarray) -> np.ndarray:
+        a = np.asarray(array, dtype=np.float32)
+        if a.shape != self.mean.shape:
+            raise ValueError(f"array shape {a.shape} differs from the statistics' grid {self.mean.shape}; "
+                             "voxel-wise statistics need volumes on one common grid")
+        return (a - self.mean) / self.std
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean, "std": self.std, "n": int(self.n)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VoxelwiseStats":
+        return cls(np.asarray(d["mean"], np.float32), np.asarray(d["std"], np.float32), int(d["n"]))
+
+
+def position_normalise(heatmap: np.ndarray, stats: VoxelwiseStats, region: Optional[np.ndarray] = None,
+                       clip_negative: bool = True) -> np.ndarray:
+    """Heatmap -> z-score against the heatmaps of normal volumes at the same positions (>= 0 when
+    ``clip_negative``; only values above normal are anomalous); 0 outside ``region`` when given."""
+    z = stats.zscore(heatmap)
+    if clip_negative:
+        z = np.maximum(z, 0.0)
+    if region is not None:
+        z = np.where(region, z, 0.0)
+    return z.astype(np.float32)
+
+
+class VoxelwiseBaseline:
+    """Per-voxel mean/std of intensity-normalised normal volumes; |z| heatmap; top-k-mean volume score."""
+
+    def __init__(self, smooth_sigma: float = 1.0, top_k: int = 50, std_floor: float = 0.5):
+        self.smooth_sigma = float(smooth_sigma)
+        self.top_k = int(top_k)
+        self.std_floor = float(std_floor)
+        self.stats: Optional[VoxelwiseStats] = None
+
+    def fit(self, volumes: Iterable[np.ndarray]) -> "VoxelwiseBaseline":
+        self.stats = VoxelwiseStats.fit((normalise_intensity(v)[0] for v in volumes), self.std_floor)
+        return self
+
+    def heatmap(self, volume: np.ndarray) -> np.ndarray:
+        if self.stats is None:
+            raise RuntimeError("call fit() on normal volumes first")
+        norm, fg = normalise_intensity(volume)
+        z = np.abs(self.stats.zscore(norm))
+        if self.smooth_sigma > 0:
+            z = ndimage.gaussian_filter(z, self.smooth_sigma)
+        return np.where(fg, z, 0.0).astype(np.float32)
+
+    def score(self, heatmap: np.ndarray) -> float:
+        return topk_mean(heatmap, self.top_k)
+
+    def detect(self, volume: np.ndarray) -> tuple[np.ndarray, float]:
+        h = self.heatmap(volume)
+        return h, self.score(h)
