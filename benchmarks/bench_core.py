@@ -25,8 +25,9 @@ from spmamba.models import SPMamba, prototype_distance, prototype_distance_loop 
 from spmamba.ops import selective_scan, selective_scan_reference  # noqa: E402
 
 
-def timeit(fn, repeats: int) -> float:
-    fn()  # warm-up
+def timeit(fn, repeats: int, warmup: bool = True) -> float:
+    if warmup:
+        fn()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -71,7 +72,7 @@ def bench_scan(b, d, L, N, repeats, with_sequential):
 
     res = {"shape": [b, d, L, N], "ours_s": timeit(ours, repeats), "mambapy_s": timeit(mambapy, repeats)}
     if with_sequential:
-        res["sequential_s"] = timeit(sequential, 1)
+        res["sequential_s"] = timeit(sequential, 1, warmup=False)  # minutes at L=4096: one run
     return res
 
 
@@ -80,7 +81,7 @@ def bench_prototypes(batch=16, size=8, channels=512, k=5):
     feats = torch.randn(batch, size, size, channels, generator=g)
     protos = torch.randn(size * size, k, channels, generator=g)
     fast = timeit(lambda: prototype_distance(feats, protos, 3), 20)
-    loop = timeit(lambda: prototype_distance_loop(feats, protos, 3), 1)
+    loop = timeit(lambda: prototype_distance_loop(feats, protos, 3), 1, warmup=False)
     return {"vectorised_s": fast, "loop_s": loop, "speedup": loop / fast}
 
 
