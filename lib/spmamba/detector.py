@@ -6,9 +6,16 @@ anomaly maps resized back onto each slice -> heatmap in the file's voxel order (
 
 Volume score: mean of the 3 highest slice scores (``scoring.aggregate_slice_scores``); a slice score is SP-Mamba's
 image score of that slice's map.
+
+Optional position-aware normalisation (``Detector.position_stats``, off unless fitted; ``train_detector(...,
+position_normalise=True)``): for volumes on one common grid (registered to a template), each voxel of the heatmap is
+replaced by its z-score against the heatmaps the model gave at that position on normal volumes (negative values
+clipped to 0, 0 outside the foreground). Slice score = max of the normalised slice, volume score = mean of the 50
+highest voxels (``baselines.topk_mean``). Volumes on another grid are refused with a clear error.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +25,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .baselines import VoxelwiseStats, position_normalise, topk_mean
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, weights_digest
 from .models import SPMamba, get_config
 from .scoring import aggregate_slice_scores
@@ -89,13 +97,19 @@ def prepare_slices(array: np.ndarray, affine: Optional[np.ndarray], prep: Prepro
 class Detector:
     """SP-Mamba model + preprocessing + calibration + metadata."""
 
+    #: volume score under position-aware normalisation: mean of this many highest voxels
+    POSITION_TOP_K = 50
+
     def __init__(self, model: SPMamba, preprocessing: Optional[Preprocessing] = None,
-                 calibration: Optional[Calibration] = None, meta: Optional[dict] = None, device="auto"):
+                 calibration: Optional[Calibration] = None, meta: Optional[dict] = None, device="auto",
+                 position_stats: Optional[VoxelwiseStats] = None):
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.preprocessing = preprocessing or Preprocessing()
         self.calibration = calibration or Calibration()
         self.meta = dict(meta or {})
+        # per-voxel statistics of the heatmaps of normal volumes, on the canonical slice-first grid (or None)
+        self.position_stats = position_stats
         self._version: Optional[str] = None
 
     # ------------------------------------------------------------------ files
@@ -107,14 +121,19 @@ class Detector:
     def version(self) -> str:
         """Content hash of weights + calibration: changes with every training."""
         if self._version is None:
-            self._version = weights_digest(self.model.state_dict(), asdict(self.calibration))
+            extra: Any = asdict(self.calibration)
+            if self.position_stats is not None:
+                ps = self.position_stats
+                extra = {"calibration": extra,
+                         "position_stats": hashlib.sha256(ps.mean.tobytes() + ps.std.tobytes()).hexdigest()}
+            self._version = weights_digest(self.model.state_dict(), extra)
         return self._version
 
     def invalidate_version(self) -> None:
         self._version = None
 
     def checkpoint_payload(self) -> dict[str, Any]:
-        return {
+        payload = {
             "config": self.config.to_dict(),
             "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "calibration": asdict(self.calibration),
@@ -122,6 +141,11 @@ class Detector:
             "meta": {**self.meta, "library_version": __version__, "torch_version": str(torch.__version__)},
             "version": self.version,
         }
+        if self.position_stats is not None:
+            ps = self.position_stats
+            payload["position_stats"] = {"mean": torch.from_numpy(ps.mean.copy()), "std": torch.from_numpy(ps.std.copy()),
+                                         "n": int(ps.n)}
+        return payload
 
     def save(self, path: Union[str, Path], training_state: Optional[dict] = None) -> Path:
         payload = self.checkpoint_payload()
@@ -137,8 +161,10 @@ class Detector:
             model.load_state_dict(obj["state_dict"])
         except (ValueError, RuntimeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{source} does not fit this version's SP-Mamba model: {e}") from e
+        ps = obj.get("position_stats")
+        stats = (VoxelwiseStats(ps["mean"].numpy(), ps["std"].numpy(), int(ps["n"])) if ps is not None else None)
         det = cls(model, Preprocessing.from_dict(obj.get("preprocessing", {})),
-                  Calibration.from_dict(obj.get("calibration", {})), obj.get("meta", {}), device)
+                  Calibration.from_dict(obj.get("calibration", {})), obj.get("meta", {}), device, stats)
         return det
 
     @classmethod
@@ -174,12 +200,23 @@ class Detector:
             slice_scores += [(i, float(s)) for i, s in zip(idx, scores.tolist())]
             if progress is not None:
                 progress(min(start + prep.batch_size, len(keep)), len(keep))
+        if self.position_stats is not None:
+            if heat.shape != self.position_stats.mean.shape:
+                raise ValueError(
+                    f"this model normalises heatmaps per position and needs volumes on its template grid "
+                    f"{self.position_stats.mean.shape} (slice axis first, RAS order); this volume gives {heat.shape}. "
+                    "Register the volume to the template, or use a model trained without position_normalise.")
+            heat = position_normalise(heat, self.position_stats, norm > 0)
+            slice_scores = [(i, float(heat[i].max())) for i, _ in slice_scores]
         t2 = time.perf_counter()
         heatmap = canon.to_file_order(np.moveaxis(heat, 0, prep.slice_axis)).astype(np.float32, copy=False)
         in_shape = np.shape(array)
         if heatmap.shape != in_shape:  # 2-D input (X, Y) or trailing singleton axes: back to the input's shape
             heatmap = heatmap.reshape(in_shape)
-        score = aggregate_slice_scores(np.array([s for _, s in slice_scores]))
+        if self.position_stats is not None:
+            score = topk_mean(heat, self.POSITION_TOP_K)
+        else:
+            score = aggregate_slice_scores(np.array([s for _, s in slice_scores]))
         cal = self.calibration
         t3 = time.perf_counter()
         return DetectionResult(
@@ -188,3 +225,21 @@ class Detector:
             slice_axis=prep.slice_axis, slice_scores=slice_scores,
             timings={"prepare_s": t1 - t0, "model_s": t2 - t1, "assemble_s": t3 - t2, "total_s": t3 - t0},
         )
+
+    def fit_position_stats(self, volumes, progress: Optional[Callable[[int, int], None]] = None) -> VoxelwiseStats:
+        """Fit (and switch on) position-aware normalisation from normal volumes (objects with ``array`` and
+        ``affine``, all on one grid). The statistics are of the raw heatmaps, on the canonical slice-first grid."""
+        self.position_stats = None
+        prep = self.preprocessing
+
+        def maps():
+            for i, v in enumerate(volumes):
+                res = self.detect(v.array, v.affine)
+                canon = to_canonical(res.heatmap.reshape(np.shape(v.array)), v.affine)
+                yield np.moveaxis(canon.array, prep.slice_axis, 0)
+                if progress is not None:
+                    progress(i + 1, len(volumes))
+
+        self.position_stats = VoxelwiseStats.fit(maps())
+        self.invalidate_version()
+        return self.position_stats

@@ -100,6 +100,7 @@ def train_detector(
     resume: Optional[Union[str, Path]] = None,
     checkpoint_path: Optional[Union[str, Path]] = None,
     max_steps: Optional[int] = None,
+    position_normalise: bool = False,
 ) -> Detector:
     """Train SP-Mamba on normal volumes and calibrate it; see the module docstring.
 
@@ -114,6 +115,9 @@ def train_detector(
         resume: a checkpoint written by an earlier run (with training state) to continue from.
         checkpoint_path: where to save after every epoch (atomically), with the training state for resuming.
         max_steps: stop after this many optimisation steps in total (for quick runs and tests).
+        position_normalise: after training, fit per-voxel statistics of the heatmaps of the training volumes and
+            z-score every heatmap against them (all volumes must share one grid; see ``Detector.position_stats``).
+            Costs one detection per training volume; calibration then runs on the normalised maps.
     Returns:
         A calibrated Detector (not yet saved unless checkpoint_path was given; then that file is final too).
     """
@@ -175,6 +179,7 @@ def train_detector(
             "final_loss": history[-1] if history else None, "loss_history": history[-50:],
             "encoder_weights": encoder_weights if resume_obj is None else detector.meta.get("training", {}).get("encoder_weights"),
             "train_seconds": time.time() - t_start, "device": str(dev),
+            "position_normalise": detector.position_stats is not None,
         }
 
     def save(epoch_done: int, stopped: bool) -> None:
@@ -224,6 +229,10 @@ def train_detector(
         epoch = total_epochs
     epochs_done = epoch if stopped else total_epochs
     model.eval()
+    if position_normalise:
+        emit({"phase": "position_stats", "step": 0, "total_steps": len(train_vols)})
+        detector.fit_position_stats(train_vols, lambda i, n: emit({"phase": "position_stats", "step": i,
+                                                                   "total_steps": n}))
     detector.calibration = calibrate(detector, val_vols, pixel_fpr, volume_fpr, emit)
     detector.meta["training"] = summary(epochs_done, stopped)
     detector.meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

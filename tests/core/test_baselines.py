@@ -74,3 +74,32 @@ def test_cnn_decoder_option_matches_encoder_levels_and_default_is_mamba():
     assert m.anomaly_map(out).shape == (2, 64, 64)
     with pytest.raises(ValueError, match="decoder"):
         get_config("tiny", decoder="transformer")
+
+
+def test_detector_position_normalisation_round_trip(tmp_path):
+    from spmamba.detector import Detector
+    from spmamba.train import train_detector
+    from spmamba.volume import Volume
+
+    rng = np.random.default_rng(0)
+
+    def phantom(shape=(24, 28, 6)):
+        a = np.zeros(shape, np.float32)
+        a[4:20, 5:23, :] = 1 + 0.1 * rng.standard_normal((16, 18, shape[2]))
+        return a
+
+    aff = np.diag([2.0, 2.0, 3.0, 1.0])
+    vols = [Volume(phantom(), aff) for _ in range(4)]
+    det = train_detector(vols, config="tiny", max_steps=1, position_normalise=True)
+    assert det.position_stats is not None and det.position_stats.n == 3
+    assert det.meta["training"]["position_normalise"] is True
+    res = det.detect(vols[0].array, aff)
+    assert res.heatmap.shape == vols[0].array.shape and res.heatmap.min() >= 0
+    assert np.isfinite(det.calibration.pixel_threshold)
+    path = det.save(tmp_path / "pn.pt")
+    loaded = Detector.load(path)
+    assert loaded.version == det.version
+    np.testing.assert_array_equal(loaded.position_stats.std, det.position_stats.std)
+    np.testing.assert_allclose(loaded.detect(vols[0].array, aff).heatmap, res.heatmap, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="template grid"):
+        det.detect(phantom((20, 28, 6)), aff)
