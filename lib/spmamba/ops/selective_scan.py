@@ -298,13 +298,16 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     if delta_softplus:
         dt = F.softplus(dt)
     bsz, dim, L = u.shape
-    Bf = _bc_time_major(B, dim)  # (L, b, dim, N)
-    Cf = _bc_time_major(C, dim)
+
+    def steps(X):  # B or C as L tensors (batch, dim or 1, N); unbind keeps the backward linear in L
+        x = X.unsqueeze(1) if X.dim() == 3 else X.repeat_interleave(dim // X.shape[1], dim=1)
+        return x.unbind(-1)
+
     h = u.new_zeros(bsz, dim, A.shape[1])
     ys = []
-    for t in range(L):
-        h = torch.exp(dt[:, :, t, None] * A) * h + dt[:, :, t, None] * Bf[t] * u[:, :, t, None]
-        ys.append((h * Cf[t]).sum(-1))
+    for dt_t, u_t, B_t, C_t in zip(dt.unbind(-1), u.unbind(-1), steps(B), steps(C)):
+        h = torch.exp(dt_t[..., None] * A) * h + dt_t[..., None] * B_t * u_t[..., None]
+        ys.append((h * C_t).sum(-1))
     y = torch.stack(ys, dim=-1)
     if D is not None:
         y = y + D.view(1, -1, 1) * u
