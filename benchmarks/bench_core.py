@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -120,7 +119,9 @@ def bench_model_child(preset: str, batch: int, repeats: int) -> dict:
         with counter:
             model(x[:1])
         counted = counter.get_total_flops()
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM: this process's own peak (ru_maxrss would include the parent's, inherited across fork/exec)
+    with open("/proc/self/status") as f:
+        peak_mb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
     flops = counted + scan_flops_per_slice(model)
     return {"preset": preset, "image_size": S, "batch": batch, "seconds_per_batch": t, "slices_per_s": batch / t,
             "gflop_per_slice": flops / 1e9, "gflop_counted_per_slice": counted / 1e9,

@@ -13,8 +13,22 @@ import torch.nn.functional as F
 __all__ = ["prototype_distance", "prototype_distance_loop", "PrototypeBank"]
 
 
+def _window_mask(H: int, W: int, window: int, device) -> torch.Tensor:
+    """(HW_q, HW_p) bool: feature position q lies in the window x window neighbourhood of prototype position p."""
+    r = window // 2
+    rows = torch.arange(H, device=device).repeat_interleave(W)
+    cols = torch.arange(W, device=device).repeat(H)
+    near_r = (rows[:, None] - rows[None, :]).abs() <= r
+    near_c = (cols[:, None] - cols[None, :]).abs() <= r
+    return near_r & near_c
+
+
 def prototype_distance(features: torch.Tensor, prototypes: torch.Tensor, window: int = 3) -> torch.Tensor:
     """Vectorised window-sliding prototype distance.
+
+    One matrix product gives the cosine of every feature position with every prototype; positions outside a
+    prototype's window are masked out before the max (at the map's small size, e.g. 8x8, the dense product is
+    cheaper than gathering windows).
 
     Args:
         features: (B, H, W, C) bottleneck features X.
@@ -28,15 +42,13 @@ def prototype_distance(features: torch.Tensor, prototypes: torch.Tensor, window:
     B, H, W, C = features.shape
     if prototypes.shape[0] != H * W or prototypes.shape[2] != C:
         raise ValueError(f"prototypes {tuple(prototypes.shape)} do not fit features {tuple(features.shape)}: need ({H * W}, K, {C})")
-    r = window // 2
-    x = F.normalize(features, dim=-1).permute(0, 3, 1, 2)  # (B, C, H, W)
-    p = F.normalize(prototypes, dim=-1)  # (HW, K, C)
-    # neighbours of every position: (B, C, w*w, HW); padded neighbours are masked out below
-    cols = F.unfold(x, window, padding=r).view(B, C, window * window, H * W)
-    sims = torch.einsum("bcwp,pkc->bpkw", cols, p)  # (B, HW, K, w*w)
-    valid = F.unfold(x.new_ones(1, 1, H, W), window, padding=r).view(window * window, H * W).t() > 0.5  # (HW, w*w)
-    sims = sims.masked_fill(~valid[None, :, None, :], float("-inf"))
-    best = sims.amax(dim=-1)  # (B, HW, K)
+    K = prototypes.shape[1]
+    x = F.normalize(features.reshape(B, H * W, C), dim=-1)  # (B, HW_q, C)
+    p = F.normalize(prototypes, dim=-1).reshape(H * W * K, C)  # (HW_p * K, C)
+    sims = torch.matmul(x, p.t()).view(B, H * W, H * W, K)  # (B, q, p, k)
+    outside = ~_window_mask(H, W, window, features.device)  # (q, p)
+    sims = sims.masked_fill(outside[None, :, :, None], float("-inf"))
+    best = sims.amax(dim=1)  # (B, p, k): best feature in each prototype's window
     return (1.0 - best).amin(dim=-1).view(B, H, W)
 
 
