@@ -137,11 +137,61 @@ def _channel_slices(bsz: int, dim: int, G: int, L: int, N: int):
     return [(g, s, min(s + step, (g + 1) * per)) for g in range(G) for s in range(g * per, (g + 1) * per, step)]
 
 
+def _fused_slices(bsz: int, dim: int, G: int, L: int, N: int, T: int):
+    """Channel ranges for the fused scan: within one B/C group, sized so that one step's (nc, batch, channels, N)
+    slice (the recurrence's working set) stays small enough for the CPU cache."""
+    per = dim // G
+    nc = -(-L // T)
+    step = max(1, min(per, _SLICE_ELEMENTS // max(1, nc * bsz * N)))
+    return [(g, s, min(s + step, (g + 1) * per)) for g in range(G) for s in range(g * per, (g + 1) * per, step)]
+
+
+# elements of one step's (nc, batch, channels, N) slice in the fused scan (~512 KB of float32)
+_SLICE_ELEMENTS = 1 << 17
+
+
+def _decays(dt_t: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """exp(dt * A) with the denormal floor. dt_t (..., ch), A (ch, N) -> (..., ch, N)."""
+    return (dt_t.unsqueeze(-1) * A).clamp_min_(_LOG_FLOOR).exp_()
+
+
+def _scan_states(dt, dtu, A, Bs, reverse, store=None, C=None, y=None):
+    """Fused chunked recurrence h_t = exp(dt_t A) h_{t-1} + dtu_t B_t on one channel slice, chunk layout.
+
+    dt, dtu: (T, nc, b, ch); A: (ch, N); Bs: (T, nc, b, 1, N) (the inputs' B for the forward, C*dy-like terms are
+    passed pre-multiplied via ``dtu``/``Bs`` by the caller). Decays and inputs are made one step at a time, so no
+    (L, b, ch, N) tensor is built unless ``store`` (T, nc, b, ch, N) asks for the states. With ``C`` (T, nc, b, 1, N)
+    and ``y`` (T, nc, b, ch) the readout y_t = sum_n C_t h_t is written as it goes.
+    Returns the chunk-start states (nc, b, ch, N) used in the second pass.
+    """
+    T, nc = dt.shape[:2]
+    steps = range(T - 1, -1, -1) if reverse else range(T)
+    h = None
+    for t in steps:  # pass 1: each chunk from zero
+        inp = dtu[t].unsqueeze(-1) * Bs[t]
+        h = inp if h is None else torch.addcmul(inp, _decays(dt[t], A), h)
+    chunk_decay = _decays(dt.sum(0), A)  # (nc, b, ch, N)
+    start = torch.empty_like(h)
+    state = torch.zeros_like(h[0])
+    for c in (range(nc - 1, -1, -1) if reverse else range(nc)):
+        start[c] = state
+        state = torch.addcmul(h[c], chunk_decay[c], state)
+    h = start
+    for t in steps:  # pass 2: from the true chunk starts
+        h = torch.addcmul(dtu[t].unsqueeze(-1) * Bs[t], _decays(dt[t], A), h)
+        if store is not None:
+            store[t] = h
+        if y is not None:
+            y[t] = torch.matmul(h, C[t].transpose(-1, -2)).squeeze(-1)
+    return start
+
+
 class _SelectiveScanCore(torch.autograd.Function):
     """y = scan(u, dt, A, B, C) + D*u with dt already bias-added and softplus-ed. Shapes as in selective_scan.
 
-    Works per channel slice in chunk layout (T, nc, batch, channels, N); B and C of a slice's group broadcast
-    over its channels.
+    Works per channel slice in chunk layout (T, nc, batch, channels[, N]); B and C of a slice's group broadcast
+    over its channels. The forward keeps no state tensor; the backward stores the states once and consumes them
+    in one reverse pass that builds all gradients step by step.
     """
 
     @staticmethod
@@ -152,18 +202,15 @@ class _SelectiveScanCore(torch.autograd.Function):
         T = _chunk_len(L, None)
         u_c = _to_chunks(u.permute(2, 0, 1), T)  # (T, nc, b, dim)
         dt_c = _to_chunks(dt.permute(2, 0, 1), T)
-        dt_sum = dt_c.sum(0)  # (nc, b, dim): a chunk's total decay is exp(A * sum dt)
-        B_c = _to_chunks(_group_bc(B), T)  # (T, nc, b, G, N)
-        C_c = _to_chunks(_group_bc(C), T)
-        y_c = u_c.new_empty(u_c.shape)
-        for g, s, e in _channel_slices(bsz, dim, G, L, N):
-            dts = dt_c[..., s:e, None]  # (T, nc, b, ch, 1)
-            a = (dts * A[s:e]).clamp_min_(_LOG_FLOOR).exp_()  # (T, nc, b, ch, N)
-            bx = (dts * u_c[..., s:e, None]) * B_c[..., g:g + 1, :]
-            decay = (dt_sum[..., s:e, None] * A[s:e]).clamp_min_(_LOG_FLOOR).exp_()
-            shape = a.shape
-            h = _chunked_scan(a.view(T, shape[1], -1), bx.view(T, shape[1], -1), decay.reshape(shape[1], -1), False)
-            y_c[..., s:e] = torch.matmul(h.view(shape), C_c[..., g, :, None]).squeeze(-1)
+        dtu_c = dt_c * u_c
+        B_c = _to_chunks(_group_bc(B), T).unsqueeze(-2)  # (T, nc, b, G, 1, N)
+        C_c = _to_chunks(_group_bc(C), T).unsqueeze(-2)
+        y_c = torch.empty_like(u_c)
+        for g, s, e in _fused_slices(bsz, dim, G, L, N, T):
+            y_s = y_c.new_empty(y_c[..., s:e].shape)
+            _scan_states(dt_c[..., s:e].contiguous(), dtu_c[..., s:e].contiguous(), A[s:e], B_c[..., g, :, :],
+                         False, C=C_c[..., g, :, :], y=y_s)
+            y_c[..., s:e] = y_s
         y = _from_chunks(y_c, L).permute(1, 2, 0)
         if D is not None:
             y = y + D.view(1, -1, 1) * u
@@ -184,53 +231,47 @@ class _SelectiveScanCore(torch.autograd.Function):
         # since the backward state starts at zero there)
         dtn_c = _to_chunks(torch.cat([dt_tm[1:], dt_tm.new_zeros((1,) + tuple(dt_tm.shape[1:]))]), T)
         dy_c = _to_chunks(dy.permute(2, 0, 1), T)
-        B_c = _to_chunks(_group_bc(B), T)  # (T, nc, b, G, N)
-        C_c = _to_chunks(_group_bc(C), T)
-        dt_sum, dtn_sum = dt_c.sum(0), dtn_c.sum(0)
+        dtu_c = dt_c * u_c
+        B_c = _to_chunks(_group_bc(B), T).unsqueeze(-2)  # (T, nc, b, G, 1, N)
+        C_c = _to_chunks(_group_bc(C), T).unsqueeze(-2)
+        nc = dt_c.shape[1]
         du_c = torch.empty_like(u_c)
         ddt_c = torch.empty_like(u_c)
         dA = torch.empty_like(A)
         dB_c = torch.zeros_like(B_c)
         dC_c = torch.zeros_like(C_c)
-        for g, s, e in _channel_slices(bsz, dim, G, L, N):
-            dts = dt_c[..., s:e, None]  # (T, nc, b, ch, 1)
-            uc = u_c[..., s:e, None]
-            dyc = dy_c[..., s:e, None]
-            Ag = A[s:e]
-            Bg = B_c[..., g:g + 1, :]  # (T, nc, b, 1, N)
-            Cg = C_c[..., g:g + 1, :]
-            a = (dts * Ag).clamp_min_(_LOG_FLOOR).exp_()
-            dtu = dts * uc
-            bx = dtu * Bg
-            shape = a.shape
-            nc = shape[1]
-            flat = lambda x: x.reshape(T, nc, -1)  # noqa: E731
-            decay = (dt_sum[..., s:e, None] * Ag).clamp_min_(_LOG_FLOOR).exp_()
-            h = _chunked_scan(flat(a), flat(bx), decay.reshape(nc, -1), False).view(shape)
-            # g_t = dL/dh_t = C_t dy_t + a_{t+1} g_{t+1}: the same recurrence run backwards in time
-            a_next = (dtn_c[..., s:e, None] * Ag).clamp_min_(_LOG_FLOOR).exp_()
-            decay_next = (dtn_sum[..., s:e, None] * Ag).clamp_min_(_LOG_FLOOR).exp_()
-            gr = _chunked_scan(flat(a_next), flat(Cg * dyc), decay_next.reshape(nc, -1), True).view(shape)
-            del a_next
-            # per-group reductions over channels: dB_t = sum_ch g dt u, dC_t = sum_ch h dy
-            dB_c[..., g, :] += torch.matmul(dtu.transpose(-1, -2), gr).squeeze(-2)
-            dC_c[..., g, :] += torch.matmul(dyc.transpose(-1, -2), h).squeeze(-2)
-            sum_gB = torch.matmul(gr, Bg.transpose(-1, -2)).squeeze(-1)  # (T, nc, b, ch): sum_n g B
-            # dL/d(dt*A) = g_t * a_t * h_{t-1} = g_t * (h_t - bx_t)
-            q = h.sub_(bx).mul_(gr)
-            del bx, gr
-            dA[s:e] = (q * dts).sum(dim=(0, 1, 2))
-            ddt_c[..., s:e] = torch.linalg.vecdot(q, Ag) + sum_gB * uc[..., 0]
-            du_c[..., s:e] = sum_gB * dts[..., 0]
-            del q
+        for g, s, e in _fused_slices(bsz, dim, G, L, N, T):
+            dts, dtus, us = (x[..., s:e].contiguous() for x in (dt_c, dtu_c, u_c))
+            dys, dtns = dy_c[..., s:e].contiguous(), dtn_c[..., s:e].contiguous()
+            As = A[s:e]
+            Bg, Cg = B_c[..., g, :, :], C_c[..., g, :, :]  # (T, nc, b, 1, N)
+            h_all = dts.new_empty(dts.shape + (N,))  # (T, nc, b, ch, N): the states, stored once
+            _scan_states(dts, dtus, As, Bg, False, store=h_all)
+            # dC_t = sum_ch dy_t h_t (one batched product over the stored states)
+            dC_c[..., g, :, :] += torch.matmul(dys.unsqueeze(-2), h_all)
+            # backward states g_t = C_t dy_t + a_{t+1} g_{t+1}: pass 1 and chunk carries, then pass 2 step by step
+            start = _scan_states(dtns, dys, As, Cg, True)
+            acc_dA = torch.zeros_like(h_all[0])  # sum over steps of q_t * dt_t
+            gr = start
+            for t in range(T - 1, -1, -1):
+                gr = torch.addcmul(dys[t].unsqueeze(-1) * Cg[t], _decays(dtns[t], As), gr)
+                Bt = Bg[t]  # (nc, b, 1, N)
+                dB_c[t, :, :, g] += torch.matmul(dtus[t].unsqueeze(-2), gr)  # sum_ch g dt u -> (nc, b, 1, N)
+                sum_gB = torch.matmul(gr, Bt.transpose(-1, -2)).squeeze(-1)  # (nc, b, ch)
+                # q_t = dL/d(dt_t A) = g_t * a_t * h_{t-1} = g_t * (h_t - dt_t u_t B_t)
+                q = torch.addcmul(h_all[t], dtus[t].unsqueeze(-1), Bt, value=-1.0).mul_(gr)
+                acc_dA.addcmul_(q, dts[t].unsqueeze(-1))
+                ddt_c[t, ..., s:e] = torch.linalg.vecdot(q, As) + sum_gB * us[t]
+                du_c[t, ..., s:e] = sum_gB * dts[t]
+            dA[s:e] = acc_dA.sum(dim=(0, 1))
         du = _from_chunks(du_c, L).permute(1, 2, 0)
         ddt = _from_chunks(ddt_c, L).permute(1, 2, 0).contiguous()
         dD = None
         if D is not None:
             du = du + D.view(1, -1, 1) * dy
             dD = (dy * u).sum(dim=(0, 2))
-        dB = _from_chunks(dB_c, L).permute(1, 2, 3, 0)  # (b, G, N, L)
-        dC = _from_chunks(dC_c, L).permute(1, 2, 3, 0)
+        dB = _from_chunks(dB_c.squeeze(-2), L).permute(1, 2, 3, 0)  # (b, G, N, L)
+        dC = _from_chunks(dC_c.squeeze(-2), L).permute(1, 2, 3, 0)
         if B.dim() == 3:
             dB, dC = dB[:, 0], dC[:, 0]
         return du.contiguous(), ddt, dA, dB.contiguous(), dC.contiguous(), dD
