@@ -259,7 +259,8 @@ class _SelectiveScanCore(torch.autograd.Function):
                 dB_c[t, :, :, g] += torch.matmul(dtus[t].unsqueeze(-2), gr)  # sum_ch g dt u -> (nc, b, 1, N)
                 sum_gB = torch.matmul(gr, Bt.transpose(-1, -2)).squeeze(-1)  # (nc, b, ch)
                 # q_t = dL/d(dt_t A) = g_t * a_t * h_{t-1} = g_t * (h_t - dt_t u_t B_t)
-                q = torch.addcmul(h_all[t], dtus[t].unsqueeze(-1), Bt, value=-1.0).mul_(gr)
+                # (the product is formed exactly as in the forward, so q is exactly 0 where h_{t-1} is 0)
+                q = h_all[t].sub_(dtus[t].unsqueeze(-1) * Bt).mul_(gr)
                 acc_dA.addcmul_(q, dts[t].unsqueeze(-1))
                 ddt_c[t, ..., s:e] = torch.linalg.vecdot(q, As) + sum_gB * us[t]
                 du_c[t, ..., s:e] = sum_gB * dts[t]
