@@ -4,7 +4,6 @@ Shapes: feature lists hold (B, C, h, w) tensors; maps are (B, S, S) at the model
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import numpy as np
@@ -142,6 +141,3 @@ def find_regions(heatmap: np.ndarray, threshold: float, affine: Optional[np.ndar
         r["label"] = k
     return regions
 
-
-def finite_or(value: float, default: float = 0.0) -> float:
-    return value if math.isfinite(value) else default

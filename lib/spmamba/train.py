@@ -19,7 +19,7 @@ from .checkpoint import load_checkpoint
 from .detector import Calibration, Detector, Preprocessing, prepare_slices, resolve_device
 from .models import SPMamba, get_config
 from .scoring import calibrate_threshold
-from .volume import Volume, VolumeError, load_volume, slices_to_batch, volume_id
+from .volume import Volume, VolumeError, load_volume, slices_to_batch
 
 __all__ = ["train_detector", "TrainingDataError", "calibrate", "MIN_VOLUMES"]
 

@@ -11,7 +11,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 import nibabel as nib
 import numpy as np
@@ -295,7 +295,3 @@ def batch_to_slices(maps: torch.Tensor, geom: SliceGeometry) -> np.ndarray:
     t = t[:, 0, geom.top:geom.top + geom.h, geom.left:geom.left + geom.w]
     return t.cpu().numpy()
 
-
-def iter_chunks(indices: list[int], size: int) -> Iterator[list[int]]:
-    for i in range(0, len(indices), size):
-        yield indices[i:i + size]

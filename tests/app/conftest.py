@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import os
 import shutil
 import socket
-import sys
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
 

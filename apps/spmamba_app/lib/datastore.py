@@ -213,7 +213,7 @@ class CuratedDatastore(LocalDatastore):
         self._require(image_id)
         check_id(label_tag, "label tag")
         if volume_extension(label_filename) is None:
-            raise unsupported(f"unsupported label file type: upload a .nii, .nii.gz or .nrrd label")
+            raise unsupported("unsupported label file type: upload a .nii, .nii.gz or .nrrd label")
         validate_volume_file(label_filename, f"label for {image_id}")
         return super().save_label(image_id, label_filename, label_tag, label_info)
 

@@ -234,7 +234,6 @@ class _SelectiveScanCore(torch.autograd.Function):
         dtu_c = dt_c * u_c
         B_c = _to_chunks(_group_bc(B), T).unsqueeze(-2)  # (T, nc, b, G, 1, N)
         C_c = _to_chunks(_group_bc(C), T).unsqueeze(-2)
-        nc = dt_c.shape[1]
         du_c = torch.empty_like(u_c)
         ddt_c = torch.empty_like(u_c)
         dA = torch.empty_like(A)

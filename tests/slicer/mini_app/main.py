@@ -5,7 +5,6 @@ answer from MONAI Label's own encoder, float heatmap on the input grid) without 
 Heatmap = |intensity - mean| / std of the input, written on the input's grid (.nii.gz with nibabel, .nrrd with
 pynrrd, header copied).
 """
-import os
 import tempfile
 
 import numpy as np
