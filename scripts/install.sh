@@ -14,7 +14,13 @@ python3 -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip
 # torch first and pinned: an unpinned torch (asked for by any later package) would pull a multi-GB CUDA build.
-$PIP install -q torch==2.13.0
+# TORCH_INDEX_URL (optional) points pip at a CPU-only wheel index, e.g. PyTorch's own CPU index, on machines
+# where the default index would serve the CUDA build.
+if [ -n "${TORCH_INDEX_URL:-}" ]; then
+  $PIP install -q torch==2.13.0 --index-url "$TORCH_INDEX_URL"
+else
+  $PIP install -q torch==2.13.0
+fi
 # sam2 (a monailabel requirement) ships only a source archive; building it in isolation pulls another CUDA torch.
 $PIP install -q --no-build-isolation -c constraints.txt sam2==1.1.0 torch==2.13.0
 $PIP install -q -c constraints.txt -r requirements.txt -r requirements-dev.txt
