@@ -204,10 +204,9 @@ def _f(x, nd=3):
 def table() -> str:
     rows = []
     order = METHODS + ["spmamba_no_score_terms", "spmamba_posnorm", "spmamba_imagenet"]
-    for m in order:
+    found = sorted(p.name[len("accuracy_"):-len(".json")] for p in RESULTS.glob("accuracy_*.json"))
+    for m in [m for m in order if m in found] + [m for m in found if m not in order]:
         p = RESULTS / f"accuracy_{m}.json"
-        if not p.exists():
-            continue
         r = json.loads(p.read_text())
         i, px, le = r["image"], r["pixel"], r["lesion"]
         rows.append(f"| {m} | {_f(i['auroc'])} | {_f(i['ap'])} | {_f(i['f1_max'])} | {_f(px['auroc'])} | "
