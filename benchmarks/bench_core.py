@@ -133,7 +133,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller scan shape, no sequential reference")
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--presets", default="fast,paper")
+    ap.add_argument("--presets", default="fast,paper", help="model presets to time ('' = none)")
     args = ap.parse_args()
     if args.child:
         preset, batch, repeats = args.child.split(":")
@@ -148,7 +148,7 @@ def main() -> None:
     info["prototypes"] = bench_prototypes()
     info["matmul_gflops"] = matmul_gflops()
     info["models"] = []
-    for preset in args.presets.split(","):
+    for preset in [p for p in args.presets.split(",") if p]:
         batch, repeats = (16, 3) if preset == "fast" else (4, 2)
         out = subprocess.run([sys.executable, __file__, "--child", f"{preset}:{batch}:{repeats}"],
                              capture_output=True, text=True, check=True)

@@ -53,21 +53,22 @@ def prototype_distance(features: torch.Tensor, prototypes: torch.Tensor, window:
 
 
 def prototype_distance_loop(features: torch.Tensor, prototypes: torch.Tensor, window: int = 3) -> torch.Tensor:
-    """The published per-position formula as plain loops (reference for tests and the benchmark)."""
+    """The published formula as the public code computes it (reference for tests and the benchmark): loops over
+    batch, position and prototype; for each, the cosine of the prototype with the features of the window around
+    the position (clipped at the borders), then the max; d = min over prototypes of (1 - max)."""
     B, H, W, C = features.shape
+    K = prototypes.shape[1]
     r = window // 2
-    out = features.new_empty(B, H, W)
+    flat = features.reshape(B, H * W, C)
+    sims = features.new_empty(B, H * W, K)
     for b in range(B):
-        for i in range(H):
-            for j in range(W):
-                P = prototypes[i * W + j]  # (K, C)
-                best = None
-                for qi in range(max(0, i - r), min(H, i + r + 1)):
-                    for qj in range(max(0, j - r), min(W, j + r + 1)):
-                        s = F.cosine_similarity(P, features[b, qi, qj].unsqueeze(0), dim=-1)  # (K,)
-                        best = s if best is None else torch.maximum(best, s)
-                out[b, i, j] = (1 - best).min()
-    return out
+        for p in range(H * W):
+            i, j = divmod(p, W)
+            neighbours = [qi * W + qj for qi in range(max(0, i - r), min(H, i + r + 1))
+                          for qj in range(max(0, j - r), min(W, j + r + 1))]
+            for k in range(K):
+                sims[b, p, k] = F.cosine_similarity(prototypes[p, k], flat[b, neighbours], dim=1).max()
+    return (1 - sims).amin(dim=-1).view(B, H, W)
 
 
 class PrototypeBank(nn.Module):
