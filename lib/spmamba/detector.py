@@ -81,6 +81,7 @@ class DetectionResult:
     slice_axis: int
     slice_scores: list  # [(slice index in RAS order, score)]
     timings: dict
+    foreground: Optional[np.ndarray] = None  # bool, same shape: voxels the intensity scaling counts as tissue
 
 
 def prepare_slices(array: np.ndarray, affine: Optional[np.ndarray], prep: Preprocessing):
@@ -210,9 +211,11 @@ class Detector:
             slice_scores = [(i, float(heat[i].max())) for i, _ in slice_scores]
         t2 = time.perf_counter()
         heatmap = canon.to_file_order(np.moveaxis(heat, 0, prep.slice_axis)).astype(np.float32, copy=False)
+        foreground = canon.to_file_order(np.moveaxis(norm > 0, 0, prep.slice_axis))
         in_shape = np.shape(array)
         if heatmap.shape != in_shape:  # 2-D input (X, Y) or trailing singleton axes: back to the input's shape
             heatmap = heatmap.reshape(in_shape)
+            foreground = foreground.reshape(in_shape)
         if self.position_stats is not None:
             score = topk_mean(heat, self.POSITION_TOP_K)
         else:
@@ -224,6 +227,7 @@ class Detector:
             pixel_threshold=float(cal.pixel_threshold), abnormal=bool(score > cal.volume_threshold),
             slice_axis=prep.slice_axis, slice_scores=slice_scores,
             timings={"prepare_s": t1 - t0, "model_s": t2 - t1, "assemble_s": t3 - t2, "total_s": t3 - t0},
+            foreground=foreground,
         )
 
     def fit_position_stats(self, volumes, progress: Optional[Callable[[int, int], None]] = None) -> VoxelwiseStats:

@@ -66,9 +66,7 @@ def calibrate(detector: Detector, vols: list[Volume], pixel_fpr: float = 0.001, 
     pixel_values, scores = [], []
     for i, v in enumerate(vols):
         res = detector.detect(v.array, v.affine)
-        norm, keep, canon = prepare_slices(v.array, v.affine, detector.preprocessing)
-        fg_file = canon.to_file_order(np.moveaxis(norm > 0, 0, detector.preprocessing.slice_axis))
-        vals = res.heatmap[fg_file.reshape(res.heatmap.shape)]
+        vals = res.heatmap[res.foreground]
         if vals.size > _PIXELS_PER_VOLUME:
             vals = rng.choice(vals, _PIXELS_PER_VOLUME, replace=False)
         pixel_values.append(vals)

@@ -166,3 +166,12 @@ def test_find_regions():
     assert regions[0]["centroid_ras"] == [24.0, 34.0, 44.0]
     assert find_regions(hm, 5.0, aff) == []
     assert len(find_regions(hm, 1.0, aff, min_voxels=10)) == 1
+
+
+def test_detection_reports_the_foreground_it_scored(tiny_detector):
+    det, _, _ = tiny_detector
+    vol = _phantom(np.random.default_rng(3), (24, 28, 6))
+    res = det.detect(vol, np.diag([2.0, 2.0, 3.0, 1.0]))
+    assert res.foreground.shape == vol.shape and res.foreground.dtype == bool
+    # the phantom's box is tissue, its border is background
+    assert res.foreground[10, 10, 3] and not res.foreground[0, 0, 0]
