@@ -11,12 +11,12 @@ Two paths:
 
 * CUDA tensors and ``mamba_ssm`` importable -> mamba-ssm's fused kernel (what the paper uses).
 * Otherwise a pure-PyTorch *chunked* scan with a hand-written backward. The sequence of length L is cut into
-  chunks of T steps. A short loop over the T positions runs every chunk at once (starting from zero state), a
-  second short loop over the L/T chunks carries the state across chunk boundaries, and one vectorised
-  correction adds ``cumprod(decay) * carried_state``. That is about 2*sqrt(L) Python steps instead of L, O(L)
-  work, every decay factor <= 1 (no overflow, unlike cumsum/exp tricks). Memory stays bounded: channels are
-  processed in groups so that a group's (batch, d_group, L, N) state fits a fixed budget, and the backward
-  recomputes the states instead of storing them.
+  ~sqrt(L) chunks. A loop over the T steps of a chunk advances every chunk at once from a zero state, a loop over
+  the chunks carries the true state across their boundaries, and a second pass over the steps rebuilds the states
+  from the true chunk starts: about 3*sqrt(L) Python steps instead of L, O(L) work, every decay factor <= 1.
+  Decays and inputs are made one step at a time on channel slices small enough for the CPU cache, so the forward
+  builds no (batch, dim, L, N) tensor; the backward stores the states once and builds every gradient in one
+  reverse pass.
 """
 from __future__ import annotations
 
@@ -32,10 +32,6 @@ try:  # optional CUDA kernel
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_selective_scan_fn
 except Exception:  # ImportError, or a broken CUDA build: fall back to PyTorch
     _mamba_selective_scan_fn = None
-
-# Elements of one (batch, d_group, L, N) float32 working tensor; several live at once in the backward.
-_GROUP_ELEMENTS = 1 << 23
-
 
 def mamba_ssm_available() -> bool:
     """True when mamba-ssm's CUDA kernel could be imported."""
@@ -68,29 +64,6 @@ def _from_chunks(x: torch.Tensor, L: int) -> torch.Tensor:
     return x.transpose(0, 1).reshape((T * nc,) + tuple(x.shape[2:]))[:L]
 
 
-def _chunked_scan(a: torch.Tensor, b: torch.Tensor, chunk_decay: torch.Tensor, reverse: bool) -> torch.Tensor:
-    """h_t = a_t * h_{t-1} + b_t (or from the end if reverse) in chunk layout.
-
-    a, b: (T, nc, M) contiguous; chunk_decay: (nc, M) product of a over each chunk. Returns h (T, nc, M).
-    Two loops over the T steps (all chunks at once) and one over the nc chunks: ~2*sqrt(L) Python steps.
-    """
-    T, nc, M = b.shape
-    steps = range(T - 1, -1, -1) if reverse else range(T)
-    h = b.new_zeros(nc, M)  # pass 1: each chunk from a zero state -> its final state
-    for t in steps:
-        h = torch.addcmul(b[t], a[t], h)
-    start = torch.empty_like(h)  # the true state entering each chunk
-    state = h.new_zeros(M)
-    for c in (range(nc - 1, -1, -1) if reverse else range(nc)):
-        start[c] = state
-        state = torch.addcmul(h[c], chunk_decay[c], state)
-    out = torch.empty_like(b)  # pass 2: rerun each chunk from its true start
-    h = start
-    for t in steps:
-        h = torch.addcmul(b[t], a[t], h, out=out[t])
-    return out
-
-
 def linear_recurrence(log_a: torch.Tensor, b: torch.Tensor, reverse: bool = False, chunk: Optional[int] = None) -> torch.Tensor:
     """Solve ``h_t = exp(log_a_t) * h_{t-1} + b_t`` along dim 0 (time-major), zero initial state.
 
@@ -105,36 +78,17 @@ def linear_recurrence(log_a: torch.Tensor, b: torch.Tensor, reverse: bool = Fals
     """
     L = log_a.shape[0]
     T = _chunk_len(L, chunk)
-    la = _to_chunks(log_a.reshape(L, -1), T)  # padding: log_a = 0 and b = 0 keep a zero state at zero
-    bc = _to_chunks(b.reshape(L, -1), T)
-    decay = la.sum(0).clamp_min_(_LOG_FLOOR).exp_()
-    h = _chunked_scan(la.clamp_min_(_LOG_FLOOR).exp_(), bc, decay, reverse)
-    return _from_chunks(h, L).reshape(b.shape)
-
-
-def _bc_time_major(X: torch.Tensor, dim: int) -> torch.Tensor:
-    """B or C of shape (batch, N, L) or (batch, G, N, L) -> (L, batch, dim, N) view (no copy of the big tensor)."""
-    if X.dim() == 3:
-        bsz, N, L = X.shape
-        return X.permute(2, 0, 1).unsqueeze(2).expand(L, bsz, dim, N)
-    bsz, G, N, L = X.shape
-    if dim % G:
-        raise ValueError(f"selective_scan: dim {dim} is not divisible by the {G} groups of B/C")
-    Xg = X.permute(3, 0, 1, 2).unsqueeze(3).expand(L, bsz, G, dim // G, N)
-    return Xg.reshape(L, bsz, dim, N)
+    la = _to_chunks(log_a.reshape(L, 1, -1), T)  # (T, nc, 1, M); padding log_a = 0, b = 0 is neutral both ways
+    bc = _to_chunks(b.reshape(L, 1, -1), T)
+    # the selective scan's recurrence with dt = log_a, A = 1 (one state), input dtu * B = b * 1
+    h = la.new_empty(la.shape + (1,))
+    _scan_states(la, bc, la.new_ones(1, 1), la.new_ones(T, 1, 1, 1, 1), reverse, store=h)
+    return _from_chunks(h[..., 0], L).reshape(b.shape)
 
 
 def _group_bc(X: torch.Tensor) -> torch.Tensor:
     """B or C (batch, N, L) or (batch, G, N, L) -> (L, batch, G, N) contiguous (small: no channel axis)."""
     return (X.unsqueeze(1) if X.dim() == 3 else X).permute(3, 0, 1, 2).contiguous()
-
-
-def _channel_slices(bsz: int, dim: int, G: int, L: int, N: int):
-    """Channel ranges processed together: within one B/C group, and small enough that a (batch, channels, L, N)
-    working tensor stays within a fixed budget."""
-    per = dim // G
-    step = max(1, min(per, _GROUP_ELEMENTS // max(1, bsz * L * N)))
-    return [(g, s, min(s + step, (g + 1) * per)) for g in range(G) for s in range(g * per, (g + 1) * per, step)]
 
 
 def _fused_slices(bsz: int, dim: int, G: int, L: int, N: int, T: int):
