@@ -219,6 +219,7 @@ def table() -> str:
 
 
 def main() -> None:
+    global RESULTS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="/tmp/bench/data2mm")
     ap.add_argument("--make-data", action="store_true", help="write 20 train + 30 test 2 mm volumes to --data first")
@@ -228,7 +229,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=100, help="epoch cap (the time budget usually stops first)")
     ap.add_argument("--encoder-weights", default=None, help="torchvision ResNet34 .pth: adds spmamba_imagenet")
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--results", default=str(RESULTS), help="folder for the accuracy_<method>.json files")
     args = ap.parse_args()
+    RESULTS = Path(args.results)
     if args.table:
         print(table())
         return
@@ -245,7 +248,7 @@ def main() -> None:
         methods.append("spmamba_imagenet")
     for m in methods:
         cmd = [sys.executable, __file__, "--one", m, "--data", args.data, "--train-seconds", str(args.train_seconds),
-               "--epochs", str(args.epochs)] + (["--encoder-weights", args.encoder_weights] if args.encoder_weights else [])
+               "--epochs", str(args.epochs), "--results", str(RESULTS)] + (["--encoder-weights", args.encoder_weights] if args.encoder_weights else [])
         print(">>", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=False)
     print(table())

@@ -1,7 +1,7 @@
 """A trained SP-Mamba model with its preprocessing and calibration: volume in, heatmap + score out.
 
-Volume pipeline: reorient to RAS voxel order -> move the slice axis first -> robust intensity scaling to [0, 1]
--> keep slices with enough foreground -> pad to square + resize to S x S -> model in batches (inference mode) ->
+Volume pipeline: reorient to RAS voxel order -> move the slice axis first -> robust intensity scaling (normal tissue
+to [0, 1], headroom above) -> keep slices with enough foreground -> pad to square + resize to S x S -> model in batches (inference mode) ->
 anomaly maps resized back onto each slice -> heatmap in the file's voxel order (slices without foreground are 0).
 
 Volume score: mean of the 3 highest slice scores (``scoring.aggregate_slice_scores``); a slice score is SP-Mamba's
@@ -49,9 +49,15 @@ class Preprocessing:
     slice_axis: int = 2  # in RAS voxel order: 0 sagittal, 1 coronal, 2 axial
     min_foreground: float = 0.02  # a slice is scored when at least this share of it is foreground
     batch_size: int = 16
+    # intensities are scaled so the foreground's 0.5..99.5 percentiles span [0, 1], then clipped to
+    # [0, intensity_max]: the headroom keeps lesions brighter than any normal tissue distinct (volume.normalise_intensity)
+    intensity_max: float = 2.0
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
+        d = dict(d)
+        if d and "intensity_max" not in d:
+            d["intensity_max"] = 1.0  # files written before the headroom existed were trained on [0, 1]
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -89,7 +95,7 @@ def prepare_slices(array: np.ndarray, affine: Optional[np.ndarray], prep: Prepro
     canonical volume). The indices are the slices worth scoring."""
     canon = to_canonical(array, affine)
     vol = np.moveaxis(canon.array, prep.slice_axis, 0)
-    norm, fg = normalise_intensity(vol)
+    norm, fg = normalise_intensity(vol, max_value=prep.intensity_max)
     fg_share = fg.reshape(fg.shape[0], -1).mean(1)
     keep = [int(i) for i in np.nonzero(fg_share >= prep.min_foreground)[0]]
     return norm, keep, canon
@@ -175,7 +181,7 @@ class Detector:
     # ------------------------------------------------------------------ inference
     @torch.inference_mode()
     def score_slices(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n, 1, S, S) in [0, 1] -> (anomaly maps (n, S, S), image scores (n,)) on the CPU."""
+        """(n, 1, S, S) scaled intensities -> (anomaly maps (n, S, S), image scores (n,)) on the CPU."""
         self.model.eval()
         out = self.model(batch.to(self.device, non_blocking=True))
         maps = self.model.anomaly_map(out)

@@ -47,7 +47,7 @@ def _load_all(volumes: Sequence[Union[str, Path, Volume]]) -> list[Volume]:
 
 
 def _slice_tensor(vols: list[Volume], prep: Preprocessing, size: int) -> torch.Tensor:
-    """All foreground slices of the volumes as one (n, 1, S, S) float tensor in [0, 1]."""
+    """All foreground slices of the volumes as one (n, 1, S, S) float tensor of scaled intensities."""
     parts = []
     for v in vols:
         norm, keep, _ = prepare_slices(v.array, v.affine, prep)
@@ -79,6 +79,12 @@ def calibrate(detector: Detector, vols: list[Volume], pixel_fpr: float = 0.001, 
         pixel_fpr=pixel_fpr, volume_fpr=volume_fpr, n_volumes=len(vols),
         normal_volume_scores=[float(s) for s in scores],
     )
+
+
+def _adapts_encoder_norm(setting: str, encoder_weights: str) -> bool:
+    if setting == "auto":
+        return encoder_weights in (None, "", "none", "random")
+    return setting == "adapt"
 
 
 def train_detector(
@@ -153,6 +159,12 @@ def train_detector(
     emit({"phase": "prepare", "step": 0, "total_steps": len(train_vols)})
     data = _slice_tensor(train_vols, prep, cfg.image_size)
     n = data.shape[0]
+    if resume_obj is None and _adapts_encoder_norm(cfg.encoder_norm, encoder_weights):
+        emit({"phase": "encoder_norm", "step": 0, "total_steps": 1})
+        with torch.no_grad():
+            seen = model.adapt_encoder_norm(data)
+        detector.meta["encoder_norm"] = f"adapted on {seen} training slices"
+        log.info("encoder BatchNorm statistics re-estimated on %d normal slices", seen)
     batch = min(cfg.batch_size, n)
     steps_per_epoch = max(1, n // batch)  # drop the ragged last batch (BatchNorm in the bottleneck)
     params = model.trainable_parameters()
@@ -178,6 +190,7 @@ def train_detector(
             "encoder_weights": encoder_weights if resume_obj is None else detector.meta.get("training", {}).get("encoder_weights"),
             "train_seconds": time.time() - t_start, "device": str(dev),
             "position_normalise": detector.position_stats is not None,
+            "encoder_norm": detector.meta.get("encoder_norm", "as in the weights"),
         }
 
     def save(epoch_done: int, stopped: bool) -> None:

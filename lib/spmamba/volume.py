@@ -240,13 +240,19 @@ def to_canonical(array: np.ndarray, affine: Optional[np.ndarray]) -> CanonicalVo
     return CanonicalVolume(arr, ornt)
 
 
-def normalise_intensity(array: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> tuple[np.ndarray, np.ndarray]:
-    """Robust per-volume scaling to [0, 1] and a foreground mask.
+def normalise_intensity(array: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5,
+                        max_value: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """Robust per-volume scaling and a foreground mask.
 
     Foreground = voxels above 5% of the (1st..99th percentile) range above the 1st percentile (air/background
-    in MRI and CT alike); the [low_pct, high_pct] percentiles of the foreground map to [0, 1], clipped.
+    in MRI and CT alike); the [low_pct, high_pct] percentiles of the foreground map to [0, 1], and the result is
+    clipped to [0, max_value]. The headroom above 1 matters: lesions brighter than any normal tissue (MS plaques,
+    haemorrhage and enhancing rims on T1) sit above the 99.5th percentile, and clipping them at 1 would make them
+    look like white matter. ``max_value=1`` gives the plain [0, 1] scaling.
     Returns (normalised float32 array, foreground bool mask).
     """
+    if max_value < 1.0:
+        raise ValueError(f"max_value must be >= 1 (the {high_pct} percentile maps to 1), got {max_value}")
     a = np.asarray(array, dtype=np.float32)
     sample = a.ravel()
     if sample.size > 2_000_000:  # percentiles of a strided sample: same answer, bounded time
@@ -259,7 +265,7 @@ def normalise_intensity(array: np.ndarray, low_pct: float = 0.5, high_pct: float
     else:
         lo, hi = np.percentile(fg_sample, [low_pct, high_pct])
     scale = 1.0 / max(hi - lo, 1e-6)
-    out = np.clip((a - lo) * scale, 0.0, 1.0).astype(np.float32)
+    out = np.clip((a - lo) * scale, 0.0, max_value).astype(np.float32)
     return out, a > cut
 
 
@@ -275,7 +281,7 @@ class SliceGeometry:
 
 
 def slices_to_batch(slices: np.ndarray, size: int) -> tuple[torch.Tensor, SliceGeometry]:
-    """(n, h, w) in [0, 1] -> (n, 1, size, size): centred zero-padding to a square, then area/bilinear resize."""
+    """(n, h, w) scaled intensities -> (n, 1, size, size): centred zero-padding to a square, then area/bilinear resize."""
     n, h, w = slices.shape
     side = max(h, w)
     top, left = (side - h) // 2, (side - w) // 2

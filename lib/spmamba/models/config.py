@@ -16,6 +16,10 @@ class SPMambaConfig:
     name: str = "paper"
     image_size: int = 256
     encoder: str = "resnet34"  # resnet18 | resnet34 (MONAI's 2-D ResNet, torchvision parameter names)
+    # encoder BatchNorm statistics: "adapt" re-estimates them on the training normals before training (AdaBN;
+    # ResNetEncoder.adapt_batchnorm says why a random encoder needs it), "frozen" keeps those of the weights file,
+    # "auto" adapts random encoders and keeps pretrained ones (as published).
+    encoder_norm: str = "auto"
     decoder_dims: tuple[int, ...] = (512, 256, 128, 64)
     decoder_depths: tuple[int, ...] = (3, 4, 6, 3)
     # "mamba" (SP-Mamba's LSS/SS2D decoder) | "cnn" (RD4AD-style convolutional student, a reference baseline;
@@ -86,6 +90,8 @@ class SPMambaConfig:
                              "ResNet encoder's 256/128/64-channel levels")
         if self.encoder not in ("resnet18", "resnet34"):
             raise ValueError(f"encoder must be resnet18 or resnet34, got {self.encoder!r}")
+        if self.encoder_norm not in ("auto", "adapt", "frozen"):
+            raise ValueError(f"encoder_norm must be auto, adapt or frozen, got {self.encoder_norm!r}")
         if self.decoder not in ("mamba", "cnn"):
             raise ValueError(f"decoder must be mamba or cnn, got {self.decoder!r}")
         if self.n_directions not in (1, 2, 4, 8):

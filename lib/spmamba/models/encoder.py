@@ -12,7 +12,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -97,7 +97,8 @@ class ResNetEncoder(nn.Module):
     """Frozen ResNet18/34; returns layer1..layer3 features.
 
     Input (B, 3, S, S) ImageNet-normalised -> [(B, 64, S/4, S/4), (B, 128, S/8, S/8), (B, 256, S/16, S/16)].
-    Stays in eval mode (BatchNorm statistics frozen) whatever mode its parent is put in.
+    Stays in eval mode (BatchNorm statistics frozen) whatever mode its parent is put in; ``adapt_batchnorm``
+    re-estimates those statistics on given data, once, before training.
     """
 
     channels = (64, 128, 256)
@@ -132,6 +133,38 @@ class ResNetEncoder(nn.Module):
 
     def train(self, mode: bool = True) -> "ResNetEncoder":  # frozen teacher: always eval
         return super().train(False)
+
+    @torch.no_grad()
+    def adapt_batchnorm(self, batches: Iterable[torch.Tensor]) -> int:
+        """Replace every BatchNorm's running mean/variance by their averages over ``batches`` (AdaBN).
+
+        Why: a randomly initialised ResNet has BatchNorm at identity (mean 0, variance 1, no shift) and bias-free
+        convolutions (but for MONAI's small shortcut biases), so it is positively homogeneous: f(a x) = a f(x) for
+        a > 0 (exactly up to layer1). Inside a region of uniform
+        intensity its features then only scale with the intensity, and the cosine distance that SP-Mamba's map
+        uses cannot see a lesion that is brighter or darker than the tissue around it. Statistics estimated on
+        normal slices add per-channel shifts, which make feature directions depend on intensity, and keep the
+        feature scales of the three levels comparable (layer3 otherwise has ~20x the spread of layer1).
+        ``batches``: (B, 3, S, S) ImageNet-normalised inputs. Returns the number of images seen.
+        """
+        bns = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        saved = [m.momentum for m in bns]
+        seen = 0
+        try:
+            for m in bns:
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over all batches
+                m.training = True
+            for x in batches:
+                self.forward(x)
+                seen += int(x.shape[0])
+        finally:
+            for m, mom in zip(bns, saved):
+                m.momentum = mom
+                m.training = False
+        if seen == 0:
+            raise ValueError("adapt_batchnorm needs at least one batch")
+        return seen
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.stem(x)

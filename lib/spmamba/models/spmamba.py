@@ -27,7 +27,7 @@ class SPMambaOutput:
 
 
 class SPMamba(nn.Module):
-    """Input: grey slices (B, 1, S, S) with intensities in [0, 1] (S = config.image_size)."""
+    """Input: grey slices (B, 1, S, S) with intensities scaled to [0, 1] (normal tissue; lesions may exceed 1)."""
 
     def __init__(self, config: "SPMambaConfig | str" = "paper", encoder_weights: str = "none"):
         super().__init__()
@@ -47,15 +47,25 @@ class SPMamba(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
+    def _encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, S) grey -> (B, 3, S, S) ImageNet-normalised."""
+        return (x.expand(-1, 3, -1, -1) - self.pixel_mean) / self.pixel_std
+
+    def adapt_encoder_norm(self, slices: torch.Tensor, batch_size: int = 64) -> int:
+        """Re-estimate the frozen encoder's BatchNorm statistics on normal slices (B, 1, S, S); see
+        ``ResNetEncoder.adapt_batchnorm``. Returns the number of slices used."""
+        dev = self.pixel_mean.device
+        return self.encoder.adapt_batchnorm(
+            self._encoder_input(slices[i:i + batch_size].to(dev)) for i in range(0, slices.shape[0], batch_size))
+
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
 
     def forward(self, x: torch.Tensor) -> SPMambaOutput:
         if x.dim() != 4 or x.shape[1] != 1:
             raise ValueError(f"SPMamba expects (B, 1, S, S) grey slices, got {tuple(x.shape)}")
-        x = (x.expand(-1, 3, -1, -1) - self.pixel_mean) / self.pixel_std
         with torch.no_grad():
-            enc = [f.detach() for f in self.encoder(x)]
+            enc = [f.detach() for f in self.encoder(self._encoder_input(x))]
         z = self.bottleneck(enc)  # (B, 512, s, s)
         proto_d = self.prototypes(z.permute(0, 2, 3, 1)) if self.prototypes is not None else None
         dec = self.decoder(z)
