@@ -10,7 +10,7 @@ import threading
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import SHAPE, bad_inputs, parse_infer
+from app_helpers import SHAPE, bad_inputs, parse_infer
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -15,7 +15,7 @@ import httpx
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import APP_DIR, bad_inputs, free_port, parse_infer
+from app_helpers import APP_DIR, bad_inputs, free_port, parse_infer
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 

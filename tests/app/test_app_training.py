@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import parse_infer
+from app_helpers import parse_infer
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 

@@ -6,7 +6,7 @@ import sys
 import threading
 
 import pytest
-from conftest import APP_DIR
+from app_helpers import APP_DIR
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,12 @@
 """Fixtures for the Slicer module's headless tests (slicer-core from PyPI: MRML without Qt or slicer.app)."""
 from __future__ import annotations
 
-import os
 import sys
 
 import pytest
 
-MODULE_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "slicer_extension", "AnomalyDetection"))
+from slicer_paths import MODULE_DIR
+
 if MODULE_DIR not in sys.path:
     sys.path.insert(0, MODULE_DIR)  # what Slicer does for a scripted module's folder
 

@@ -11,7 +11,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from conftest import MODULE_DIR
+from slicer_paths import MODULE_DIR
 
 EXT_DIR = os.path.dirname(MODULE_DIR)
 MODULE_PY = os.path.join(MODULE_DIR, "AnomalyDetection.py")
