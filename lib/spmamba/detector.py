@@ -1,8 +1,10 @@
 """A trained SP-Mamba model with its preprocessing and calibration: volume in, heatmap + score out.
 
-Volume pipeline: reorient to RAS voxel order -> move the slice axis first -> robust intensity scaling (normal tissue
-to [0, 1], headroom above) -> keep slices with enough foreground -> pad to square + resize to S x S -> model in batches (inference mode) ->
-anomaly maps resized back onto each slice -> heatmap in the file's voxel order (slices without foreground are 0).
+Volume pipeline: reorient to RAS voxel order -> move the slice axis first -> robust intensity scaling (normal
+tissue to [0, 1], headroom above) -> keep slices with enough foreground -> pad to square + resize to S x S -> model
+in batches (inference mode) -> anomaly maps resized back onto each slice -> 3-D smoothing inside the foreground
+(``Preprocessing.heatmap_sigma_mm``; 0 outside it) -> heatmap in the file's voxel order (slices without foreground
+are 0).
 
 Volume score: mean of the 3 highest slice scores (``scoring.aggregate_slice_scores``); a slice score is SP-Mamba's
 image score of that slice's map.
@@ -28,8 +30,8 @@ from . import __version__
 from .baselines import VoxelwiseStats, position_normalise, topk_mean
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, weights_digest
 from .models import SPMamba, get_config
-from .scoring import aggregate_slice_scores
-from .volume import batch_to_slices, normalise_intensity, slices_to_batch, to_canonical, validate_array
+from .scoring import aggregate_slice_scores, smooth_within_mask
+from .volume import batch_to_slices, canonical_spacing, normalise_intensity, slices_to_batch, to_canonical, validate_array
 
 __all__ = ["Detector", "DetectionResult", "Preprocessing", "Calibration", "resolve_device", "prepare_slices"]
 
@@ -52,12 +54,16 @@ class Preprocessing:
     # intensities are scaled so the foreground's 0.5..99.5 percentiles span [0, 1], then clipped to
     # [0, intensity_max]: the headroom keeps lesions brighter than any normal tissue distinct (volume.normalise_intensity)
     intensity_max: float = 2.0
+    # after the slices are assembled: 3-D Gaussian smoothing of the heatmap inside the foreground, sigma in mm
+    # (scoring.smooth_within_mask; 0 = off, as published)
+    heatmap_sigma_mm: float = 2.0
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
         d = dict(d)
-        if d and "intensity_max" not in d:
-            d["intensity_max"] = 1.0  # files written before the headroom existed were trained on [0, 1]
+        if d and "intensity_max" not in d:  # files written before these settings existed
+            d["intensity_max"] = 1.0  # were trained on [0, 1]
+            d.setdefault("heatmap_sigma_mm", 0.0)  # and calibrated on unsmoothed heatmaps
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -91,14 +97,14 @@ class DetectionResult:
 
 
 def prepare_slices(array: np.ndarray, affine: Optional[np.ndarray], prep: Preprocessing):
-    """Volume -> (normalised slices (n, h, w) along the slice axis in RAS order, indices of foreground slices,
-    canonical volume). The indices are the slices worth scoring."""
+    """Volume -> (normalised slices (n, h, w) along the slice axis in RAS order, their foreground mask (n, h, w),
+    indices of the slices worth scoring (enough foreground), canonical volume)."""
     canon = to_canonical(array, affine)
     vol = np.moveaxis(canon.array, prep.slice_axis, 0)
     norm, fg = normalise_intensity(vol, max_value=prep.intensity_max)
     fg_share = fg.reshape(fg.shape[0], -1).mean(1)
     keep = [int(i) for i in np.nonzero(fg_share >= prep.min_foreground)[0]]
-    return norm, keep, canon
+    return norm, fg, keep, canon
 
 
 class Detector:
@@ -194,7 +200,7 @@ class Detector:
         t0 = time.perf_counter()
         arr = validate_array(array)
         prep = self.preprocessing
-        norm, keep, canon = prepare_slices(arr, affine, prep)
+        norm, fg, keep, canon = prepare_slices(arr, affine, prep)
         t1 = time.perf_counter()
         heat = np.zeros(norm.shape, dtype=np.float32)
         slice_scores: list[tuple[int, float]] = []
@@ -207,17 +213,19 @@ class Detector:
             slice_scores += [(i, float(s)) for i, s in zip(idx, scores.tolist())]
             if progress is not None:
                 progress(min(start + prep.batch_size, len(keep)), len(keep))
+        if prep.heatmap_sigma_mm > 0 and keep:
+            heat = smooth_within_mask(heat, fg, prep.heatmap_sigma_mm / canonical_spacing(affine, prep.slice_axis))
         if self.position_stats is not None:
             if heat.shape != self.position_stats.mean.shape:
                 raise ValueError(
                     f"this model normalises heatmaps per position and needs volumes on its template grid "
                     f"{self.position_stats.mean.shape} (slice axis first, RAS order); this volume gives {heat.shape}. "
                     "Register the volume to the template, or use a model trained without position_normalise.")
-            heat = position_normalise(heat, self.position_stats, norm > 0)
+            heat = position_normalise(heat, self.position_stats, fg)
             slice_scores = [(i, float(heat[i].max())) for i, _ in slice_scores]
         t2 = time.perf_counter()
         heatmap = canon.to_file_order(np.moveaxis(heat, 0, prep.slice_axis)).astype(np.float32, copy=False)
-        foreground = canon.to_file_order(np.moveaxis(norm > 0, 0, prep.slice_axis))
+        foreground = canon.to_file_order(np.moveaxis(fg, 0, prep.slice_axis))
         in_shape = np.shape(array)
         if heatmap.shape != in_shape:  # 2-D input (X, Y) or trailing singleton axes: back to the input's shape
             heatmap = heatmap.reshape(in_shape)

@@ -18,6 +18,7 @@ __all__ = [
     "concentration_term",
     "image_score",
     "aggregate_slice_scores",
+    "smooth_within_mask",
     "calibrate_threshold",
     "find_regions",
 ]
@@ -83,6 +84,22 @@ def aggregate_slice_scores(scores: np.ndarray, top_k: int = 3) -> float:
         return 0.0
     k = min(top_k, scores.size)
     return float(np.sort(scores)[-k:].mean())
+
+
+def smooth_within_mask(volume: np.ndarray, mask: np.ndarray, sigma_voxels: Sequence[float]) -> np.ndarray:
+    """3-D Gaussian smoothing of ``volume`` that only averages voxels inside ``mask`` (normalised convolution:
+    blur(v * m) / blur(m)), so the zeros outside the brain do not drag the values at its surface down.
+
+    Why: SP-Mamba scores each slice on its own, so slice maps jitter from one slice to the next; averaging
+    across slices (about one voxel) favours lesions, which span slices, over single-slice noise.
+    ``sigma_voxels``: one sigma per axis, in voxels. Returns float32, 0 outside the mask.
+    """
+    from scipy import ndimage
+
+    m = np.asarray(mask, dtype=bool)
+    w = ndimage.gaussian_filter(m.astype(np.float32), sigma_voxels)
+    v = ndimage.gaussian_filter(np.where(m, volume, 0.0).astype(np.float32), sigma_voxels)
+    return np.where(m, v / np.maximum(w, 1e-6), 0.0).astype(np.float32)
 
 
 def calibrate_threshold(normal_values: np.ndarray, false_positive_rate: float) -> float:

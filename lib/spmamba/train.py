@@ -50,7 +50,7 @@ def _slice_tensor(vols: list[Volume], prep: Preprocessing, size: int) -> torch.T
     """All foreground slices of the volumes as one (n, 1, S, S) float tensor of scaled intensities."""
     parts = []
     for v in vols:
-        norm, keep, _ = prepare_slices(v.array, v.affine, prep)
+        norm, _, keep, _ = prepare_slices(v.array, v.affine, prep)
         if not keep:
             raise TrainingDataError(f"{v.path or 'a volume'}: no slice has foreground; is it blank?")
         parts.append(slices_to_batch(norm[keep], size)[0])

@@ -21,7 +21,8 @@ from nibabel import orientations
 
 __all__ = [
     "VolumeError", "Volume", "load_volume", "validate_array", "save_volume", "volume_id", "is_volume_file",
-    "VOLUME_SUFFIXES", "SliceGeometry", "CanonicalVolume", "to_canonical", "normalise_intensity",
+    "VOLUME_SUFFIXES", "SliceGeometry", "CanonicalVolume", "to_canonical", "canonical_spacing",
+    "normalise_intensity",
     "slices_to_batch", "batch_to_slices", "SLICE_AXES",
 ]
 
@@ -238,6 +239,23 @@ def to_canonical(array: np.ndarray, affine: Optional[np.ndarray]) -> CanonicalVo
     to_ras = orientations.ornt_transform(ornt, orientations.axcodes2ornt(("R", "A", "S")))
     arr = np.ascontiguousarray(orientations.apply_orientation(array, to_ras))
     return CanonicalVolume(arr, ornt)
+
+
+def canonical_spacing(affine: Optional[np.ndarray], slice_axis: int) -> np.ndarray:
+    """Voxel sizes (mm) of the grid ``to_canonical`` gives, with ``slice_axis`` moved first (the order the
+    detector works in). No affine: 1 mm."""
+    if affine is None:
+        return np.ones(3)
+    affine = np.asarray(affine, dtype=np.float64)
+    sizes = np.linalg.norm(affine[:3, :3], axis=0)
+    ornt = orientations.io_orientation(affine)
+    if np.isnan(ornt).any():
+        canon = sizes
+    else:
+        canon = np.empty(3)
+        canon[ornt[:, 0].astype(int)] = sizes
+    canon = np.where(canon > 0, canon, 1.0)
+    return np.concatenate([canon[[slice_axis]], np.delete(canon, slice_axis)])
 
 
 def normalise_intensity(array: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5,
