@@ -133,9 +133,19 @@ def run_spmamba(method: str, data: Path, args) -> list[dict]:
         return "start" in t_loop and time.perf_counter() - t_loop["start"] > budget
 
     t0 = time.perf_counter()
-    det = train_detector([str(p) for p in train], config=cfg, epochs=args.epochs, device="cpu", seed=0,
-                         encoder_weights=weights, progress=progress, should_stop=stop)
-    train_s = time.perf_counter() - t0
+    if args.model:  # a model trained beforehand (e.g. `spmamba train --time-limit 17`): evaluate it as it is,
+        from spmamba.detector import Detector  # recalibrated on the same held-out split with today's pipeline
+        from spmamba.train import calibrate
+
+        det = Detector.load(args.model, device="cpu")
+        tr, va = _split(len(train))
+        det.calibration = calibrate(det, [_load(train[i]) for i in va])
+        train_s = float(det.meta["training"]["train_seconds"])
+        t_loop.update(start=0.0, end=train_s)
+    else:
+        det = train_detector([str(p) for p in train], config=cfg, epochs=args.epochs, device="cpu", seed=0,
+                             encoder_weights=weights, progress=progress, should_stop=stop)
+        train_s = time.perf_counter() - t0
     info = det.meta["training"]
     print(f"[{method}] trained {train_s:.0f}s epochs {info['epochs']} slices {info['n_slices']}", flush=True)
     cases, det_s = [], []
@@ -148,7 +158,9 @@ def run_spmamba(method: str, data: Path, args) -> list[dict]:
     common = {"train_s": train_s, "train_loop_s": t_loop.get("end", t0) - t_loop.get("start", t0),
               "epochs": info["epochs"], "n_train_slices": info["n_slices"], "final_loss": info["final_loss"],
               "detect_s_per_volume": float(np.mean(det_s)), "config": {k: v for k, v in OVERRIDES[method].items()},
-              "encoder_weights": weights}
+              "encoder_weights": weights, "model_file": args.model,
+              "encoder_norm": det.meta["training"].get("encoder_norm"),
+              "heatmap_sigma_mm": det.preprocessing.heatmap_sigma_mm}
     out = [{"method": method, "pixel_threshold": det.calibration.pixel_threshold, **common,
             **evaluate(cases, det.calibration.pixel_threshold)}]
     if method != "spmamba":
@@ -229,6 +241,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=100, help="epoch cap (the time budget usually stops first)")
     ap.add_argument("--encoder-weights", default=None, help="torchvision ResNet34 .pth: adds spmamba_imagenet")
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--model", help="evaluate this trained SP-Mamba file instead of training (method spmamba only)")
     ap.add_argument("--results", default=str(RESULTS), help="folder for the accuracy_<method>.json files")
     args = ap.parse_args()
     RESULTS = Path(args.results)
@@ -248,7 +261,7 @@ def main() -> None:
         methods.append("spmamba_imagenet")
     for m in methods:
         cmd = [sys.executable, __file__, "--one", m, "--data", args.data, "--train-seconds", str(args.train_seconds),
-               "--epochs", str(args.epochs), "--results", str(RESULTS)] + (["--encoder-weights", args.encoder_weights] if args.encoder_weights else [])
+               "--epochs", str(args.epochs), "--results", str(RESULTS)] + (["--model", args.model] if args.model else []) + (["--encoder-weights", args.encoder_weights] if args.encoder_weights else [])
         print(">>", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=False)
     print(table())
