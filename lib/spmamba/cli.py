@@ -234,7 +234,8 @@ def _training_files(folder: str) -> list[Path]:
 
 def train_model(normal_dir: str, out: str, *, config: str = "fast", epochs: int | None = None, device: str = "auto",
                 resume: str | None = None, encoder_weights: str = "none", val_fraction: float = 0.2, seed: int = 0,
-                max_steps: int | None = None, time_limit_min: float | None = None, quiet: bool = False) -> dict:
+                max_steps: int | None = None, time_limit_min: float | None = None, quiet: bool = False,
+                position_normalise: bool = False) -> dict:
     """What ``spmamba train`` does (also used by ``spmamba demo``); returns a summary dict."""
     files = _training_files(normal_dir)
     out_path = Path(out)
@@ -258,6 +259,7 @@ def train_model(normal_dir: str, out: str, *, config: str = "fast", epochs: int 
             detector = train_detector(files, config=config, epochs=epochs, device=device, val_fraction=val_fraction,
                                       seed=seed, encoder_weights=encoder_weights, progress=progress,
                                       should_stop=stop, resume=resume, checkpoint_path=str(partial),
+                                      position_normalise=position_normalise,
                                       **({"max_steps": max_steps} if max_steps else {}))
         except KeyboardInterrupt:
             progress.close()
@@ -291,7 +293,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CLIError(f"--val-fraction {args.val_fraction}: must be between 0 and 1")
     s = train_model(args.normal, args.out, config=args.config, epochs=args.epochs, device=args.device,
                     resume=args.resume, encoder_weights=args.encoder_weights, val_fraction=args.val_fraction,
-                    seed=args.seed, max_steps=args.max_steps, time_limit_min=args.time_limit, quiet=args.quiet)
+                    seed=args.seed, max_steps=args.max_steps, time_limit_min=args.time_limit, quiet=args.quiet,
+                    position_normalise=args.position_normalise)
     note = " (stopped early by Ctrl-C; calibrated)" if s["stopped_early"] else ""
     note += " (time limit reached; calibrated)" if s["timed_out"] else ""
     print(f"saved {s['model']} (version {s['version']}) trained on {s['n_volumes']} volumes in "
@@ -636,6 +639,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after N optimisation steps in all (quick smoke runs; the model is still calibrated)")
     t.add_argument("--time-limit", type=float, default=None, metavar="MIN",
                    help="stop training after MIN minutes (then calibrate and save, as with Ctrl-C)")
+    t.add_argument("--position-normalise", action="store_true",
+                   help="for volumes registered to one template grid: z-score every heatmap voxel against the "
+                   "heatmaps of the training normals at that position (better volume scores on such data; the "
+                   "model then refuses volumes on another grid)")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 

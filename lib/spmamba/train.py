@@ -19,7 +19,7 @@ from .checkpoint import load_checkpoint
 from .detector import Calibration, Detector, Preprocessing, prepare_slices, resolve_device
 from .models import SPMamba, get_config
 from .scoring import calibrate_threshold
-from .volume import Volume, VolumeError, load_volume, slices_to_batch
+from .volume import Volume, VolumeError, load_volume, slices_to_batch, to_canonical
 
 __all__ = ["train_detector", "TrainingDataError", "calibrate", "MIN_VOLUMES"]
 
@@ -81,6 +81,18 @@ def calibrate(detector: Detector, vols: list[Volume], pixel_fpr: float = 0.001, 
     )
 
 
+def _check_one_grid(vols: list[Volume], slice_axis: int) -> None:
+    """Position-aware normalisation compares voxels by position: every volume must be on one grid."""
+    shapes: dict[tuple, str] = {}
+    for i, v in enumerate(vols):
+        shapes.setdefault(tuple(to_canonical(v.array, v.affine).array.shape), str(v.path or f"volume {i}"))
+    if len(shapes) > 1:
+        listed = "; ".join(f"{name}: {shape}" for shape, name in list(shapes.items())[:3])
+        raise TrainingDataError(
+            f"position-aware normalisation needs all volumes on one grid (registered to a template), but they have "
+            f"{len(shapes)} shapes in RAS order ({listed}). Register them to one template first, or train without it.")
+
+
 def _adapts_encoder_norm(setting: str, encoder_weights: str) -> bool:
     if setting == "auto":
         return encoder_weights in (None, "", "none", "random")
@@ -134,6 +146,8 @@ def train_detector(
             f"{len(vols)} normal volume(s) given; at least {MIN_VOLUMES} are needed (some to learn from, one held out "
             "to calibrate the thresholds). Mark more studies normal or add volumes."
         )
+    if position_normalise:
+        _check_one_grid(vols, (preprocessing or Preprocessing()).slice_axis)
     dev = resolve_device(device)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)

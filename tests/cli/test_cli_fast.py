@@ -238,3 +238,30 @@ def test_train_refuses_bad_limits(tiny_data, tmp_path, capsys):
 def test_serve_refuses_missing_model(tmp_path, capsys):
     rc = main(["serve", "--studies", str(tmp_path), "--model", str(tmp_path / "absent.pt")])
     assert rc == 2 and "absent.pt" in capsys.readouterr().err
+
+
+def test_train_with_position_normalisation_on_one_grid(tiny_data, tmp_path, capsys):
+    from spmamba.detector import Detector
+
+    out = tmp_path / "pn.pt"
+    rc = main(["train", "--normal", str(tiny_data / "train"), "--out", str(out), "--config", "tiny",
+               "--max-steps", "1", "--position-normalise", "-q"])
+    assert rc == 0, capsys.readouterr().err
+    det = Detector.load(out)
+    assert det.position_stats is not None and det.meta["training"]["position_normalise"]
+    img = next((tiny_data / "test" / "images").glob("*.nii.gz"))
+    res = det.detect(nib.load(img).get_fdata(), nib.load(img).affine)
+    assert res.heatmap.min() >= 0 and np.isfinite(res.score)
+
+
+def test_position_normalisation_refuses_volumes_on_different_grids(tiny_data, tmp_path, capsys):
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for i, p in enumerate(sorted((tiny_data / "train").glob("*.nii.gz"))[:3]):
+        img = nib.load(p)
+        data = img.get_fdata()[:-2] if i == 0 else img.get_fdata()  # one volume cropped
+        nib.save(nib.Nifti1Image(data.astype(np.float32), img.affine), mixed / p.name)
+    rc = main(["train", "--normal", str(mixed), "--out", str(tmp_path / "m.pt"), "--config", "tiny",
+               "--max-steps", "1", "--position-normalise", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "one grid" in err and "Register" in err
