@@ -81,7 +81,7 @@ def calibrate(detector: Detector, vols: list[Volume], pixel_fpr: float = 0.001, 
     )
 
 
-def _check_one_grid(vols: list[Volume], slice_axis: int) -> None:
+def _check_one_grid(vols: list[Volume]) -> None:
     """Position-aware normalisation compares voxels by position: every volume must be on one grid."""
     shapes: dict[tuple, str] = {}
     for i, v in enumerate(vols):
@@ -147,7 +147,7 @@ def train_detector(
             "to calibrate the thresholds). Mark more studies normal or add volumes."
         )
     if position_normalise:
-        _check_one_grid(vols, (preprocessing or Preprocessing()).slice_axis)
+        _check_one_grid(vols)
     dev = resolve_device(device)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
