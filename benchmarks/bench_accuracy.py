@@ -109,7 +109,6 @@ def run_voxelwise(data: Path, args) -> list[dict]:
 
 
 def run_spmamba(method: str, data: Path, args) -> list[dict]:
-    import torch
     from spmamba.baselines import VoxelwiseStats, position_normalise, topk_mean
     from spmamba.models import get_config
     from spmamba.scoring import aggregate_slice_scores
