@@ -31,7 +31,7 @@ from .baselines import VoxelwiseStats, position_normalise, topk_mean
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, weights_digest
 from .models import SPMamba, get_config
 from .scoring import aggregate_slice_scores, smooth_within_mask
-from .volume import batch_to_slices, canonical_spacing, normalise_intensity, slices_to_batch, to_canonical, validate_array
+from .volume import batch_to_slices, normalise_intensity, slices_to_batch, to_canonical, validate_array
 
 __all__ = ["Detector", "DetectionResult", "Preprocessing", "Calibration", "resolve_device", "prepare_slices"]
 
@@ -214,7 +214,7 @@ class Detector:
             if progress is not None:
                 progress(min(start + prep.batch_size, len(keep)), len(keep))
         if prep.heatmap_sigma_mm > 0 and keep:
-            heat = smooth_within_mask(heat, fg, prep.heatmap_sigma_mm / canonical_spacing(affine, prep.slice_axis))
+            heat = smooth_within_mask(heat, fg, prep.heatmap_sigma_mm / canon.spacing_slice_first(prep.slice_axis))
         if self.position_stats is not None:
             if heat.shape != self.position_stats.mean.shape:
                 raise ValueError(

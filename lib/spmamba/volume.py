@@ -21,8 +21,7 @@ from nibabel import orientations
 
 __all__ = [
     "VolumeError", "Volume", "load_volume", "validate_array", "save_volume", "volume_id", "is_volume_file",
-    "VOLUME_SUFFIXES", "SliceGeometry", "CanonicalVolume", "to_canonical", "canonical_spacing",
-    "normalise_intensity",
+    "VOLUME_SUFFIXES", "SliceGeometry", "CanonicalVolume", "to_canonical", "normalise_intensity",
     "slices_to_batch", "batch_to_slices", "SLICE_AXES",
 ]
 
@@ -223,6 +222,11 @@ class CanonicalVolume:
 
     array: np.ndarray  # (X', Y', Z') float32, RAS-ordered axes
     ornt: np.ndarray  # nibabel orientation of the file's voxel axes (io_orientation of its affine)
+    spacing: np.ndarray  # (3,) voxel sizes in mm along the RAS-ordered axes (1 where the affine gives none)
+
+    def spacing_slice_first(self, slice_axis: int) -> np.ndarray:
+        """Voxel sizes in the order the detector works in: ``slice_axis`` first, then the other two."""
+        return np.concatenate([self.spacing[[slice_axis]], np.delete(self.spacing, slice_axis)])
 
     def to_file_order(self, data: np.ndarray) -> np.ndarray:
         """Map an array on the RAS-ordered grid back to the file's voxel order."""
@@ -238,24 +242,10 @@ def to_canonical(array: np.ndarray, affine: Optional[np.ndarray]) -> CanonicalVo
         ornt = orientations.axcodes2ornt(("R", "A", "S"))
     to_ras = orientations.ornt_transform(ornt, orientations.axcodes2ornt(("R", "A", "S")))
     arr = np.ascontiguousarray(orientations.apply_orientation(array, to_ras))
-    return CanonicalVolume(arr, ornt)
-
-
-def canonical_spacing(affine: Optional[np.ndarray], slice_axis: int) -> np.ndarray:
-    """Voxel sizes (mm) of the grid ``to_canonical`` gives, with ``slice_axis`` moved first (the order the
-    detector works in). No affine: 1 mm."""
-    if affine is None:
-        return np.ones(3)
-    affine = np.asarray(affine, dtype=np.float64)
     sizes = np.linalg.norm(affine[:3, :3], axis=0)
-    ornt = orientations.io_orientation(affine)
-    if np.isnan(ornt).any():
-        canon = sizes
-    else:
-        canon = np.empty(3)
-        canon[ornt[:, 0].astype(int)] = sizes
-    canon = np.where(canon > 0, canon, 1.0)
-    return np.concatenate([canon[[slice_axis]], np.delete(canon, slice_axis)])
+    spacing = np.empty(3)
+    spacing[ornt[:, 0].astype(int)] = np.where(sizes > 0, sizes, 1.0)
+    return CanonicalVolume(arr, ornt, spacing)
 
 
 def normalise_intensity(array: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5,

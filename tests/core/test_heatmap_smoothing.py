@@ -5,7 +5,7 @@ import pytest
 
 from spmamba.detector import Preprocessing
 from spmamba.scoring import smooth_within_mask
-from spmamba.volume import canonical_spacing
+from spmamba.volume import to_canonical
 
 
 def test_smoothing_only_averages_inside_the_mask():
@@ -26,8 +26,8 @@ def test_canonical_spacing_follows_the_reorientation(slice_axis):
     affine = np.array([[0, 0, 3.0, 0], [-1.5, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 0, 1]])
     zooms = nib.as_closest_canonical(nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), affine)).header.get_zooms()
     expected = [zooms[slice_axis]] + [z for i, z in enumerate(zooms) if i != slice_axis]
-    assert np.allclose(canonical_spacing(affine, slice_axis), expected)
-    assert np.allclose(canonical_spacing(None, slice_axis), 1.0)
+    assert np.allclose(to_canonical(np.zeros((4, 5, 6)), affine).spacing_slice_first(slice_axis), expected)
+    assert np.allclose(to_canonical(np.zeros((4, 5, 6)), None).spacing_slice_first(slice_axis), 1.0)
 
 
 def test_detector_smooths_across_slices_by_default_and_old_files_do_not(tmp_path):
