@@ -137,7 +137,7 @@ def run_spmamba(method: str, data: Path, args) -> list[dict]:
         from spmamba.train import calibrate
 
         det = Detector.load(args.model, device="cpu")
-        tr, va = _split(len(train))
+        _, va = _split(len(train))
         det.calibration = calibrate(det, [_load(train[i]) for i in va])
         train_s = float(det.meta["training"]["train_seconds"])
         t_loop.update(start=0.0, end=train_s)
@@ -260,7 +260,9 @@ def main() -> None:
         methods.append("spmamba_imagenet")
     for m in methods:
         cmd = [sys.executable, __file__, "--one", m, "--data", args.data, "--train-seconds", str(args.train_seconds),
-               "--epochs", str(args.epochs), "--results", str(RESULTS)] + (["--model", args.model] if args.model else []) + (["--encoder-weights", args.encoder_weights] if args.encoder_weights else [])
+               "--epochs", str(args.epochs), "--results", str(RESULTS)]
+        cmd += ["--model", args.model] if args.model else []
+        cmd += ["--encoder-weights", args.encoder_weights] if args.encoder_weights else []
         print(">>", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=False)
     print(table())

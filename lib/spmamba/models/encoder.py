@@ -142,9 +142,9 @@ class ResNetEncoder(nn.Module):
         convolutions (but for MONAI's small shortcut biases), so it is positively homogeneous: f(a x) = a f(x) for
         a > 0 (exactly up to layer1). Inside a region of uniform intensity its features then only scale with the
         intensity, and the cosine distance that SP-Mamba's map uses cannot see a lesion that is brighter or darker
-        than the tissue around it. Statistics estimated on
-        normal slices add per-channel shifts, which make feature directions depend on intensity, and keep the
-        feature scales of the three levels comparable (layer3 otherwise has ~20x the spread of layer1).
+        than the tissue around it. Statistics estimated on normal slices add per-channel shifts, which make feature
+        directions depend on intensity, and keep the feature scales of the three levels comparable (layer3
+        otherwise has ~20x the spread of layer1).
         ``batches``: (B, 3, S, S) ImageNet-normalised inputs. Returns the number of images seen.
         """
         bns = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
