@@ -12,7 +12,8 @@ from typing import Any, Union
 
 import torch
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "FORMAT", "FORMAT_VERSION", "weights_digest"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "FORMAT", "FORMAT_VERSION",
+           "weights_digest"]
 
 FORMAT = "spmamba-checkpoint"
 FORMAT_VERSION = 1
@@ -52,15 +53,17 @@ def save_checkpoint(path: Union[str, Path], payload: dict[str, Any]) -> Path:
     return path
 
 
-def load_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
-    """Read and check a checkpoint; CheckpointError says what is wrong and what to do."""
+def load_checkpoint(path: Union[str, Path], mmap: bool = False) -> dict[str, Any]:
+    """Read and check a checkpoint; CheckpointError says what is wrong and what to do.
+
+    ``mmap=True`` maps the tensors instead of reading them (cheap when only the metadata is wanted)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"model file {path} does not exist; train one with `spmamba train` first")
     if not path.is_file() or path.stat().st_size == 0:
         raise CheckpointError(f"model file {path} is empty or not a file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (zipfile.BadZipFile, EOFError, RuntimeError, io.UnsupportedOperation, OSError) as e:
         raise CheckpointError(f"model file {path} is corrupt or truncated ({e}); re-train or restore a copy") from e
     except Exception as e:  # unpickling errors of foreign files
@@ -76,3 +79,22 @@ def load_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
         if key not in obj:
             raise CheckpointError(f"model file {path} lacks '{key}'; it is incomplete")
     return obj
+
+
+#: payload entries that hold tensors; ``read_checkpoint_meta`` leaves them out
+_TENSOR_KEYS = ("state_dict", "training_state", "position_stats")
+
+
+def read_checkpoint_meta(path: Union[str, Path]) -> dict[str, Any]:
+    """A checkpoint's metadata without its tensors and without building the model: ``config`` (with the preset's
+    ``name``), ``calibration``, ``preprocessing``, ``meta`` (``created``, ``training`` summary, library version),
+    ``version`` and ``format_version``; ``has_position_stats`` / ``has_training_state`` say what else it holds.
+    The tensors are memory-mapped, not read. Raises CheckpointError like :func:`load_checkpoint`."""
+    try:
+        obj = load_checkpoint(path, mmap=True)
+    except Exception:  # noqa: BLE001 - e.g. a file torch cannot map (legacy serialisation): read it whole
+        obj = load_checkpoint(path)  # raises the CheckpointError that says what is wrong
+    out = {k: v for k, v in obj.items() if k not in _TENSOR_KEYS}
+    out["has_position_stats"] = obj.get("position_stats") is not None
+    out["has_training_state"] = "training_state" in obj
+    return out

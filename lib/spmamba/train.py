@@ -126,7 +126,9 @@ def train_detector(
         epochs: number of epochs (default: the preset's).
         val_fraction: share of volumes held out for calibration (at least one).
         encoder_weights: "none", "imagenet" or a torchvision ResNet .pth file.
-        progress: called with dicts {"phase", "epoch", "total_epochs", "step", "total_steps", "loss", ...}.
+        progress: called with dicts {"phase", "epoch", "total_epochs", "step", "total_steps", "loss", ...}; in the
+            "train" phase step/total_steps count within the epoch and global_step/total_global_steps over the
+            whole training; other phases (prepare, calibrate ...) count their own items in step/total_steps.
         should_stop: polled every step; True ends training early (the result is still calibrated and usable).
         resume: a checkpoint written by an earlier run (with training state) to continue from.
         checkpoint_path: where to save after every epoch (atomically), with the training state for resuming.
@@ -200,6 +202,7 @@ def train_detector(
             "train_ids": [Path(v.path).name if v.path else f"volume{i}" for i, v in enumerate(train_vols)],
             "shapes": sorted({tuple(int(s) for s in v.array.shape) for v in vols}),
             "epochs": epochs_done, "total_epochs": total_epochs, "stopped_early": stopped,
+            "steps": steps_before + step_total, "total_steps": planned_steps, "steps_per_epoch": steps_per_epoch,
             "final_loss": history[-1] if history else None, "loss_history": history[-50:],
             "encoder_weights": encoder_weights if resume_obj is None else detector.meta.get("training", {}).get("encoder_weights"),
             "train_seconds": time.time() - t_start, "device": str(dev),
@@ -217,7 +220,11 @@ def train_detector(
             "loss_history": history,
         })
 
-    step_total = 0
+    step_total = 0  # optimisation steps in this run
+    steps_before = start_epoch * steps_per_epoch  # ... and in the run this one resumes
+    planned_steps = steps_before + steps_per_epoch * max(0, total_epochs - start_epoch)
+    if max_steps is not None:
+        planned_steps = min(planned_steps, steps_before + max_steps)
     stopped = False
     epoch = start_epoch
     g = torch.Generator().manual_seed(seed + start_epoch)
@@ -240,7 +247,8 @@ def train_detector(
             running += loss_value
             step_total += 1
             emit({"phase": "train", "epoch": epoch + 1, "total_epochs": total_epochs, "step": step + 1,
-                  "total_steps": steps_per_epoch, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"]})
+                  "total_steps": steps_per_epoch, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
+                  "global_step": steps_before + step_total, "total_global_steps": planned_steps})
         if stopped and step == 0:
             break  # nothing learnt in this epoch
         history.append(running / max(1, step + (0 if stopped else 1)))
@@ -263,6 +271,7 @@ def train_detector(
     detector.meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     detector.invalidate_version()
     emit({"phase": "done", "epoch": epochs_done, "total_epochs": total_epochs,
+          "global_step": steps_before + step_total, "total_global_steps": planned_steps,
           "loss": history[-1] if history else None,
           "val_score": float(np.mean(detector.calibration.normal_volume_scores))})
     if checkpoint_path is not None:
