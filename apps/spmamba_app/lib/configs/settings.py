@@ -66,6 +66,7 @@ class AppSettings:
     infer_workers: int = 2
     top_regions: int = 10
     stop_grace_s: int = 20
+    keep_versions: int = 5  # published models kept in <model_dir>/versions for rollback (0 = none)
     seed_curation: str = ""
     extra: Dict[str, Any] = field(default_factory=dict)
 
@@ -123,6 +124,7 @@ def parse_conf(app_dir: str, studies: str, conf: Optional[Dict[str, Any]]) -> Ap
     known = {
         "preset", "device", "slice_axis", "encoder_weights", "unflagged_normal", "model", "model_dir", "epochs",
         "min_normals", "auto_score", "auto_train", "infer_workers", "top_regions", "stop_grace_s", "seed_curation",
+        "keep_versions",
     }
     return AppSettings(
         app_dir=app_dir,
@@ -140,6 +142,7 @@ def parse_conf(app_dir: str, studies: str, conf: Optional[Dict[str, Any]]) -> Ap
         infer_workers=_int(conf, "infer_workers", 2, minimum=1) or 2,
         top_regions=_int(conf, "top_regions", 10, minimum=0) or 0,
         stop_grace_s=_int(conf, "stop_grace_s", 20, minimum=0) or 0,
+        keep_versions=_int(conf, "keep_versions", 5, minimum=0) or 0,
         seed_curation=str(seed),
         extra={k: v for k, v in conf.items() if k not in known},
     )
