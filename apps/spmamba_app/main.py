@@ -15,11 +15,12 @@ from typing import Any, Callable, Dict
 from lib.activelearning import MostAnomalousUnreviewed, SuspectNormal
 from lib.configs import CURATION_KEY, CURATION_STATES, parse_conf
 from lib.datastore import VOLUME_EXTENSIONS, CuratedDatastore
-from lib.errors import bad_request, check_id, not_found
+from lib.errors import bad_request, check_id, conflict, not_found
 from lib.infers import AnomalyInfer, AnomalySegmentationInfer, Detection
 from lib.model_store import ModelStore
 from lib.scoring import AnomalyScoring
 from lib.trainers import AnomalyTrain
+from lib.versions import UnknownVersion, VersionHistory
 from monailabel.config import settings as ml_settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
@@ -41,6 +42,8 @@ class SPMambaApp(MONAILabelApp):
         self.settings = parse_conf(app_dir, studies, conf)
         os.makedirs(self.settings.model_dir, exist_ok=True)
         self.model_store = ModelStore(self.settings.published_model, self.settings.model, self.settings.device)
+        self.versions = VersionHistory(self.settings.model_dir, self.settings.published_model,
+                                       self.settings.keep_versions, self.settings.model)
         self.detection = Detection(self.settings, self.model_store)
         try:
             from spmamba import __version__ as lib_version
@@ -99,9 +102,47 @@ class SPMambaApp(MONAILabelApp):
             "curation_key": CURATION_KEY,
             "curation_states": list(CURATION_STATES),
             "curation": counts,
+            "versions": [v["version"] for v in self.versions.list()],  # kept for rollback: GET /model/versions
             "settings": self.settings.to_json(),
         }
         return meta
+
+    # ------------------------------------------------------------------ model versions
+    def model_versions(self) -> Dict[str, Any]:
+        """``GET /model/versions``: the served model and the kept versions (newest published first)."""
+        served = self.model_store.describe()
+        current = served.get("version")
+        versions = self.versions.list(current)
+        return {
+            "current": current,
+            "served": served,
+            "keep_versions": self.settings.keep_versions,
+            "current_kept": any(v["current"] for v in versions),
+            "versions": versions,
+            "log": self.versions.log()[-20:],
+        }
+
+    def rollback_model(self, version: str) -> Dict[str, Any]:
+        """``POST /model/rollback?version=V``: serve a kept version again (404 unknown; the route answers 409 while
+        a training runs). The model is loaded before answering, so the answer names what is now served."""
+        from spmamba.checkpoint import CheckpointError
+
+        previous = self.model_store.describe().get("version")
+        try:
+            entry = self.versions.rollback(version, current=previous)
+        except UnknownVersion:
+            kept = [v["version"] for v in self.versions.list()]
+            raise not_found(f"no kept model version {version!r}; kept: {', '.join(kept) or 'none'} "
+                            "(GET /model/versions lists them)") from None
+        except CheckpointError as e:
+            raise conflict(f"version {version} cannot be restored: its file is damaged ({e})") from e
+        served = self.model_store.describe()
+        if served.get("version") != version:
+            raise conflict(f"version {version} was restored to {self.settings.published_model} but the server serves "
+                           f"{served.get('version')} from {served.get('path')}: check --conf model")
+        logger.info(f"Rolled back the served model from {previous} to {version}")
+        self.async_scoring(None)  # stored scores follow the served version (incremental)
+        return {"version": version, "previous_version": previous, "served": served, "entry": entry}
 
     # ------------------------------------------------------------------ inference
     def infer(self, request, datastore=None):

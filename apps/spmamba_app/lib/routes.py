@@ -15,6 +15,10 @@ MONAI Label 0.8.5 offers no hook to validate a request before it spends work on 
 * ``PUT /datastore/image`` and ``PUT /datastore/image/info``: malformed ``params`` / ``info`` JSON and path-like ids
   are a 400 (the stock handlers answer 500); the files themselves are validated by the app's datastore.
 
+Two routes are the app's own (no stock equivalent): ``GET /model/versions`` (the served model and the versions kept
+for rollback; any user) and ``POST /model/rollback?version=V`` (admin, like training: 404 for a version not kept,
+409 while a training runs). They are registered before MONAI Label's ``/model/{model}`` download route.
+
 The stock handlers do the rest, so the REST surface is unchanged for stock clients.
 """
 
@@ -121,7 +125,11 @@ def install(fastapi_app) -> None:
             if busy and not enqueue:  # the stock check misses a task submitted but not yet started
                 raise HTTPException(status_code=429, detail="a training is already running (DELETE /train/ stops it)")
             task.precheck({"model": model, **(params or {})}, instance.datastore())
-        return ep_train.run_model(model, params, run_sync, enqueue)
+        warning = task.preset_warning({"model": model, **(params or {})}) if hasattr(task, "preset_warning") else None
+        res = ep_train.run_model(model, params, run_sync, enqueue)
+        if warning and isinstance(res, dict):
+            res = {**res, "warning": warning}  # forced: the weaker model will replace the served one
+        return res
 
     def spmamba_train_stop(user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
         instance = app_instance()
@@ -175,6 +183,25 @@ def install(fastapi_app) -> None:
         check_id(image)
         return ep_datastore.update_image_info(image, info, user.username)
 
+    def _training_running() -> bool:
+        return bool(processes("train")) or any(t.get("status") in ("SUBMITTED", "RUNNING") for t in tasks("train"))
+
+    def spmamba_model_versions(user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+        instance = app_instance()
+        if not hasattr(instance, "model_versions"):
+            raise not_found("this app keeps no model versions")
+        return instance.model_versions()
+
+    def spmamba_model_rollback(version: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+        instance = app_instance()
+        if not hasattr(instance, "rollback_model"):
+            raise not_found("this app keeps no model versions")
+        check_id(version, "model version")
+        if _training_running():
+            raise HTTPException(status_code=409, detail="a training is running and will publish a new model: "
+                                                        "stop it (DELETE /train/) or wait, then roll back")
+        return instance.rollback_model(version)
+
     router = fastapi_app.router
     router.routes[:] = [r for r in router.routes if not getattr(r, "name", "").startswith(ROUTE_PREFIX)]
     added = [
@@ -183,6 +210,8 @@ def install(fastapi_app) -> None:
         (api + "/train/", spmamba_train_stop, ["DELETE"], "Stop training (graceful, then kill)"),
         (api + "/datastore/image", spmamba_add_image, ["PUT"], "Upload a new image (validated before it is stored)"),
         (api + "/datastore/image/info", spmamba_put_image_info, ["PUT"], "Update image info (curation state)"),
+        (api + "/model/versions", spmamba_model_versions, ["GET"], "Served model and the kept versions"),
+        (api + "/model/rollback", spmamba_model_rollback, ["POST"], "Serve a kept model version again"),
     ]
     for path, endpoint, methods, summary in added:
         router.add_api_route(path, endpoint, methods=methods, name=endpoint.__name__, summary=summary)

@@ -6,9 +6,14 @@ MONAI Label's ``BasicTrainTask`` assumes labelled segmentation (``final`` labels
 ``GET /train/``, stop with ``DELETE /train/``), and this object's ``__call__`` runs in that subprocess.
 
 Progress goes to ``<model_dir>/train_stats.json`` (atomic writes), which ``stats()`` serves in ``/info/``'s
-``train_stats``: status, epoch, total_epochs, loss, val_score, phase, pid, model_version. The new model is written
-to a temporary file in the model folder and renamed over ``spmamba.pt``, so a killed training leaves the previous
-model intact and the inference task picks the new one up by its modification time, without a restart.
+``train_stats``: status, epoch, total_epochs, step/total_steps (optimisation steps over the whole training), loss,
+val_score, phase, pid, model_version. The new model is written to a temporary file in the model folder and renamed
+over ``spmamba.pt`` (``versions.VersionHistory.publish``, which first keeps the replaced model in
+``<model_dir>/versions`` for rollback), so a killed training leaves the previous model intact and the inference task
+picks the new one up by its modification time, without a restart.
+
+A training whose preset is weaker (tiny < fast < paper) than the served model's is refused with 409 unless the
+request says ``"force": true``; then ``train_stats`` and the ``POST /train`` answer carry a ``warning``.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from ..configs import AppSettings
 from ..errors import bad_request, conflict
+from ..versions import VersionHistory, read_model_info, served_path, weaker_preset_message
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +104,19 @@ class AnomalyTrain(TrainTask):
                 raise bad_request(f"max_epochs must be an integer, not {epochs!r}") from None
             if epochs < 1:
                 epochs = None  # 0 = preset default
-        return {"preset": preset, "epochs": epochs}
+        force = request.get("force", False)
+        if isinstance(force, str):
+            force = force.strip().lower() in ("1", "true", "yes", "on")
+        return {"preset": preset, "epochs": epochs, "force": bool(force)}
+
+    def history(self) -> VersionHistory:
+        s = self.settings
+        return VersionHistory(s.model_dir, s.published_model, s.keep_versions, s.model)
+
+    def preset_warning(self, request: Dict[str, Any]) -> Optional[str]:
+        """A warning when this request's preset is weaker (tiny < fast < paper) than the served model's."""
+        served = read_model_info(served_path(self.settings.published_model, self.settings.model))
+        return weaker_preset_message(self._params(request)["preset"], served)
 
     def training_images(self, datastore) -> List[str]:
         ids = datastore.training_studies(self.settings.unflagged_normal)
@@ -116,6 +134,10 @@ class AnomalyTrain(TrainTask):
                 f"too few normal studies to train: {len(images)} {how}, at least {need} needed. Mark studies with "
                 f"PUT /datastore/image/info?image=ID and info={{\"curation\": \"normal\"}}"
             )
+        warning = self.preset_warning(request)
+        if warning and not self._params(request)["force"]:
+            raise conflict(f"training refused: {warning} Send \"force\": true with the training parameters to "
+                           "train and publish it anyway, or train a preset at least as strong.")
         return images
 
     # ------------------------------------------------------------------ run (in MONAI Label's train subprocess)
@@ -145,13 +167,24 @@ class AnomalyTrain(TrainTask):
             _write_json_atomic(s.stats_path, {**stats, "status": "ERROR", "detail": detail, "pid": None})
             raise RuntimeError(detail) from e
         stats.update({"preset": params["preset"], "n_studies": len(images), "total_epochs": params["epochs"]})
+        warning = self.preset_warning(request)
+        if warning:
+            stats["warning"] = warning
         _write_json_atomic(s.stats_path, stats)
         last_write = [0.0]
 
         def progress(p: Dict[str, Any]) -> None:
-            for k in ("phase", "epoch", "total_epochs", "step", "total_steps"):
+            # step/total_steps: optimisation steps over the whole training (done / planned); epoch_step and
+            # steps_per_epoch within the epoch; other phases (prepare, calibrate ...) count in phase_step/_total
+            for k in ("phase", "epoch", "total_epochs"):
                 if p.get(k) is not None:
                     stats[k] = p[k]
+            if p.get("global_step") is not None:
+                stats["step"], stats["total_steps"] = p["global_step"], p.get("total_global_steps")
+            if p.get("phase") == "train":
+                stats["epoch_step"], stats["steps_per_epoch"] = p.get("step"), p.get("total_steps")
+            elif p.get("step") is not None:
+                stats["phase_step"], stats["phase_total_steps"] = p["step"], p.get("total_steps")
             for k in ("loss", "val_score"):
                 if k in p:
                     stats[k] = _finite(p[k])
@@ -182,14 +215,8 @@ class AnomalyTrain(TrainTask):
             )
             stats["phase"] = "publishing"
             _write_json_atomic(s.stats_path, stats)
-            fd, tmp = tempfile.mkstemp(prefix=".spmamba.", suffix=".pt.part", dir=s.model_dir)
-            os.close(fd)
-            try:
-                detector.save(tmp)
-                os.replace(tmp, s.published_model)  # atomic publish: readers see the old or the new file
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            # atomic publish (rename over spmamba.pt); the replaced model is kept in <model_dir>/versions
+            published = self.history().publish(detector, extra={"n_studies": len(images)})
         except Exception as e:
             stats.update({"status": "ERROR", "detail": f"{type(e).__name__}: {e}", "pid": None})
             stats["elapsed_s"] = round(time.time() - started, 1)
@@ -198,10 +225,15 @@ class AnomalyTrain(TrainTask):
         stopped = os.path.exists(s.stop_path)
         if stopped:
             os.unlink(s.stop_path)
+        training = detector.meta.get("training") or {}
+        if training.get("steps") is not None:  # the training's own steps, whatever phase reported last
+            stats["step"], stats["total_steps"] = training["steps"], training.get("total_steps")
         stats.update(
             {
                 "status": "DONE",
-                "stopped_early": stopped,
+                "stopped_early": stopped or bool(training.get("stopped_early")),
+                "previous_version": published.get("previous_version"),
+                "versions_kept": len(self.history().list()),
                 "phase": "done",
                 "pid": None,
                 "model_version": detector.version,
