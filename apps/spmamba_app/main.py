@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 from typing import Any, Callable, Dict
 
 from lib.activelearning import MostAnomalousUnreviewed, SuspectNormal
-from lib.configs import CURATION_KEY, CURATION_STATES, parse_conf
+from lib.configs import CURATION_KEY, CURATION_STATES, ConfError, parse_conf
 from lib.datastore import VOLUME_EXTENSIONS, CuratedDatastore
 from lib.errors import bad_request, check_id, conflict, not_found
 from lib.infers import AnomalyInfer, AnomalySegmentationInfer, Detection
@@ -35,11 +36,32 @@ import lib.routes as routes
 logger = logging.getLogger(__name__)
 
 
+def refuse_to_start(error: Exception) -> None:
+    """A bad ``--conf`` in ``monailabel start_server``: one line on stderr and exit 2, not uvicorn's traceback.
+
+    MONAI Label builds the app inside uvicorn's start-up (the ASGI lifespan), where any exception is printed as a
+    ~100-line traceback before "Application startup failed". Elsewhere (tests, MONAI Label's task subprocesses)
+    this returns and the caller re-raises the error.
+    """
+    main = sys.modules.get("__main__")
+    if getattr(getattr(main, "__spec__", None), "name", None) != "monailabel.main":
+        return
+    sys.stderr.write(f"SP-Mamba app not started: {error}\n")
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(2)
+
+
 class SPMambaApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
-        if studies.startswith(("http://", "https://")):
-            raise ValueError("the SP-Mamba app needs a local studies folder (curation lives in its datastore)")
-        self.settings = parse_conf(app_dir, studies, conf)
+        try:
+            if studies.startswith(("http://", "https://")):
+                raise ConfError("--studies: the SP-Mamba app needs a local studies folder (curation lives in its "
+                                "datastore)")
+            self.settings = parse_conf(app_dir, studies, conf)
+        except ConfError as e:
+            refuse_to_start(e)
+            raise
         os.makedirs(self.settings.model_dir, exist_ok=True)
         self.model_store = ModelStore(self.settings.published_model, self.settings.model, self.settings.device)
         self.versions = VersionHistory(self.settings.model_dir, self.settings.published_model,

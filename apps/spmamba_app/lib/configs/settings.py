@@ -5,9 +5,10 @@ message that names the option, so a typo in ``--conf`` fails loudly instead of s
 """
 from __future__ import annotations
 
+import difflib
 import os
-from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Optional
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Dict, List, Optional
 
 CURATION_KEY = "curation"
 CURATION_STATES = ("normal", "abnormal", "excluded")
@@ -15,6 +16,15 @@ SCORE_KEY = "anomaly"
 MODEL_FILENAME = "spmamba.pt"
 STATS_FILENAME = "train_stats.json"
 STOP_FILENAME = "train_stop.request"
+
+#: keys MONAI Label itself reads from the app's conf (``MONAILabelApp.__init__``: ``server_mode``); accepted and
+#: passed through in ``AppSettings.extra``. Every other key must be one of the app's own (the fields below).
+MONAILABEL_KEYS = ("server_mode",)
+
+
+class ConfError(ValueError):
+    """A ``--conf`` value the app cannot start with; the message is one line that names the key."""
+
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -31,7 +41,7 @@ def _bool(conf: Dict[str, Any], key: str, default: bool) -> bool:
         return True
     if text in _FALSE:
         return False
-    raise ValueError(f"--conf {key} {value!r}: expected true or false")
+    raise ConfError(f"--conf {key} {value!r}: expected true or false")
 
 
 def _int(conf: Dict[str, Any], key: str, default: Optional[int], minimum: int = 0) -> Optional[int]:
@@ -41,9 +51,9 @@ def _int(conf: Dict[str, Any], key: str, default: Optional[int], minimum: int = 
     try:
         number = int(str(value).strip())
     except ValueError:
-        raise ValueError(f"--conf {key} {value!r}: expected an integer") from None
+        raise ConfError(f"--conf {key} {value!r}: expected an integer") from None
     if number < minimum:
-        raise ValueError(f"--conf {key} {value!r}: must be >= {minimum}")
+        raise ConfError(f"--conf {key} {value!r}: must be >= {minimum}")
     return number
 
 
@@ -89,13 +99,40 @@ class AppSettings:
         return d
 
 
+def conf_keys() -> set:
+    """Every key ``--conf`` accepts: the settings' fields (not ``app_dir``/``extra``) and MONAI Label's own."""
+    own = {f.name for f in fields(AppSettings)} - {"app_dir", "extra"}
+    return own | set(MONAILABEL_KEYS)
+
+
+def library_presets() -> List[str]:
+    """The training presets ``spmamba`` offers (``spmamba.models.config.PRESETS``); empty if it cannot say."""
+    try:
+        from spmamba.models.config import PRESETS
+    except Exception:  # noqa: BLE001 - no library: training fails later with its own message
+        return []
+    return sorted(PRESETS)
+
+
 def parse_conf(app_dir: str, studies: str, conf: Optional[Dict[str, Any]]) -> AppSettings:
-    """Build :class:`AppSettings` from MONAI Label's conf dict; raises ``ValueError`` naming a bad option."""
+    """Build :class:`AppSettings` from MONAI Label's conf dict; raises :class:`ConfError` (a ``ValueError``) with a
+    one-line message naming the bad key: unknown keys, an unknown preset and malformed values are refused."""
     conf = dict(conf or {})
+    known = conf_keys()
+    unknown = sorted(str(k) for k in conf if k not in known)
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        own = sorted(known - set(MONAILABEL_KEYS))
+        raise ConfError(f"--conf {key}: unknown setting{hint}; valid keys: {', '.join(own)}")
     preset = str(conf.get("preset", "fast")).strip() or "fast"
+    presets = library_presets()
+    if presets and preset not in presets:
+        raise ConfError(f"--conf preset {preset!r}: unknown preset; choose one of {', '.join(presets)}")
     device = str(conf.get("device", "auto")).strip().lower() or "auto"
     if not (device in ("auto", "cpu") or device.startswith("cuda")):
-        raise ValueError(f"--conf device {device!r}: expected auto, cpu or cuda[:N]")
+        raise ConfError(f"--conf device {device!r}: expected auto, cpu or cuda[:N]")
 
     axis_raw = str(conf.get("slice_axis", "auto")).strip().lower()
     axis_names = {"sagittal": 0, "coronal": 1, "axial": 2, "x": 0, "y": 1, "z": 2}
@@ -106,7 +143,7 @@ def parse_conf(app_dir: str, studies: str, conf: Optional[Dict[str, Any]]) -> Ap
     else:
         slice_axis = _int(conf, "slice_axis", None)
         if slice_axis not in (0, 1, 2):
-            raise ValueError(f"--conf slice_axis {axis_raw!r}: expected auto, 0, 1, 2, sagittal, coronal or axial")
+            raise ConfError(f"--conf slice_axis {axis_raw!r}: expected auto, 0, 1, 2, sagittal, coronal or axial")
 
     model = conf.get("model")
     model = os.path.realpath(os.path.expanduser(str(model))) if model not in (None, "", "none") else None
@@ -115,17 +152,12 @@ def parse_conf(app_dir: str, studies: str, conf: Optional[Dict[str, Any]]) -> Ap
 
     encoder_weights = str(conf.get("encoder_weights", "none")).strip() or "none"
     if encoder_weights.lower() not in ("none", "imagenet") and not os.path.isfile(os.path.expanduser(encoder_weights)):
-        raise ValueError(f"--conf encoder_weights {encoder_weights!r}: no such file (or use 'none')")
+        raise ConfError(f"--conf encoder_weights {encoder_weights!r}: no such file (or use 'none')")
 
     seed = conf.get("seed_curation")
     if seed is None:
         seed = os.path.join(studies, "curation.csv") if studies and not studies.startswith("http") else ""
 
-    known = {
-        "preset", "device", "slice_axis", "encoder_weights", "unflagged_normal", "model", "model_dir", "epochs",
-        "min_normals", "auto_score", "auto_train", "infer_workers", "top_regions", "stop_grace_s", "seed_curation",
-        "keep_versions",
-    }
     return AppSettings(
         app_dir=app_dir,
         preset=preset,
@@ -144,5 +176,5 @@ def parse_conf(app_dir: str, studies: str, conf: Optional[Dict[str, Any]]) -> Ap
         stop_grace_s=_int(conf, "stop_grace_s", 20, minimum=0) or 0,
         keep_versions=_int(conf, "keep_versions", 5, minimum=0) or 0,
         seed_curation=str(seed),
-        extra={k: v for k, v in conf.items() if k not in known},
+        extra={k: v for k, v in conf.items() if k in MONAILABEL_KEYS},
     )

@@ -1,0 +1,87 @@
+"""``--conf`` validation: unknown keys, unknown presets and malformed values stop the server with one line."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from app_helpers import APP_DIR, REPO, free_port
+
+
+@pytest.fixture(scope="module")
+def configs():
+    sys.path.insert(0, str(APP_DIR))
+    try:
+        import lib.configs as configs
+
+        yield configs
+    finally:
+        sys.path.remove(str(APP_DIR))
+
+
+def test_every_library_preset_is_accepted(configs, tmp_path):
+    from spmamba.models.config import PRESETS
+
+    assert {"tiny", "fast", "paper"} <= set(PRESETS)
+    for name in PRESETS:
+        assert configs.parse_conf(str(tmp_path), "x", {"preset": name}).preset == name
+
+
+def test_unknown_preset_is_refused_naming_the_presets(configs, tmp_path):
+    with pytest.raises(configs.ConfError) as e:
+        configs.parse_conf(str(tmp_path), "x", {"preset": "bogus"})
+    msg = str(e.value)
+    assert "preset" in msg and "bogus" in msg and "tiny" in msg and "fast" in msg and "paper" in msg
+    assert "\n" not in msg
+
+
+def test_unknown_key_is_refused_listing_the_valid_ones(configs, tmp_path):
+    with pytest.raises(configs.ConfError) as e:
+        configs.parse_conf(str(tmp_path), "x", {"typo_key": "1"})
+    msg = str(e.value)
+    assert "typo_key" in msg and "\n" not in msg
+    for key in ("preset", "device", "model", "stop_grace_s", "auto_score"):
+        assert key in msg
+    with pytest.raises(ValueError) as e:  # ConfError is a ValueError: older callers keep working
+        configs.parse_conf(str(tmp_path), "x", {"top_region": "3"})
+    assert "top_region" in str(e.value) and "did you mean top_regions" in str(e.value)
+
+
+def test_every_settings_field_and_monailabel_key_is_a_valid_key(configs, tmp_path):
+    """New settings (e.g. keep_versions) are valid keys as soon as they are fields of AppSettings."""
+    from dataclasses import fields
+
+    keys = configs.settings.conf_keys()
+    for f in fields(configs.AppSettings):
+        if f.name not in ("app_dir", "extra"):
+            assert f.name in keys
+    assert "keep_versions" in keys  # helper C's rollback setting
+    s = configs.parse_conf(str(tmp_path), "x", {"server_mode": "true", "keep_versions": "3"})
+    assert s.extra == {"server_mode": "true"}  # MONAI Label's own key passes through
+
+
+@pytest.mark.parametrize("conf", [{"device": "gpu"}, {"slice_axis": "7"}, {"epochs": "zero"},
+                                  {"auto_score": "perhaps"}, {"min_normals": "0"}])
+def test_malformed_values_name_the_key_in_one_line(configs, tmp_path, conf):
+    with pytest.raises(configs.ConfError) as e:
+        configs.parse_conf(str(tmp_path), "x", conf)
+    assert list(conf)[0] in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_start_server_with_a_bad_setting_exits_with_one_line(tmp_path):
+    """A real ``python -m monailabel.main start_server``: non-zero exit, the key named in stderr, no traceback."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "lib")}
+    cases = {"preset": ("bogus", "fast"), "typo_key": ("1", "valid keys"), "device": ("gpu", "cuda")}
+    for key, (value, hint) in cases.items():
+        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR),
+               "--studies", str(tmp_path / "studies"), "-i", "127.0.0.1", "-p", str(free_port()),
+               "--conf", "model_dir", str(tmp_path / "model"), "--conf", key, value]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=str(tmp_path))
+        assert p.returncode != 0, (key, p.stderr[-2000:])
+        lines = [ln for ln in p.stderr.splitlines() if ln.startswith("SP-Mamba app not started:")]
+        assert len(lines) == 1, (key, p.stderr[-2000:])
+        assert f"--conf {key}" in lines[0] and hint in lines[0], lines[0]
+        assert "Traceback" not in p.stderr + p.stdout, (key, p.stderr[-3000:])
+        assert "Uvicorn running" not in p.stderr + p.stdout
