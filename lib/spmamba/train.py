@@ -33,50 +33,70 @@ class TrainingDataError(ValueError):
     """The training data cannot be used (too few volumes, unreadable files, no foreground ...)."""
 
 
-def _load_all(volumes: Sequence[Union[str, Path, Volume]]) -> list[Volume]:
+def _load_all(volumes: Sequence[Union[str, Path, Volume]],
+              progress: Optional[Callable[[int, int], None]] = None) -> list[Volume]:
     out = []
     for v in volumes:
         if isinstance(v, Volume):
             out.append(v)
-            continue
-        try:
-            out.append(load_volume(v))
-        except VolumeError as e:
-            raise TrainingDataError(f"cannot train on {v}: {e}") from e
+        else:
+            try:
+                out.append(load_volume(v))
+            except VolumeError as e:
+                raise TrainingDataError(f"cannot train on {v}: {e}") from e
+        if progress is not None:
+            progress(len(out), len(volumes))
     return out
 
 
-def _slice_tensor(vols: list[Volume], prep: Preprocessing, size: int) -> torch.Tensor:
+def _slice_tensor(vols: list[Volume], prep: Preprocessing, size: int,
+                  progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
     """All foreground slices of the volumes as one (n, 1, S, S) float tensor of scaled intensities."""
     parts = []
-    for v in vols:
+    for i, v in enumerate(vols):
         norm, _, keep, _ = prepare_slices(v.array, v.affine, prep)
         if not keep:
             raise TrainingDataError(f"{v.path or 'a volume'}: no slice has foreground; is it blank?")
         parts.append(slices_to_batch(norm[keep], size)[0])
+        if progress is not None:
+            progress(i + 1, len(vols))
     return torch.cat(parts)
 
 
 def calibrate(detector: Detector, vols: list[Volume], pixel_fpr: float = 0.001, volume_fpr: float = 0.05,
-              progress: Optional[Callable[[dict], None]] = None) -> Calibration:
+              progress: Optional[Callable[[dict], None]] = None, deadline: Optional[float] = None,
+              seconds_per_volume: Optional[float] = None) -> Calibration:
     """Pixel threshold: the (1 - pixel_fpr) quantile of heatmap values inside the foreground of held-out normals.
     Volume threshold: the (1 - volume_fpr) quantile of their volume scores ('higher' method: with few volumes this
-    is their maximum)."""
+    is their maximum).
+
+    ``deadline`` (a ``time.time()`` value): the volumes are used in order while the next one is expected to end
+    before it (expected = the mean detection time so far, or ``seconds_per_volume`` before the first); the first
+    volume is always used. ``Calibration.n_volumes`` says how many were."""
     rng = np.random.default_rng(0)
-    pixel_values, scores = [], []
+    pixel_values, scores, took = [], [], []
+    if progress:
+        progress({"phase": "calibrate", "step": 0, "total_steps": len(vols), "unit": "vol"})
     for i, v in enumerate(vols):
+        if deadline is not None and i > 0:
+            expected = float(np.mean(took)) if took else float(seconds_per_volume or 0.0)
+            if time.time() + expected > deadline:
+                log.info("calibration: time limit; %d of %d held-out volumes used", i, len(vols))
+                break
+        t0 = time.perf_counter()
         res = detector.detect(v.array, v.affine)
         vals = res.heatmap[res.foreground]
         if vals.size > _PIXELS_PER_VOLUME:
             vals = rng.choice(vals, _PIXELS_PER_VOLUME, replace=False)
         pixel_values.append(vals)
         scores.append(res.score)
+        took.append(time.perf_counter() - t0)
         if progress:
-            progress({"phase": "calibrate", "step": i + 1, "total_steps": len(vols)})
+            progress({"phase": "calibrate", "step": i + 1, "total_steps": len(vols), "unit": "vol"})
     return Calibration(
         pixel_threshold=calibrate_threshold(np.concatenate(pixel_values), pixel_fpr),
         volume_threshold=calibrate_threshold(np.array(scores), volume_fpr),
-        pixel_fpr=pixel_fpr, volume_fpr=volume_fpr, n_volumes=len(vols),
+        pixel_fpr=pixel_fpr, volume_fpr=volume_fpr, n_volumes=len(scores),
         normal_volume_scores=[float(s) for s in scores],
     )
 
@@ -117,6 +137,8 @@ def train_detector(
     checkpoint_path: Optional[Union[str, Path]] = None,
     max_steps: Optional[int] = None,
     position_normalise: bool = False,
+    time_limit: Optional[float] = None,
+    origin: Optional[str] = None,
 ) -> Detector:
     """Train SP-Mamba on normal volumes and calibrate it; see the module docstring.
 
@@ -136,13 +158,22 @@ def train_detector(
         position_normalise: after training, fit per-voxel statistics of the heatmaps of the training volumes and
             z-score every heatmap against them (all volumes must share one grid; see ``Detector.position_stats``).
             Costs one detection per training volume; calibration then runs on the normalised maps.
+        time_limit: wall-clock seconds for the whole call, from reading the volumes to the saved, calibrated model
+            (encoder norm adaptation, optimisation, position statistics, calibration). The time one detection takes
+            is measured on a held-out volume first; training then stops early enough to leave time for
+            calibrating the held-out volumes, and calibration uses fewer of them if time runs short. At least one
+            optimisation step and one calibration volume are always done, so a limit shorter than those is
+            exceeded by them.
+        origin: what trained it (e.g. "spmamba train"), recorded in ``meta["training"]["origin"]``.
     Returns:
         A calibrated Detector (not yet saved unless checkpoint_path was given; then that file is final too).
     """
     t_start = time.time()
+    deadline = t_start + float(time_limit) if time_limit is not None else None
     emit = progress or (lambda d: None)
     stop = should_stop or (lambda: False)
-    vols = _load_all(volumes)
+    emit({"phase": "load", "step": 0, "total_steps": len(volumes), "unit": "vol"})
+    vols = _load_all(volumes, lambda i, k: emit({"phase": "load", "step": i, "total_steps": k, "unit": "vol"}))
     if len(vols) < MIN_VOLUMES:
         raise TrainingDataError(
             f"{len(vols)} normal volume(s) given; at least {MIN_VOLUMES} are needed (some to learn from, one held out "
@@ -172,14 +203,50 @@ def train_detector(
     if total_epochs < 1:
         raise ValueError("epochs must be >= 1")
 
-    emit({"phase": "prepare", "step": 0, "total_steps": len(train_vols)})
-    data = _slice_tensor(train_vols, prep, cfg.image_size)
+    emit({"phase": "prepare", "step": 0, "total_steps": len(train_vols), "unit": "vol"})
+    data = _slice_tensor(train_vols, prep, cfg.image_size,
+                         lambda i, k: emit({"phase": "prepare", "step": i, "total_steps": k, "unit": "vol"}))
     n = data.shape[0]
+
+    # Time budget (time_limit): what follows training (position statistics, calibration, the final save) needs
+    # about one detection per volume; measure one now (the time does not depend on the weights).
+    seconds_per_volume = 0.0
+    seconds_per_save = 0.0
+    n_after = len(val_vols) + (len(train_vols) if position_normalise else 0)
+    if deadline is not None:
+        emit({"phase": "measure", "step": 0, "total_steps": 1, "unit": "vol"})
+        t0 = time.perf_counter()
+        detector.detect(val_vols[0].array, val_vols[0].affine)
+        seconds_per_volume = time.perf_counter() - t0
+        emit({"phase": "measure", "step": 1, "total_steps": 1, "unit": "vol"})
+
+    def left() -> float:
+        return deadline - time.time() if deadline is not None else math.inf
+
+    def reserve() -> float:
+        """Seconds kept for what follows training: all of it when it fits in half of what is left, else half of
+        what is left (calibration then uses fewer volumes), but never less than one volume."""
+        if deadline is None:
+            return 0.0
+        per = 1.15 * seconds_per_volume
+        full = per * n_after + 2 * seconds_per_save
+        return max(min(full, 0.5 * max(0.0, left())), per + seconds_per_save)
+
     if resume_obj is None and _adapts_encoder_norm(cfg.encoder_norm, encoder_weights):
-        emit({"phase": "encoder_norm", "step": 0, "total_steps": 1})
+        norm_order, norm_stop = None, None
+        if deadline is not None:  # at most a quarter of the training time; a random sample if it is cut short
+            norm_deadline = time.time() + 0.25 * max(0.0, left() - reserve())
+            norm_order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+            norm_stop = lambda: time.time() > norm_deadline  # noqa: E731
+        n_norm_batches = math.ceil(n / 64)
+        emit({"phase": "encoder_norm", "step": 0, "total_steps": n_norm_batches, "unit": "batch"})
         with torch.no_grad():
-            seen = model.adapt_encoder_norm(data)
-        detector.meta["encoder_norm"] = f"adapted on {seen} training slices"
+            seen = model.adapt_encoder_norm(
+                data if norm_order is None else data[norm_order], batch_size=64,
+                progress=lambda b, k: emit({"phase": "encoder_norm", "step": b, "total_steps": k, "unit": "batch"}),
+                should_stop=norm_stop)
+        detector.meta["encoder_norm"] = f"adapted on {seen} training slices" + (
+            f" (of {n}; time limit)" if seen < n else "")
         log.info("encoder BatchNorm statistics re-estimated on %d normal slices", seen)
     batch = min(cfg.batch_size, n)
     steps_per_epoch = max(1, n // batch)  # drop the ragged last batch (BatchNorm in the bottleneck)
@@ -198,7 +265,8 @@ def train_detector(
 
     def summary(epochs_done: int, stopped: bool) -> dict:
         return {
-            "n_train_volumes": len(train_vols), "n_calibration_volumes": len(val_vols), "n_slices": int(n),
+            "n_train_volumes": len(train_vols), "n_calibration_volumes": n_calibration_used,
+            "n_held_out_volumes": len(val_vols), "n_slices": int(n),
             "train_ids": [Path(v.path).name if v.path else f"volume{i}" for i, v in enumerate(train_vols)],
             "shapes": sorted({tuple(int(s) for s in v.array.shape) for v in vols}),
             "epochs": epochs_done, "total_epochs": total_epochs, "stopped_early": stopped,
@@ -208,17 +276,21 @@ def train_detector(
             "train_seconds": time.time() - t_start, "device": str(dev),
             "position_normalise": detector.position_stats is not None,
             "encoder_norm": detector.meta.get("encoder_norm", "as in the weights"),
+            "stop_reason": stop_reason, "time_limit_s": time_limit, "origin": origin,
         }
 
     def save(epoch_done: int, stopped: bool) -> None:
+        nonlocal seconds_per_save
         if checkpoint_path is None:
             return
+        t0 = time.perf_counter()
         detector.meta["training"] = summary(epoch_done, stopped)
         detector.invalidate_version()
         detector.save(checkpoint_path, training_state={
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch_done,
             "loss_history": history,
         })
+        seconds_per_save = max(seconds_per_save, time.perf_counter() - t0)
 
     step_total = 0  # optimisation steps in this run
     steps_before = start_epoch * steps_per_epoch  # ... and in the run this one resumes
@@ -226,16 +298,28 @@ def train_detector(
     if max_steps is not None:
         planned_steps = min(planned_steps, steps_before + max_steps)
     stopped = False
+    stop_reason: Optional[str] = None  # None (finished), "stopped" (should_stop), "max_steps", "time_limit"
+    n_calibration_used = len(val_vols)
+    step_seconds = 0.0  # running estimate of one optimisation step
     epoch = start_epoch
     g = torch.Generator().manual_seed(seed + start_epoch)
+    emit({"phase": "train", "epoch": start_epoch + 1, "total_epochs": total_epochs, "step": 0,
+          "total_steps": steps_per_epoch, "global_step": steps_before, "total_global_steps": planned_steps})
     for epoch in range(start_epoch, total_epochs):
         model.train()
         perm = torch.randperm(n, generator=g)
         running = 0.0
         for step in range(steps_per_epoch):
-            if stop() or (max_steps is not None and step_total >= max_steps):
+            if stop():
+                stop_reason = "stopped"
+            elif max_steps is not None and step_total >= max_steps:
+                stop_reason = "max_steps"
+            elif step_total > 0 and step_seconds > left() - reserve():
+                stop_reason = "time_limit"
+            if stop_reason is not None:
                 stopped = True
                 break
+            t_step = time.perf_counter()
             idx = perm[step * batch:(step + 1) * batch]
             out = model(data[idx].to(dev, non_blocking=True))
             loss = model.loss(out)
@@ -246,6 +330,8 @@ def train_detector(
             loss_value = loss.item()
             running += loss_value
             step_total += 1
+            dt = time.perf_counter() - t_step
+            step_seconds = dt if step_total == 1 else max(0.7 * step_seconds + 0.3 * dt, dt)
             emit({"phase": "train", "epoch": epoch + 1, "total_epochs": total_epochs, "step": step + 1,
                   "total_steps": steps_per_epoch, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
                   "global_step": steps_before + step_total, "total_global_steps": planned_steps})
@@ -263,10 +349,20 @@ def train_detector(
     epochs_done = epoch if stopped else total_epochs
     model.eval()
     if position_normalise:
-        emit({"phase": "position_stats", "step": 0, "total_steps": len(train_vols)})
-        detector.fit_position_stats(train_vols, lambda i, n: emit({"phase": "position_stats", "step": i,
-                                                                   "total_steps": n}))
-    detector.calibration = calibrate(detector, val_vols, pixel_fpr, volume_fpr, emit)
+        fit_vols = train_vols
+        if deadline is not None:  # a share of the remaining volume slots, the rest stay for calibration
+            slots = int((left() - seconds_per_save) / max(1e-6, 1.15 * seconds_per_volume))
+            if slots < n_after:
+                keep = max(min(2, len(train_vols)), int(slots * len(train_vols) / max(1, n_after)))
+                fit_vols = train_vols[:keep]
+        emit({"phase": "position_stats", "step": 0, "total_steps": len(fit_vols), "unit": "vol"})
+        detector.fit_position_stats(fit_vols, lambda i, n: emit({"phase": "position_stats", "step": i,
+                                                                 "total_steps": n, "unit": "vol"}))
+    detector.calibration = calibrate(
+        detector, val_vols, pixel_fpr, volume_fpr, emit,
+        deadline=None if deadline is None else deadline - seconds_per_save,
+        seconds_per_volume=seconds_per_volume or None)
+    n_calibration_used = detector.calibration.n_volumes
     detector.meta["training"] = summary(epochs_done, stopped)
     detector.meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     detector.invalidate_version()

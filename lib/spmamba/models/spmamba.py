@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -51,12 +51,27 @@ class SPMamba(nn.Module):
         """(B, 1, S, S) grey -> (B, 3, S, S) ImageNet-normalised."""
         return (x.expand(-1, 3, -1, -1) - self.pixel_mean) / self.pixel_std
 
-    def adapt_encoder_norm(self, slices: torch.Tensor, batch_size: int = 64) -> int:
+    def adapt_encoder_norm(self, slices: torch.Tensor, batch_size: int = 64,
+                           progress: Optional[Callable[[int, int], None]] = None,
+                           should_stop: Optional[Callable[[], bool]] = None) -> int:
         """Re-estimate the frozen encoder's BatchNorm statistics on normal slices (B, 1, S, S); see
-        ``ResNetEncoder.adapt_batchnorm``. Returns the number of slices used."""
+        ``ResNetEncoder.adapt_batchnorm``. Returns the number of slices used.
+
+        ``progress(batches_done, n_batches)`` is called after every batch; ``should_stop()`` is polled before every
+        batch but the first, and True ends the estimate with the batches seen so far (give the slices in a random
+        order when it may stop early, so those batches are a fair sample)."""
         dev = self.pixel_mean.device
-        return self.encoder.adapt_batchnorm(
-            self._encoder_input(slices[i:i + batch_size].to(dev)) for i in range(0, slices.shape[0], batch_size))
+        starts = list(range(0, slices.shape[0], batch_size))
+
+        def batches():
+            for b, i in enumerate(starts):
+                if b > 0 and should_stop is not None and should_stop():
+                    return
+                yield self._encoder_input(slices[i:i + batch_size].to(dev))
+                if progress is not None:
+                    progress(b + 1, len(starts))
+
+        return self.encoder.adapt_batchnorm(batches())
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
