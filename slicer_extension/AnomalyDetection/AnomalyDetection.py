@@ -68,6 +68,7 @@ class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.heatmap = None
         self.regionsTable = None
         self.lastVersion = ""
+        self.versions = None  # ModelVersions shown in versionsComboBox
         self._updatingGUI = False
 
     # ----------------------------------------------------------------------------------------------- set-up
@@ -110,6 +111,7 @@ class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.refreshCountsButton.connect("clicked(bool)", self.onRefreshCounts)
         self.ui.startTrainingButton.connect("clicked(bool)", self.onStartTraining)
         self.ui.stopTrainingButton.connect("clicked(bool)", self.onStopTraining)
+        self.ui.rollbackButton.connect("clicked(bool)", self.onRollback)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.updateButtons()
@@ -176,6 +178,8 @@ class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         training = self.trainTimer.isActive() if hasattr(self, "trainTimer") else False
         self.ui.startTrainingButton.enabled = not training and not self.runner.busy("train")
         self.ui.stopTrainingButton.enabled = training
+        self.ui.rollbackButton.enabled = (self.ui.versionsComboBox.count > 1 and not training
+                                          and not self.runner.busy("rollback"))
 
     def applyServerUrl(self):
         url = self.ui.serverUrlLineEdit.text.strip() or DEFAULT_URL
@@ -223,6 +227,7 @@ class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self.setStatus(f"Connected to {self.logic.server_url}.")
         self.onRefreshCounts()
+        self.onRefreshVersions()
         self.run("train-poll", "Checking training state ...", self.logic.training_progress, onDone=self.showTraining)
 
     def onModelChanged(self, *unused):
@@ -351,6 +356,8 @@ class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         params = {}
         if self.ui.epochsSpinBox.value > 0:
             params["max_epochs"] = int(self.ui.epochsSpinBox.value)
+        if self.ui.allowWeakerCheckBox.checked:
+            params["force"] = True  # the server refuses a weaker preset than the served model's without it
         self.applyServerUrl()
         self.run("train", "Starting training on the studies marked normal ...", self.logic.start_training, params,
                  onDone=self.trainingStarted)
@@ -358,13 +365,59 @@ class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def trainingStarted(self, response):
         self.ui.trainingProgressBar.setValue(0)
         self.ui.trainingStatusLabel.text = "Training started."
-        self.setStatus("Training started; the progress bar follows the server's train stats.")
+        warning = response.get("warning") if isinstance(response, dict) else None
+        if warning:
+            self.setStatus(f"Training started. Warning: {warning}", error=True)
+        else:
+            self.setStatus("Training started; the progress bar follows the server's train stats.")
         self.trainTimer.start()
         self.updateButtons()
 
     def onStopTraining(self, *unused):
         self.run("stop", "Stopping training ...", self.logic.stop_training,
                  onDone=lambda r: self.setStatus("Training stop requested."))
+
+    # ----------------------------------------------------------------------------------------------- versions
+    def onRefreshVersions(self, *unused):
+        self.runner.submit("versions", self.logic.model_versions, on_done=self.showVersions,
+                           on_error=lambda exc: self.showVersions(None))
+
+    def showVersions(self, versions):
+        self.versions = versions
+        self.ui.versionsComboBox.clear()
+        if versions is None or not versions.supported:
+            self.ui.versionsComboBox.toolTip = "This server keeps no model versions."
+        else:
+            self.ui.versionsComboBox.toolTip = (f"Models the server keeps (at most {versions.keep}; newest first): "
+                                                "version, preset, creation date, training summary")
+            for label in versions.labels:
+                self.ui.versionsComboBox.addItem(label)
+            index = versions.index_of(versions.current)
+            if index >= 0:
+                self.ui.versionsComboBox.setCurrentIndex(index)
+        self.updateButtons()
+
+    def onRollback(self, *unused):
+        index = self.ui.versionsComboBox.currentIndex
+        if self.versions is None or not (0 <= index < len(self.versions.versions)):
+            self.setStatus("Connect first: the server lists the model versions it keeps.", error=True)
+            return
+        entry = self.versions.versions[index]
+        version = entry.get("version")
+        if version == self.versions.current:
+            self.setStatus(f"Version {version} is already the served model.")
+            return
+        self.applyServerUrl()
+        self.run("rollback", f"Rolling back to model version {version} ...", self.logic.rollback, version,
+                 onDone=self.rolledBack)
+
+    def rolledBack(self, response):
+        version = response.get("version", "")
+        self.lastVersion = version
+        self.ui.modelVersionLabel.text = version or "(none yet)"
+        self.setStatus(f"Now serving model version {version} (was {response.get('previous_version') or 'none'}); "
+                       "the next detection uses it.")
+        self.onRefreshVersions()
 
     def pollTraining(self):
         if self.runner.busy("train-poll"):
@@ -388,10 +441,14 @@ class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.trainTimer.stop()
             self.ui.trainingProgressBar.setRange(0, 100)
             if progress.model_version and progress.model_version != self.lastVersion:
-                self.setStatus(f"Training finished: new model version {progress.model_version} published.")
+                text = f"Training finished: new model version {progress.model_version} published."
+                if progress.warning:
+                    text += f" Warning: {progress.warning}"
+                self.setStatus(text, error=bool(progress.warning))
             else:
                 self.setStatus(f"Training ended ({progress.status.lower() or 'stopped'}); model version unchanged.",
                                error=progress.status in ("ERROR", "FAILED"))
+            self.onRefreshVersions()
         if progress.model_version:
             self.lastVersion = progress.model_version
             self.ui.modelVersionLabel.text = progress.model_version

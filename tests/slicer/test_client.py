@@ -212,6 +212,67 @@ def test_training_refused_and_status(fake):
     assert AnomalyClient(fake.url).is_training() is False
 
 
+VERSIONS = {
+    "current": "bbb222", "keep_versions": 5,
+    "versions": [
+        {"version": "bbb222", "preset": "tiny", "created": "2025-02-01T10:30:00+0000", "current": True,
+         "training": {"epochs": 1, "steps": 6, "n_studies": 4, "stopped_early": False},
+         "calibration": {"pixel_threshold": 0.4, "volume_threshold": 2.0}},
+        {"version": "aaa111", "preset": "fast", "created": "2025-01-05T09:00:00+0000", "current": False,
+         "training": {"epochs": 12, "steps": 480, "n_studies": 16, "stopped_early": True}},
+    ],
+}
+
+
+def test_model_versions_and_rollback(fake):
+    from AnomalyDetectionLib.client import describe_version
+    from AnomalyDetectionLib.logic import AnomalyLogic
+
+    fake.routes[("GET", "/model/versions")] = _json(VERSIONS)
+    fake.routes[("POST", "/model/rollback")] = _json({"version": "aaa111", "previous_version": "bbb222"})
+    client = AnomalyClient(fake.url)
+    assert [v["version"] for v in client.list_versions()["versions"]] == ["bbb222", "aaa111"]
+    assert describe_version(VERSIONS["versions"][0]) == "bbb222  tiny  2025-02-01 10:30  1 epochs, 6 steps, 4 studies  (served)"
+    assert describe_version(VERSIONS["versions"][1]).endswith("12 epochs, 480 steps, 16 studies, stopped early")
+    assert client.rollback("aaa111")["version"] == "aaa111"
+    method, path, _, _ = fake.requests[-1]
+    assert (method, path) == ("POST", "/model/rollback?version=aaa111")
+
+    logic = AnomalyLogic(fake.url)
+    versions = logic.model_versions()
+    assert versions.supported and versions.current == "bbb222" and versions.keep == 5
+    assert versions.index_of("aaa111") == 1 and "(served)" in versions.labels[0]
+    assert logic.rollback("aaa111")["previous_version"] == "bbb222"
+    # errors that say what to do
+    fake.routes[("POST", "/model/rollback")] = _json({"detail": "no kept model version 'zzz'"}, status=404)
+    with pytest.raises(ServerError) as e:
+        logic.rollback("zzz")
+    assert e.value.kind == "not_found" and "Connect" in str(e.value)
+    fake.routes[("POST", "/model/rollback")] = _json({"detail": "a training is running"}, status=409)
+    with pytest.raises(ServerError) as e:
+        logic.rollback("aaa111")
+    assert e.value.kind == "refused" and "training is running" in str(e.value)
+    # an app without version history: the combo box stays empty, no error
+    del fake.routes[("GET", "/model/versions")]
+    assert logic.model_versions().supported is False
+
+
+def test_weaker_preset_refusal_and_warning(fake):
+    from AnomalyDetectionLib.logic import AnomalyLogic
+
+    fake.routes[("POST", "/train/spmamba")] = _json(
+        {"detail": "training refused: the training preset 'tiny' is weaker than the served model's 'fast'"}, 409)
+    with pytest.raises(ServerError) as e:
+        AnomalyClient(fake.url).start_training(params={"preset": "tiny"})
+    assert e.value.kind == "refused" and "Allow a weaker preset" in str(e.value) and "'fast'" in str(e.value)
+    info = json.loads(json.dumps(INFO))
+    info["train_stats"]["spmamba"].update(status="DONE", warning="the training preset 'tiny' is weaker ...")
+    fake.routes[("GET", "/info/")] = _json(info)
+    fake.routes[("GET", "/train/")] = _json({"id": "t", "status": "DONE"})
+    progress = AnomalyLogic(fake.url).training_progress()
+    assert not progress.running and "weaker" in progress.warning
+
+
 def test_task_runner_keeps_caller_free_and_delivers_on_poll():
     runner = TaskRunner()
     got, errors = [], []

@@ -111,7 +111,7 @@ def test_module_file_follows_the_scripted_module_pattern():
     assert 'loadUI(self.resourcePath("UI/AnomalyDetection.ui"))' in source
     # no blocking network call in the Widget: every Logic call that talks to the server goes through self.run/runner
     for remote in ("connect", "run_detection", "mark", "curation_counts", "fetch_next_case", "start_training",
-                   "stop_training", "training_progress"):
+                   "stop_training", "training_progress", "model_versions", "rollback"):
         direct = re.findall(rf"self\.logic\.{remote}\(", source)
         assert not direct, f"the Widget calls logic.{remote}() on the GUI thread"
 

@@ -18,6 +18,8 @@ Endpoints used (see ``monailabel/endpoints/*.py``):
 ``POST /train/{model}``               JSON body (params); 429 when a training is already running
 ``GET  /train/?check_if_running=1``   404 when no training runs
 ``DELETE /train/``                    stop the running training
+``GET  /model/versions``              the served model and the versions the app keeps (SP-Mamba app)
+``POST /model/rollback?version=V``    serve a kept version again (SP-Mamba app; 404 unknown, 409 training)
 ====================================  ===============================================================
 """
 from __future__ import annotations
@@ -289,6 +291,23 @@ class AnomalyClient:
                 status=status,
                 detail=detail,
             )
+        if what.startswith("POST /train") and status == 409 and "weaker" in low:
+            return ServerError(
+                f"Training refused: its preset is weaker than the served model's.{suffix} To train and publish it "
+                "anyway, check 'Allow a weaker preset' in Retrain (the served model stays in Model versions, "
+                "for Roll back).",
+                kind="refused",
+                status=status,
+                detail=detail,
+            )
+        if what.startswith("POST /model/rollback") and status in (404, 409):
+            return ServerError(
+                (f"That model version is no longer kept on the server: press Connect to refresh the list.{suffix}"
+                 if status == 404 else f"Roll back refused (409).{suffix}"),
+                kind="not_found" if status == 404 else "refused",
+                status=status,
+                detail=detail,
+            )
         if status == 429 or (what.startswith("POST /train") and status in (400, 403, 409, 422)):
             return ServerError(
                 f"Training refused ({status}).{suffix} A training may already be running (press Stop first) or "
@@ -532,6 +551,25 @@ class AnomalyClient:
         timeout)."""
         return self._json("DELETE", "/train/", timeout=max(self.timeout, 90.0), what="DELETE /train/")
 
+    # ---------------------------------------------------------------------------------------------- model versions
+    def list_versions(self) -> Dict[str, Any]:
+        """``GET /model/versions``: ``{"current": version served, "keep_versions": N, "versions": [{"version",
+        "preset", "created", "published", "training": {...}, "calibration": {...}, "current": bool}, ...]}``,
+        newest first. A server without version history -> ServerError (``not_found`` or ``bad_response``)."""
+        res = self._json("GET", "/model/versions", what="GET /model/versions")
+        if not isinstance(res, dict) or not isinstance(res.get("versions"), list):
+            raise ServerError("The server keeps no model versions (no version list in GET /model/versions): it may "
+                              "be an older app.", kind="bad_response")
+        return res
+
+    def rollback(self, version: str) -> Dict[str, Any]:
+        """``POST /model/rollback?version=V``: serve a kept version again; answers ``{"version", "previous_version",
+        "served"}`` once the server has loaded it (hence the longer timeout)."""
+        if not version:
+            raise ValueError("rollback needs a model version")
+        return self._json("POST", "/model/rollback", {"version": version}, timeout=max(self.timeout, 120.0),
+                          what=f"POST /model/rollback {version}")
+
 
 def normalize_url(url: str) -> str:
     """``localhost:8000`` -> ``http://localhost:8000``; no trailing slash."""
@@ -594,6 +632,26 @@ def summarize_info(info: Dict[str, Any]) -> ServerSummary:
         trainers=list(trainers),
         train_stats=train_stats,
     )
+
+
+def describe_version(entry: Dict[str, Any]) -> str:
+    """One line for a kept model version: ``3f2a9c1d4e5f  fast  2025-01-05 12:00  3 epochs, 120 steps, 16 studies,
+    stopped early  (served)``."""
+    bits = [str(entry.get("version") or "?"), str(entry.get("preset") or "custom")]
+    when = str(entry.get("created") or entry.get("published") or "")
+    if when:
+        bits.append(when[:16].replace("T", " "))
+    t = entry.get("training") if isinstance(entry.get("training"), dict) else {}
+    summary = []
+    for key, word in (("epochs", "epochs"), ("steps", "steps"), ("n_studies", "studies")):
+        if isinstance(t.get(key), (int, float)) and not isinstance(t.get(key), bool):
+            summary.append(f"{int(t[key])} {word}")
+    if t.get("stopped_early"):
+        summary.append("stopped early")
+    if summary:
+        bits.append(", ".join(summary))
+    line = "  ".join(bits)
+    return line + "  (served)" if entry.get("current") else line
 
 
 def train_progress(train_stats: Dict[str, Any], model: str = DEFAULT_MODEL) -> Tuple[Optional[int], str]:

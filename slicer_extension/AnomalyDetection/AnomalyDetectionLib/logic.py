@@ -28,6 +28,7 @@ from .client import (
     DetectionResult,
     ServerError,
     ServerSummary,
+    describe_version,
     summarize_info,
     train_progress,
 )
@@ -84,6 +85,24 @@ class TrainingProgress:
     status: str
     model_version: str
     summary: ServerSummary
+    warning: str = ""  # e.g. a weaker preset than the model it replaces (train_stats["warning"])
+
+
+@dataclass
+class ModelVersions:
+    """The versions the server keeps, for the Retrain section's combo box (newest first)."""
+
+    current: str
+    versions: List[Dict[str, Any]]
+    labels: List[str]
+    supported: bool = True
+    keep: int = 0  # the server's keep_versions
+
+    def index_of(self, version: str) -> int:
+        for i, entry in enumerate(self.versions):
+            if entry.get("version") == version:
+                return i
+        return -1
 
 
 class AnomalyLogic:
@@ -469,7 +488,30 @@ class AnomalyLogic:
             text = f"{state.lower()}: {text}"
             if state == "DONE":
                 percent = 100
-        return TrainingProgress(running, percent, text, state, summary.model_version(self.model), summary)
+        stats = summary.train_stats.get(self.model) if isinstance(summary.train_stats.get(self.model), dict) else {}
+        return TrainingProgress(running, percent, text, state, summary.model_version(self.model), summary,
+                                warning=str(stats.get("warning") or ""))
+
+    # ============================================================================================ model versions
+    def model_versions(self) -> ModelVersions:
+        """(worker) ``GET /model/versions``: the kept versions with one label each; ``supported`` is False when the
+        server keeps none (an older app)."""
+        try:
+            res = self.client.list_versions()
+        except ServerError as e:
+            if e.kind in ("not_found", "bad_response") or e.status in (404, 405, 500):
+                return ModelVersions("", [], [], supported=False)
+            raise
+        versions = [v for v in res.get("versions", []) if isinstance(v, dict) and v.get("version")]
+        return ModelVersions(str(res.get("current") or ""), versions, [describe_version(v) for v in versions],
+                             keep=int(res.get("keep_versions") or 0))
+
+    def rollback(self, version: str) -> Dict[str, Any]:
+        """(worker) ``POST /model/rollback?version=V``: the server serves ``version`` again from the next request on;
+        returns its answer (``version``, ``previous_version``, ``served``)."""
+        if not version:
+            raise ValueError("Choose a model version first.")
+        return self.client.rollback(version)
 
 
 def _stem(path: str) -> str:
