@@ -42,6 +42,17 @@ def volume_extension(filename: str) -> Optional[str]:
     return None
 
 
+def require_volume_name(filename: Optional[str]) -> str:
+    """The volume extension of an upload's file name, or a 415 naming the client's file (the one message for
+    ``POST /infer`` and ``PUT /datastore/image``)."""
+    ext = volume_extension(filename or "")
+    if ext is None:
+        raise unsupported(
+            f"unsupported file type {os.path.basename(filename or '')!r}: upload a .nii, .nii.gz or .nrrd volume"
+        )
+    return ext
+
+
 def validate_volume_file(path: str, shown_name: str) -> None:
     """Raise a 422 naming the problem unless ``path`` is a readable volume (the library decides what readable is)."""
     from .infers.anomaly import read_volume
@@ -126,11 +137,7 @@ class CuratedDatastore(LocalDatastore):
 
     # ------------------------------------------------------------------ images
     def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
-        ext = volume_extension(image_filename)
-        if ext is None:
-            raise unsupported(
-                f"unsupported file type {os.path.basename(image_filename)!r}: upload a .nii, .nii.gz or .nrrd volume"
-            )
+        ext = require_volume_name(image_filename)
         if not image_id:
             image_id = os.path.basename(image_filename)[: -len(ext)]
         check_id(image_id)

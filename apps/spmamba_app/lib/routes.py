@@ -62,6 +62,7 @@ def install(fastapi_app) -> None:
     from monailabel.interfaces.utils.app import app_instance
     from monailabel.utils.async_tasks.utils import processes, tasks
 
+    from .datastore import require_volume_name
     from .errors import bad_request, check_id, not_found
 
     api = settings.MONAI_LABEL_API_STR
@@ -90,6 +91,8 @@ def install(fastapi_app) -> None:
             if key in p:
                 raise bad_request(f"params may not set {key!r}: use the URL (?image=ID) or upload a file")
         if file:
+            if file.filename:
+                require_volume_name(file.filename)  # 415 naming the client's file, as PUT /datastore/image
             # keep the upload ourselves so error messages can name the client's file, not a temporary one
             suffix = upload_suffix(file.filename)
             fd, tmp = tempfile.mkstemp(prefix="tmp_upload_", suffix=suffix)
@@ -172,6 +175,8 @@ def install(fastapi_app) -> None:
         _json_object(params, "params")
         if image is not None:
             check_id(image)
+        if file is not None and file.filename:
+            require_volume_name(file.filename)  # the stock handler would hand the datastore a temporary name
         return ep_datastore.add_image(background_tasks, image, params, file, user.username)
 
     def spmamba_put_image_info(
