@@ -64,6 +64,23 @@ def test_corrupt_or_foreign_checkpoints_are_refused(tiny_detector, tmp_path):
         Detector.load(tmp_path / "text.pt")
 
 
+def test_checkpoint_meta_without_tensors_and_the_trainings_steps(tiny_detector, tmp_path):
+    from spmamba.checkpoint import read_checkpoint_meta
+
+    det, path, _ = tiny_detector
+    meta = read_checkpoint_meta(path)
+    assert meta["version"] == det.version and meta["config"]["name"] == "tiny"
+    assert "state_dict" not in meta and "training_state" not in meta and meta["has_training_state"] is True
+    assert meta["calibration"]["volume_threshold"] == det.calibration.volume_threshold
+    training = meta["meta"]["training"]
+    assert training["epochs"] == 3 and training["steps"] == training["total_steps"] == 3 * training["steps_per_epoch"]
+    data = path.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    for bad, words in (("trunc.pt", "corrupt|truncated"), ("missing.pt", "does not exist")):
+        with pytest.raises(CheckpointError, match=words):
+            read_checkpoint_meta(tmp_path / bad)
+
+
 @pytest.mark.parametrize("affine", [np.diag([2.0, 2.0, 3.0, 1.0]),
                                     np.array([[0, 0, -3.0, 10], [-2.0, 0, 0, 3], [0, 2.0, 0, -4], [0, 0, 0, 1]])])
 def test_heatmap_has_the_input_shape_in_any_orientation(tiny_detector, affine):
