@@ -82,13 +82,15 @@ def load_checkpoint(path: Union[str, Path], mmap: bool = False) -> dict[str, Any
 
 
 #: payload entries that hold tensors; ``read_checkpoint_meta`` leaves them out
-_TENSOR_KEYS = ("state_dict", "training_state", "position_stats")
+_TENSOR_KEYS = ("state_dict", "training_state", "position_stats", "alignment_reference")
 
 
 def read_checkpoint_meta(path: Union[str, Path]) -> dict[str, Any]:
     """A checkpoint's metadata without its tensors and without building the model: ``config`` (with the preset's
     ``name``), ``calibration``, ``preprocessing``, ``meta`` (``created``, ``training`` summary, library version),
-    ``version`` and ``format_version``; ``has_position_stats`` / ``has_training_state`` say what else it holds.
+    ``version``, ``format_version`` and, for models that align their inputs, ``alignment`` (method, reference name
+    and grid, similarity floor; absent in files without alignment); ``has_position_stats`` /
+    ``has_training_state`` say what else it holds.
     The tensors are memory-mapped, not read. Raises CheckpointError like :func:`load_checkpoint`."""
     try:
         obj = load_checkpoint(path, mmap=True)

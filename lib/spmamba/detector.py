@@ -14,6 +14,14 @@ position_normalise=True)``): for volumes on one common grid (registered to a tem
 replaced by its z-score against the heatmaps the model gave at that position on normal volumes (negative values
 clipped to 0, 0 outside the foreground). Slice score = max of the normalised slice, volume score = mean of the 50
 highest voxels (``baselines.topk_mean``). Volumes on another grid are refused with a clear error.
+
+Optional anatomical alignment (``Detector.alignment``, an ``registration.AffineAligner`` stored in the model file;
+``train_detector(..., align="affine")``): every input is first registered affinely to the model's reference and
+resampled onto the reference grid, the pipeline above runs there, and the heatmap and foreground are resampled back
+onto the input grid (same shape and affine as the input; 0 where the input lies outside the reference grid).
+A registration that fails its checks raises ``registration.AlignmentError`` (a ``VolumeError``) naming the volume;
+``DetectionResult.alignment`` reports the similarity, scales and seconds of a successful one. Slice indices in
+``slice_scores`` then refer to the reference grid.
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ from . import __version__
 from .baselines import VoxelwiseStats, position_normalise, topk_mean
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, weights_digest
 from .models import SPMamba, get_config
+from .registration import AffineAligner
 from .scoring import aggregate_slice_scores, smooth_within_mask
 from .volume import batch_to_slices, normalise_intensity, slices_to_batch, to_canonical, validate_array
 
@@ -94,6 +103,9 @@ class DetectionResult:
     slice_scores: list  # [(slice index in RAS order, score)]
     timings: dict
     foreground: Optional[np.ndarray] = None  # bool, same shape: voxels the intensity scaling counts as tissue
+    # models with alignment: Alignment.summary() (reference, similarity, metric_floor, scales, seconds,
+    # matrix_ras = reference RAS point -> input RAS point); None for models without alignment
+    alignment: Optional[dict] = None
 
 
 def prepare_slices(array: np.ndarray, affine: Optional[np.ndarray], prep: Preprocessing):
@@ -115,7 +127,7 @@ class Detector:
 
     def __init__(self, model: SPMamba, preprocessing: Optional[Preprocessing] = None,
                  calibration: Optional[Calibration] = None, meta: Optional[dict] = None, device="auto",
-                 position_stats: Optional[VoxelwiseStats] = None):
+                 position_stats: Optional[VoxelwiseStats] = None, alignment: Optional[AffineAligner] = None):
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.preprocessing = preprocessing or Preprocessing()
@@ -123,6 +135,8 @@ class Detector:
         self.meta = dict(meta or {})
         # per-voxel statistics of the heatmaps of normal volumes, on the canonical slice-first grid (or None)
         self.position_stats = position_stats
+        # affine registration of every input to a reference (or None: inputs are used on their own grid)
+        self.alignment = alignment
         self._version: Optional[str] = None
 
     # ------------------------------------------------------------------ files
@@ -139,6 +153,10 @@ class Detector:
                 ps = self.position_stats
                 extra = {"calibration": extra,
                          "position_stats": hashlib.sha256(ps.mean.tobytes() + ps.std.tobytes()).hexdigest()}
+            if self.alignment is not None:  # models without alignment keep the version they always had
+                al_meta, ref = self.alignment.to_payload()
+                extra = {"model": extra, "alignment": repr(al_meta),
+                         "reference": hashlib.sha256(ref.numpy().tobytes()).hexdigest()}
             self._version = weights_digest(self.model.state_dict(), extra)
         return self._version
 
@@ -158,6 +176,8 @@ class Detector:
             ps = self.position_stats
             payload["position_stats"] = {"mean": torch.from_numpy(ps.mean.copy()), "std": torch.from_numpy(ps.std.copy()),
                                          "n": int(ps.n)}
+        if self.alignment is not None:
+            payload["alignment"], payload["alignment_reference"] = self.alignment.to_payload()
         return payload
 
     def save(self, path: Union[str, Path], training_state: Optional[dict] = None) -> Path:
@@ -176,8 +196,14 @@ class Detector:
             raise CheckpointError(f"{source} does not fit this version's SP-Mamba model: {e}") from e
         ps = obj.get("position_stats")
         stats = (VoxelwiseStats(ps["mean"].numpy(), ps["std"].numpy(), int(ps["n"])) if ps is not None else None)
+        aligner = None
+        if obj.get("alignment") is not None:  # files written before alignment existed have none
+            try:
+                aligner = AffineAligner.from_payload(obj["alignment"], obj["alignment_reference"])
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{source}: its alignment settings cannot be read ({e})") from e
         det = cls(model, Preprocessing.from_dict(obj.get("preprocessing", {})),
-                  Calibration.from_dict(obj.get("calibration", {})), obj.get("meta", {}), device, stats)
+                  Calibration.from_dict(obj.get("calibration", {})), obj.get("meta", {}), device, stats, aligner)
         return det
 
     @classmethod
@@ -195,10 +221,20 @@ class Detector:
         return maps.float().cpu(), scores.float().cpu()
 
     def detect(self, array: np.ndarray, affine: Optional[np.ndarray] = None,
-               progress: Optional[Callable[[int, int], None]] = None) -> DetectionResult:
-        """Heatmap on the input grid and the volume verdict. ``array``: (X, Y, Z) or a 2-D image."""
+               progress: Optional[Callable[[int, int], None]] = None, *, name: Optional[str] = None,
+               aligned: bool = False) -> DetectionResult:
+        """Heatmap on the input grid and the volume verdict. ``array``: (X, Y, Z) or a 2-D image.
+
+        Models with alignment register the volume to their reference first (``name`` appears in an
+        AlignmentError); ``aligned=True`` says the volume is already on the model's reference grid (no
+        registration; maps stay on that grid)."""
         t0 = time.perf_counter()
-        arr = validate_array(array)
+        arr = validate_array(array, name or "array")
+        al = None
+        if self.alignment is not None and not aligned:
+            al = self.alignment.align(arr, affine, name=name or "volume")
+            array, arr, affine = al.array, al.array, al.affine
+        t_align = time.perf_counter() - t0
         prep = self.preprocessing
         norm, fg, keep, canon = prepare_slices(arr, affine, prep)
         t1 = time.perf_counter()
@@ -230,6 +266,8 @@ class Detector:
         if heatmap.shape != in_shape:  # 2-D input (X, Y) or trailing singleton axes: back to the input's shape
             heatmap = heatmap.reshape(in_shape)
             foreground = foreground.reshape(in_shape)
+        if al is not None:  # from the reference grid back onto the input's own grid
+            heatmap, foreground = al.to_input(heatmap), al.to_input(foreground)
         if self.position_stats is not None:
             score = topk_mean(heat, self.POSITION_TOP_K)
         else:
@@ -240,20 +278,27 @@ class Detector:
             heatmap=heatmap, score=score, threshold=float(cal.volume_threshold),
             pixel_threshold=float(cal.pixel_threshold), abnormal=bool(score > cal.volume_threshold),
             slice_axis=prep.slice_axis, slice_scores=slice_scores,
-            timings={"prepare_s": t1 - t0, "model_s": t2 - t1, "assemble_s": t3 - t2, "total_s": t3 - t0},
-            foreground=foreground,
+            timings={"prepare_s": t1 - t0 - t_align, "model_s": t2 - t1, "assemble_s": t3 - t2, "total_s": t3 - t0,
+                     **({"align_s": t_align} if al is not None else {})},
+            foreground=foreground, alignment=al.summary() if al is not None else None,
         )
 
-    def fit_position_stats(self, volumes, progress: Optional[Callable[[int, int], None]] = None) -> VoxelwiseStats:
+    def fit_position_stats(self, volumes, progress: Optional[Callable[[int, int], None]] = None,
+                           aligned: bool = False) -> VoxelwiseStats:
         """Fit (and switch on) position-aware normalisation from normal volumes (objects with ``array`` and
-        ``affine``, all on one grid). The statistics are of the raw heatmaps, on the canonical slice-first grid."""
+        ``affine``, all on one grid). The statistics are of the raw heatmaps, on the canonical slice-first grid.
+        With alignment the volumes are registered to the reference first (``aligned=True``: they already are)."""
         self.position_stats = None
         prep = self.preprocessing
 
         def maps():
             for i, v in enumerate(volumes):
-                res = self.detect(v.array, v.affine)
-                canon = to_canonical(res.heatmap.reshape(np.shape(v.array)), v.affine)
+                array, affine = v.array, v.affine
+                if self.alignment is not None and not aligned:
+                    al = self.alignment.align(array, affine, name=str(getattr(v, "path", None) or f"volume {i}"))
+                    array, affine = al.array, al.affine
+                res = self.detect(array, affine, aligned=True)
+                canon = to_canonical(res.heatmap.reshape(np.shape(array)), affine)
                 yield np.moveaxis(canon.array, prep.slice_axis, 0)
                 if progress is not None:
                     progress(i + 1, len(volumes))
