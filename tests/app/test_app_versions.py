@@ -123,6 +123,13 @@ def test_rollback_is_served_even_over_an_explicit_conf_model(applib, tmp_path):
     assert read_checkpoint_meta(served)["version"] == a.version
     with pytest.raises(versions.UnknownVersion):
         h.rollback("0123456789ab")
+    # a kept file overwritten in place (not by this app) is refused instead of serving the wrong model
+    from spmamba.checkpoint import CheckpointError
+
+    (md / "versions" / f"{ex.version}.pt").write_bytes((md / "versions" / f"{b.version}.pt").read_bytes())
+    with pytest.raises(CheckpointError, match="overwritten"):
+        h.rollback(ex.version)
+    assert read_checkpoint_meta(served)["version"] == a.version
 
 
 # ------------------------------------------------------------------------------------------------ REST

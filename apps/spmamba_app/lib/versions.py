@@ -4,7 +4,7 @@ Layout in ``<model_dir>``::
 
     spmamba.pt                the served (published) model
     versions/<version>.pt     one file per kept version: hard links where the file system allows (no extra space
-                              for the served one), copies elsewhere
+                              for the served one), copies elsewhere and of a ``--conf model`` file
     versions/index.json       metadata of each kept version and a log of publishes and rollbacks (atomic writes)
     versions/.lock            serialises the training subprocess's publish and the server's rollback
 
@@ -212,8 +212,9 @@ class VersionHistory:
         return None
 
     def _keep_file(self, path: str, info: Dict[str, Any], index: Dict[str, Any], source: str,
-                   now: float) -> Optional[Dict[str, Any]]:
-        """Put the model file ``path`` (described by ``info``) into the history; returns its entry."""
+                   now: float, copy: bool = False) -> Optional[Dict[str, Any]]:
+        """Put the model file ``path`` (described by ``info``) into the history; returns its entry. ``copy``: never
+        a hard link (for files this app does not write itself, which might be overwritten in place)."""
         version = info.get("version")
         try:
             dst = self.file_of(str(version))
@@ -224,7 +225,10 @@ class VersionHistory:
             tmp = dst + ".part"
             if os.path.exists(tmp):
                 os.unlink(tmp)
-            _link_or_copy(path, tmp)
+            if copy:
+                shutil.copyfile(path, tmp)
+            else:
+                _link_or_copy(path, tmp)
             os.replace(tmp, dst)
         entry = self._find(index, version)
         if entry is None:
@@ -282,7 +286,7 @@ class VersionHistory:
                     if info is None:
                         continue
                     try:
-                        self._keep_file(path, info, index, source, now)
+                        self._keep_file(path, info, index, source, now, copy=source == "conf model")
                     except OSError as e:  # the history is a convenience: never fail the publish for it
                         logger.warning(f"Could not keep {path} in the version history: {e}")
             fd, tmp = tempfile.mkstemp(prefix=".spmamba.", suffix=".pt.part", dir=self.model_dir)
@@ -349,9 +353,11 @@ class VersionHistory:
             entry = self._find(index, version)
             if entry is None or not os.path.isfile(src):
                 raise UnknownVersion(version)
-            from spmamba.checkpoint import read_checkpoint_meta
+            from spmamba.checkpoint import CheckpointError, read_checkpoint_meta
 
-            read_checkpoint_meta(src)  # refuse a damaged file before it replaces a working model
+            found = read_checkpoint_meta(src).get("version")  # refuse a damaged file before it replaces the model
+            if found and found != version:
+                raise CheckpointError(f"{src} now holds version {found}, not {version} (overwritten in place?)")
             now = time.time()
             fd, tmp = tempfile.mkstemp(prefix=".spmamba.rollback.", suffix=".pt.part", dir=self.model_dir)
             os.close(fd)
