@@ -1,8 +1,11 @@
 """The module's Logic and client against a real MONAI Label server running apps/spmamba_app on 127.0.0.1.
 
 The server is started once for this file (``python -m monailabel.main start_server ...``) on a free port with a
-temporary studies folder of small volumes, and stopped at the end.  The curation part needs only the app; the
-train -> publish -> detect -> overlay part also needs the core library's detector and trainer.
+temporary studies folder of small volumes, and stopped at the end. It runs a copy of the app folder: MONAI Label
+writes logs/ and the trained model/ into the folder of the app it runs, and a model left in the repository's
+apps/spmamba_app/model would be served by `spmamba serve` afterwards (tests/conftest.py fails the run if that
+folder changes). The curation part needs only the app; the train -> publish -> detect -> overlay part also needs
+the core library's detector and trainer.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import pytest
 from AnomalyDetectionLib.client import ServerError
 from AnomalyDetectionLib.logic import AnomalyLogic
 from AnomalyDetectionLib.tasks import TaskRunner
+from app_folder_guard import app_copy
 from server_utils import monailabel_server
 
 pytestmark = pytest.mark.slow
@@ -57,8 +61,10 @@ def server(tmp_path_factory):
     for i in range(N_STUDIES):
         _write(str(studies / f"study{i}.nii.gz"), _phantom(i, lesion=(i == N_STUDIES - 1)))
     log_path = str(root / "server.log")
-    conf = {"min_normals": "2", "epochs": "1", "auto_score": "false", "stop_grace_s": "5"}
-    with monailabel_server(APP_DIR, str(studies), log_path, conf) as url:
+    app = app_copy(root / "app")
+    conf = {"min_normals": "2", "epochs": "1", "auto_score": "false", "stop_grace_s": "5",
+            "model_dir": str(root / "model")}
+    with monailabel_server(str(app), str(studies), log_path, conf) as url:
         yield {"url": url, "studies": str(studies), "root": str(root), "log": log_path}
 
 

@@ -1,0 +1,87 @@
+"""``train_detector(time_limit=...)`` is a wall-time bound on the whole training (reading, encoder norm adaptation,
+optimisation, calibration, saving), and its progress reports are meaningful per phase."""
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from spmamba.detector import Detector, Preprocessing
+from spmamba.models import SPMamba, get_config
+from spmamba.train import calibrate, train_detector
+from spmamba.volume import Volume
+
+
+def _volumes(n, shape=(24, 28, 6), seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        a = np.zeros(shape, np.float32)
+        a[4:20, 5:23, :] = 1 + 0.1 * rng.standard_normal((16, 18, shape[2]))
+        out.append(Volume(a, np.diag([2.0, 2.0, 3.0, 1.0])))
+    return out
+
+
+def test_calibration_uses_fewer_volumes_when_its_deadline_comes():
+    torch.manual_seed(0)
+    det = Detector(SPMamba(get_config("tiny")), Preprocessing(), device="cpu")
+    vols = _volumes(3, shape=(24, 28, 3))
+    seen = []
+    cal = calibrate(det, vols, progress=seen.append, deadline=time.time() - 1.0)
+    assert cal.n_volumes == 1 and len(cal.normal_volume_scores) == 1  # the first volume is always used
+    assert np.isfinite(cal.pixel_threshold) and np.isfinite(cal.volume_threshold)
+    assert [d["step"] for d in seen] == [0, 1] and seen[0]["total_steps"] == 3
+    assert calibrate(det, vols).n_volumes == 3
+
+
+def test_encoder_norm_adaptation_reports_each_batch_and_can_stop_early():
+    torch.manual_seed(0)
+    model = SPMamba(get_config("tiny"))
+    slices = torch.rand(130, 1, 32, 32)
+    calls = []
+    with torch.no_grad():
+        assert model.adapt_encoder_norm(slices, batch_size=64, progress=lambda b, k: calls.append((b, k))) == 130
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+    with torch.no_grad():
+        assert model.adapt_encoder_norm(slices, batch_size=64, should_stop=lambda: True) == 64  # one batch at least
+
+
+@pytest.mark.slow
+def test_time_limit_bounds_the_whole_training_including_calibration(tmp_path):
+    limit = 12.0
+    vols = _volumes(8)
+    events = []
+    path = tmp_path / "m.pt"
+    t0 = time.time()
+    det = train_detector(vols, config="tiny", epochs=100_000, device="cpu", val_fraction=0.5, time_limit=limit,
+                         checkpoint_path=path, progress=events.append, origin="test")
+    elapsed = time.time() - t0
+    assert elapsed <= limit + 3.0 + 0.15 * limit, f"took {elapsed:.1f} s with a {limit:.0f} s limit"
+
+    tr = det.meta["training"]
+    assert tr["stop_reason"] == "time_limit" and tr["time_limit_s"] == limit and tr["origin"] == "test"
+    assert tr["steps"] >= 1
+    cal = det.calibration
+    assert 1 <= cal.n_volumes <= 4 and tr["n_calibration_volumes"] == cal.n_volumes and tr["n_held_out_volumes"] == 4
+    assert np.isfinite(cal.pixel_threshold) and np.isfinite(cal.volume_threshold)
+    saved = Detector.load(path, device="cpu")  # the file is the calibrated model, written within the limit
+    assert saved.version == det.version and saved.meta["training"]["stop_reason"] == "time_limit"
+
+    # every phase is announced at step 0 (a progress bar opens when the work starts), then counts its items
+    phases = []
+    for e in events:
+        if e["phase"] in ("epoch", "done"):
+            continue
+        if not phases or phases[-1][0] != e["phase"]:
+            phases.append((e["phase"], []))
+        phases[-1][1].append(e)
+    names = [p for p, _ in phases]
+    assert names[:5] == ["load", "prepare", "measure", "encoder_norm", "train"] and names[-1] == "calibrate"
+    for name, evs in phases:
+        first = evs[0].get("global_step", evs[0].get("step")) if name == "train" else evs[0]["step"]
+        assert first == 0, (name, evs[0])
+    norm = dict(phases)["encoder_norm"]
+    n_slices = tr["n_slices"]
+    assert norm[0]["total_steps"] == math.ceil(n_slices / 64) and norm[0]["unit"] == "batch"
+    assert [e["step"] for e in norm][1:] == list(range(1, len(norm)))
