@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 from typing import Any, Callable, Dict
 
 from lib.activelearning import MostAnomalousUnreviewed, SuspectNormal
@@ -67,6 +68,7 @@ class SPMambaApp(MONAILabelApp):
         self.versions = VersionHistory(self.settings.model_dir, self.settings.published_model,
                                        self.settings.keep_versions, self.settings.model)
         self.detection = Detection(self.settings, self.model_store)
+        self._scoring_lock = threading.Lock()
         try:
             from spmamba import __version__ as lib_version
         except Exception:  # noqa: BLE001
@@ -102,8 +104,8 @@ class SPMambaApp(MONAILabelApp):
 
     def init_strategies(self) -> Dict[str, Strategy]:
         return {
-            "suspect_normal": SuspectNormal(self.detection),
-            "most_anomalous": MostAnomalousUnreviewed(self.detection),
+            "suspect_normal": SuspectNormal(self.detection, self.score_in_background),
+            "most_anomalous": MostAnomalousUnreviewed(self.detection, self.score_in_background),
             "random": Random(),
         }
 
@@ -124,6 +126,7 @@ class SPMambaApp(MONAILabelApp):
             "curation_key": CURATION_KEY,
             "curation_states": list(CURATION_STATES),
             "curation": counts,
+            "scoring": self.scoring_state(),
             "versions": [v["version"] for v in self.versions.list()],  # kept for rollback: GET /model/versions
             "settings": self.settings.to_json(),
         }
@@ -188,14 +191,15 @@ class SPMambaApp(MONAILabelApp):
 
     # ------------------------------------------------------------------ active learning / scoring
     def next_sample(self, request):
-        """As MONAI Label's, minus the automatic re-scoring of every study after each request."""
+        """As MONAI Label's, minus the automatic re-scoring of every study after each request. An answer without an
+        ``id`` but with ``pending`` (candidates still being scored in the background) is passed on as it is."""
         strategy = request.get("strategy") or "random"
         task = self._strategies.get(strategy)
         if task is None:
             raise not_found(f"no active-learning strategy {strategy!r}; available: {', '.join(sorted(self._strategies))}")
         res = task(request, self.datastore())
         if not res or not res.get("id"):
-            return {}
+            return res if res and res.get("pending") else {}
         res["path"] = self._datastore.get_image_uri(res["id"])
         return res
 
@@ -204,6 +208,35 @@ class SPMambaApp(MONAILabelApp):
         if method and method not in self._scoring_methods:
             raise not_found(f"no scoring method {method!r}; available: {', '.join(sorted(self._scoring_methods))}")
         return super().scoring(request, datastore)
+
+    def score_in_background(self) -> str:
+        """Start MONAI Label's scoring subprocess (low priority, see lib/scoring) unless one is queued or running.
+        Returns ``running`` (one already is), ``started`` or ``unavailable`` (not in a server)."""
+        from monailabel.utils.async_tasks.utils import processes, tasks
+
+        with self._scoring_lock:
+            if processes("scoring") or any(t.get("status") in ("SUBMITTED", "RUNNING") for t in tasks("scoring")):
+                return "running"
+            if not self._server_mode:
+                return "unavailable"
+            res = self.async_scoring("anomaly")
+            return "started" if res else "unavailable"
+
+    def scoring_state(self) -> Dict[str, Any]:
+        """``/info/`` -> ``spmamba.scoring``: is a background scoring queued or running, how many studies lack a
+        score of the served model (``unscored``; None without a model)."""
+        from monailabel.utils.async_tasks.utils import processes, tasks
+
+        from lib.scoring import cached_score
+
+        running = bool(processes("scoring")) or any(t.get("status") in ("SUBMITTED", "RUNNING")
+                                                    for t in tasks("scoring"))
+        det = self.model_store.peek()
+        unscored = None
+        if det is not None:
+            ds = self._datastore
+            unscored = sum(cached_score(ds.get_image_info(i), det.version) is None for i in ds.list_images())
+        return {"running": running, "unscored": unscored}
 
     def async_scoring(self, method, params=None):
         """Automatic scoring (start-up, after training) only when enabled and a model exists; never fails."""

@@ -1,4 +1,4 @@
-"""Five MONAI Label endpoints, re-registered in front of the stock ones (same paths, same parameters).
+"""MONAI Label endpoints re-registered in front of the stock ones (same paths, same parameters), and two of the app's own.
 
 MONAI Label 0.8.5 offers no hook to validate a request before it spends work on it, so at server start-up
 (``on_init_complete``, which only runs in the server process) the app puts these routes ahead of the stock ones:
@@ -14,6 +14,10 @@ MONAI Label 0.8.5 offers no hook to validate a request before it spends work on 
 
 * ``PUT /datastore/image`` and ``PUT /datastore/image/info``: malformed ``params`` / ``info`` JSON and path-like ids
   are a 400 (the stock handlers answer 500); the files themselves are validated by the app's datastore.
+* ``POST /activelearning/{strategy}``, ``POST /scoring/{method}`` and ``GET /info/``: the same calls as plain
+  ``def``s (the stock ones are ``async def`` and would hold the event loop, and with it every other request, while
+  they load a model or score); an active-learning answer may carry ``pending`` without an ``id`` (studies still
+  being scored in the background), which the stock handler cannot pass on.
 
 Two routes are the app's own (no stock equivalent): ``GET /model/versions`` (the served model and the versions kept
 for rollback; any user) and ``POST /model/rollback?version=V`` (admin, like training: 404 for a version not kept,
@@ -207,6 +211,45 @@ def install(fastapi_app) -> None:
                                                         "stop it (DELETE /train/) or wait, then roll back")
         return instance.rollback_model(version)
 
+    from monailabel.endpoints import info as ep_info
+    from monailabel.endpoints import scoring as ep_scoring
+
+    def spmamba_info(user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+        return ep_info.app_info()
+
+    def spmamba_activelearning(
+        strategy: str,
+        params: Optional[dict] = None,
+        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
+    ):
+        instance = app_instance()
+        params = params if params is not None else {}
+        result = instance.next_sample({**params, "strategy": strategy})  # 404 unknown; never scores here
+        if not result or not result.get("id"):
+            return result or {}
+        image_id = result["id"]
+        ds = instance.datastore()
+        image_info = ds.get_image_info(image_id)
+        strategy_info = dict(image_info.get("strategy") or {})  # as the stock handler: who was sent what, when
+        strategy_info[strategy] = {"ts": int(time.time()), "client_id": params.get("client_id", user.username)}
+        try:
+            ds.update_image_info(image_id, {"strategy": strategy_info})
+        except Exception:  # noqa: BLE001
+            logger.warning(f"Failed to update image info for {image_id}")
+        result.update(image_info)
+        return result
+
+    def spmamba_scoring(
+        method: str,
+        params: Optional[dict] = None,
+        run_sync: Optional[bool] = False,
+        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
+    ):
+        instance = app_instance()
+        if method not in instance._scoring_methods:
+            raise not_found(f"no scoring method {method!r}; available: {', '.join(sorted(instance._scoring_methods))}")
+        return ep_scoring.run_method(method, params, run_sync)
+
     router = fastapi_app.router
     router.routes[:] = [r for r in router.routes if not getattr(r, "name", "").startswith(ROUTE_PREFIX)]
     added = [
@@ -217,6 +260,10 @@ def install(fastapi_app) -> None:
         (api + "/datastore/image/info", spmamba_put_image_info, ["PUT"], "Update image info (curation state)"),
         (api + "/model/versions", spmamba_model_versions, ["GET"], "Served model and the kept versions"),
         (api + "/model/rollback", spmamba_model_rollback, ["POST"], "Serve a kept model version again"),
+        (api + "/info/", spmamba_info, ["GET"], "App info (thread pool: answers while others work)"),
+        (api + "/activelearning/{strategy}", spmamba_activelearning, ["POST"], "Next study to review (never waits "
+                                                                                 "for scoring)"),
+        (api + "/scoring/{method}", spmamba_scoring, ["POST"], "Score every study (background unless run_sync)"),
     ]
     for path, endpoint, methods, summary in added:
         router.add_api_route(path, endpoint, methods=methods, name=endpoint.__name__, summary=summary)

@@ -3,10 +3,17 @@
 ``info["anomaly"] = {score, threshold, abnormal, model_version, ts, image_ts}`` (or ``{error, model_version}`` for a
 study the library cannot read). A study already scored by the same model version and unchanged since is skipped,
 so re-running (MONAI Label runs scoring at start-up and after every training) is cheap.
+
+In the background (MONAI Label's scoring subprocess: start-up, after a training, when an active-learning request
+finds unscored studies) the scoring runs at low priority -- ``nice`` +10 and one torch thread -- so a clinician's
+detection in the server keeps the CPU; each score is stored as soon as it is made, studies that active learning
+ranks (unreviewed and normal) first. ``?run_sync=true`` scores in the request (FastAPI's thread pool).
 """
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import time
 from typing import Any, Dict, Optional
 
@@ -52,6 +59,26 @@ def score_study(detection: Detection, datastore, image_id: str, force: bool = Fa
     return rec
 
 
+def in_task_subprocess() -> bool:
+    """True in MONAI Label's task subprocess (``python -m monailabel.interfaces.utils.app -m scoring ...``)."""
+    main = sys.modules.get("__main__")
+    return getattr(getattr(main, "__spec__", None), "name", None) == "monailabel.interfaces.utils.app"
+
+
+def lower_priority(threads: int = 1) -> None:
+    """Background work yields the CPU to the server: nice +10 and ``threads`` torch threads (this process only)."""
+    try:
+        os.nice(10)
+    except (OSError, AttributeError):
+        pass
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except Exception:  # noqa: BLE001
+        pass
+
+
 class AnomalyScoring(ScoringMethod):
     def __init__(self, detection: Detection):
         super().__init__("Score every study with the served SP-Mamba model; stores info.anomaly (score, verdict)")
@@ -59,11 +86,15 @@ class AnomalyScoring(ScoringMethod):
 
     def __call__(self, request, datastore):
         force = str(request.get("force", "false")).lower() in ("1", "true", "yes")
+        if in_task_subprocess():
+            lower_priority()
         detector = self.detection.store.get()
         start = time.time()
         summary: Dict[str, Any] = {"model_version": detector.version, "scored": 0, "cached": 0, "failed": 0}
         scores = {}
-        for image_id in sorted(datastore.list_images()):
+        curation = getattr(datastore, "curation", lambda i: None)
+        ranked_first = (None, "normal")  # the candidates of the active-learning strategies
+        for image_id in sorted(datastore.list_images(), key=lambda i: (curation(i) not in ranked_first, i)):
             before = cached_score(datastore.get_image_info(image_id), detector.version)
             rec = score_study(self.detection, datastore, image_id, force=force)
             if "error" in rec:
