@@ -136,6 +136,12 @@ class Reference:
     affine: np.ndarray
     name: str
 
+    def __post_init__(self) -> None:
+        # kept at the precision the model file stores (float16), so a loaded model registers exactly as the
+        # trained one did
+        self.array = np.asarray(self.array, dtype=np.float16).astype(np.float32)
+        self.affine = np.asarray(self.affine, dtype=np.float64)
+
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(int(s) for s in self.array.shape)
@@ -349,7 +355,7 @@ class AffineAligner:
     shrink: tuple = (4, 2, 1)
     smoothing: tuple = (2.0, 1.0, 0.0)
     bins: int = 32
-    seed: int = 0
+    seed: int = 1
     threads: Optional[int] = None
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -378,7 +384,8 @@ class AffineAligner:
             reg.SetNumberOfThreads(int(self.threads))
         reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=int(self.bins))
         reg.SetMetricSamplingStrategy(reg.RANDOM)
-        reg.SetMetricSamplingPercentage(float(self.sampling), int(self.seed))
+        # SimpleITK reads seed 0 as "seed from the wall clock": keep it positive so results are repeatable
+        reg.SetMetricSamplingPercentage(float(self.sampling), max(1, int(self.seed)))
         reg.SetMetricFixedMask(mask)
         reg.SetInterpolator(sitk.sitkLinear)
         init = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
@@ -465,4 +472,4 @@ class AffineAligner:
         return cls(Reference.from_payload(meta["reference"], tensor), float(meta["metric_floor"]),
                    tuple(meta.get("scale_range", (0.6, 1.6))), float(meta.get("sampling", 0.1)),
                    int(meta.get("iterations", 100)), tuple(meta.get("shrink", (4, 2, 1))),
-                   tuple(meta.get("smoothing", (2.0, 1.0, 0.0))), int(meta.get("bins", 32)), int(meta.get("seed", 0)))
+                   tuple(meta.get("smoothing", (2.0, 1.0, 0.0))), int(meta.get("bins", 32)), int(meta.get("seed", 1)))

@@ -18,6 +18,7 @@ import torch
 from .checkpoint import load_checkpoint
 from .detector import Calibration, Detector, Preprocessing, prepare_slices, resolve_device
 from .models import SPMamba, get_config
+from .registration import ALIGN_METHODS, AffineAligner, AlignmentError, calibrate_floor, make_reference
 from .scoring import calibrate_threshold
 from .volume import Volume, VolumeError, load_volume, slices_to_batch, to_canonical
 
@@ -110,13 +111,66 @@ def _check_one_grid(vols: list[Volume]) -> None:
         listed = "; ".join(f"{name}: {shape}" for shape, name in list(shapes.items())[:3])
         raise TrainingDataError(
             f"position-aware normalisation needs all volumes on one grid (registered to a template), but they have "
-            f"{len(shapes)} shapes in RAS order ({listed}). Register them to one template first, or train without it.")
+            f"{len(shapes)} shapes in RAS order ({listed}). Register them to one template first (or train with "
+            "alignment: --align affine), or train without it.")
 
 
 def _adapts_encoder_norm(setting: str, encoder_weights: str) -> bool:
     if setting == "auto":
         return encoder_weights in (None, "", "none", "random")
     return setting == "adapt"
+
+
+def _prepare_alignment(detector: Detector, align: Optional[str], reference: Union[str, Path],
+                       train_vols: list[Volume], val_vols: list[Volume],
+                       emit: Callable[[dict], None]) -> tuple[list[Volume], Optional[dict]]:
+    """Alignment for training (``registration``): set ``detector.alignment`` (a new reference, or the resumed
+    model's), register every training and held-out normal to it, calibrate the similarity floor on them, and return
+    the training volumes on the reference grid plus a summary; ``(train_vols, None)`` without alignment."""
+    have = "affine" if detector.alignment is not None else "none"
+    mode = have if align is None else str(align)
+    if mode not in ALIGN_METHODS:
+        raise ValueError(f"align={mode!r}: choose one of {', '.join(ALIGN_METHODS)}")
+    if detector.alignment is not None and mode != have:
+        raise TrainingDataError(f"the resumed model aligns its inputs (align={have}); resume it with the same "
+                                "setting, or train a new model")
+    if mode == "none":
+        return train_vols, None
+    t0 = time.time()
+    if detector.alignment is None:
+        emit({"phase": "reference", "step": 0, "total_steps": len(train_vols), "unit": "vol"})
+        try:
+            ref = make_reference(reference, train_vols, progress=lambda i, k: emit(
+                {"phase": "reference", "step": i, "total_steps": k, "unit": "vol"}))
+        except AlignmentError as e:
+            raise TrainingDataError(f"cannot build the alignment reference from the normals: {e}") from e
+        except ValueError as e:
+            raise TrainingDataError(str(e)) from e
+        detector.alignment = AffineAligner(ref)
+    t_ref = time.time() - t0
+    aligner = detector.alignment
+    every = train_vols + val_vols
+    aligned, sims, secs = [], [], []
+    emit({"phase": "align", "step": 0, "total_steps": len(every), "unit": "vol"})
+    for i, v in enumerate(every):
+        try:
+            al = aligner.align(v.array, v.affine, name=str(v.path or f"volume {i}"), check_floor=False)
+        except AlignmentError as e:
+            raise TrainingDataError(f"cannot train with alignment: {e}") from e
+        sims.append(al.similarity)
+        secs.append(al.seconds)
+        if i < len(train_vols):
+            aligned.append(Volume(al.array, al.affine, v.path))
+        emit({"phase": "align", "step": i + 1, "total_steps": len(every), "unit": "vol"})
+    aligner.metric_floor = calibrate_floor(sims)
+    info = {"method": mode, "reference": aligner.reference.name, "reference_shape": list(aligner.reference.shape),
+            "metric_floor": round(aligner.metric_floor, 4),
+            "similarity": {"min": round(min(sims), 4), "median": round(float(np.median(sims)), 4),
+                           "max": round(max(sims), 4)},
+            "seconds_per_volume": round(float(np.mean(secs)), 3), "reference_seconds": round(t_ref, 2)}
+    log.info("aligned %d normals to the %s reference (similarity %.3f-%.3f, floor %.3f)", len(every),
+             aligner.reference.name, min(sims), max(sims), aligner.metric_floor)
+    return aligned, info
 
 
 def train_detector(
@@ -136,9 +190,11 @@ def train_detector(
     resume: Optional[Union[str, Path]] = None,
     checkpoint_path: Optional[Union[str, Path]] = None,
     max_steps: Optional[int] = None,
-    position_normalise: bool = False,
+    position_normalise: Optional[bool] = None,
     time_limit: Optional[float] = None,
     origin: Optional[str] = None,
+    align: Optional[str] = None,
+    align_reference: Union[str, Path] = "normals",
 ) -> Detector:
     """Train SP-Mamba on normal volumes and calibrate it; see the module docstring.
 
@@ -157,7 +213,8 @@ def train_detector(
         max_steps: stop after this many optimisation steps in total (for quick runs and tests).
         position_normalise: after training, fit per-voxel statistics of the heatmaps of the training volumes and
             z-score every heatmap against them (all volumes must share one grid; see ``Detector.position_stats``).
-            Costs one detection per training volume; calibration then runs on the normalised maps.
+            Costs one detection per training volume; calibration then runs on the normalised maps. Default
+            (None): on when the volumes are aligned (``align="affine"``), off otherwise.
         time_limit: wall-clock seconds for the whole call, from reading the volumes to the saved, calibrated model
             (encoder norm adaptation, optimisation, position statistics, calibration). The time one detection takes
             is measured on a held-out volume first; training then stops early enough to leave time for
@@ -165,6 +222,13 @@ def train_detector(
             optimisation step and one calibration volume are always done, so a limit shorter than those is
             exceeded by them.
         origin: what trained it (e.g. "spmamba train"), recorded in ``meta["training"]["origin"]``.
+        align: "none" or "affine" (``registration``): register every volume affinely to ``align_reference``
+            and train and detect on the reference grid; stored in the model, so detection follows it. Default
+            (None): "none" for a new model, the resumed model's setting when resuming. Every normal must align
+            (else TrainingDataError naming it); the similarity floor is calibrated on them.
+        align_reference: "normals" (built from the training normals: the median-sized one, then the mean of
+            all aligned to it), "mni152" (nilearn's skull-stripped MNI152 T1 template at 2 mm; "mni152:SPACING"
+            for another spacing) or a volume file. Ignored when resuming (the model's reference is kept).
     Returns:
         A calibrated Detector (not yet saved unless checkpoint_path was given; then that file is final too).
     """
@@ -179,8 +243,6 @@ def train_detector(
             f"{len(vols)} normal volume(s) given; at least {MIN_VOLUMES} are needed (some to learn from, one held out "
             "to calibrate the thresholds). Mark more studies normal or add volumes."
         )
-    if position_normalise:
-        _check_one_grid(vols)
     dev = resolve_device(device)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -198,6 +260,11 @@ def train_detector(
         cfg = get_config(config)
         prep = preprocessing or Preprocessing()
         detector = Detector(SPMamba(cfg, encoder_weights=encoder_weights), prep, device=dev)
+    train_vols, align_info = _prepare_alignment(detector, align, align_reference, train_vols, val_vols, emit)
+    if position_normalise is None:  # aligned volumes share one grid: position-aware normalisation by default
+        position_normalise = detector.alignment is not None
+    if position_normalise and detector.alignment is None:
+        _check_one_grid(vols)
     model = detector.model
     total_epochs = int(epochs if epochs is not None else cfg.epochs)
     if total_epochs < 1:
@@ -277,6 +344,7 @@ def train_detector(
             "position_normalise": detector.position_stats is not None,
             "encoder_norm": detector.meta.get("encoder_norm", "as in the weights"),
             "stop_reason": stop_reason, "time_limit_s": time_limit, "origin": origin,
+            "alignment": align_info,
         }
 
     def save(epoch_done: int, stopped: bool) -> None:
@@ -357,7 +425,8 @@ def train_detector(
                 fit_vols = train_vols[:keep]
         emit({"phase": "position_stats", "step": 0, "total_steps": len(fit_vols), "unit": "vol"})
         detector.fit_position_stats(fit_vols, lambda i, n: emit({"phase": "position_stats", "step": i,
-                                                                 "total_steps": n, "unit": "vol"}))
+                                                                 "total_steps": n, "unit": "vol"}),
+                                    aligned=detector.alignment is not None)
     detector.calibration = calibrate(
         detector, val_vols, pixel_fpr, volume_fpr, emit,
         deadline=None if deadline is None else deadline - seconds_per_save,
