@@ -3,6 +3,8 @@
 The contract (docs/CLI.md, ARCHITECTURE.md "CLI") is stable: scripts and checks drive it. Everything scientific is
 in the library; this module parses arguments, streams files, draws progress bars on stderr and turns the library's
 errors into one clear line on stderr and exit code 2 (0 = success, 2 = bad input / usage, 130 = interrupted).
+``serve`` and ``demo`` end with Ctrl-C (or SIGTERM / SIGHUP) by design: the server and its children are stopped
+quietly, one line says so, and the exit code is 0.
 """
 from __future__ import annotations
 
@@ -165,8 +167,16 @@ class _StopFlag:
 
 
 class _TrainProgress:
-    """Turns the library's progress dicts into tqdm bars on stderr: one for loading, one for the whole training
-    run (epochs x steps, with epoch and loss), one for calibration."""
+    """Turns the library's progress dicts into tqdm bars on stderr, one per phase: reading and slicing the volumes,
+    timing one detection (with a time limit), encoder-norm adaptation (per batch), training (all optimisation steps
+    of the run, with epoch and loss), position statistics and calibration (per volume).
+
+    A phase's bar opens when the library announces the phase (step 0), and advances with ``update()``, so tqdm's
+    rate is measured over real work (no rate from a bar opened just after its first step)."""
+
+    LABELS = {"load": "reading", "prepare": "slicing", "measure": "timing a detection", "encoder_norm": "encoder norm",
+              "train": "train", "position_stats": "position stats", "calibrate": "calibrate"}
+    UNITS = {"train": "step", "encoder_norm": "batch"}
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
@@ -174,10 +184,17 @@ class _TrainProgress:
         self.phase = None
         self.last: dict = {}
 
-    def _open(self, phase: str, total, unit: str) -> None:
+    def _open(self, phase: str, total, unit: str, initial: int = 0) -> None:
         self.close()
         self.phase = phase
-        self.bar = _tqdm(total=total, desc=phase, unit=unit, leave=False)
+        self.bar = _tqdm(total=total, initial=initial, desc=self.LABELS.get(phase, phase), unit=unit, leave=False,
+                         smoothing=0.1)
+
+    def _advance(self, done: int, total) -> None:
+        if total is not None and self.bar.total != total:
+            self.bar.total = total
+        if done > self.bar.n:
+            self.bar.update(done - self.bar.n)
 
     def __call__(self, info: dict) -> None:
         self.last = dict(info)
@@ -188,33 +205,33 @@ class _TrainProgress:
             self.close()
             return
         if phase == "epoch":  # end of an epoch: show its mean loss on the training bar
-            if self.bar is not None and isinstance(info.get("loss"), (int, float)):
+            if self.bar is not None and self.phase == "train" and isinstance(info.get("loss"), (int, float)):
                 self.bar.set_postfix_str(f"epoch {info.get('epoch')}/{info.get('total_epochs')} "
                                          f"mean loss {info['loss']:.4g}")
             return
         if phase == "train":
-            steps, epochs = info.get("total_steps") or 1, info.get("total_epochs") or 1
-            total = int(steps) * int(epochs)
-            if self.phase != "train" or self.bar is None or self.bar.total != total:
-                self._open("train", total, "step")
-            done = (int(info.get("epoch", 1)) - 1) * int(steps) + int(info.get("step", 0))
-            self.bar.n = min(done, total)
+            steps, epochs = int(info.get("total_steps") or 1), int(info.get("total_epochs") or 1)
+            total = int(info.get("total_global_steps") or steps * epochs)
+            done = info.get("global_step")
+            if done is None:
+                done = (int(info.get("epoch", 1)) - 1) * steps + int(info.get("step", 0))
+            if self.phase != "train" or self.bar is None:
+                self._open("train", total, "step", initial=int(done))
+            self._advance(int(done), total)
             loss = info.get("loss")
             self.bar.set_postfix_str(f"epoch {info.get('epoch')}/{epochs}"
-                                     + (f" loss {loss:.4g}" if isinstance(loss, (int, float)) else ""),
-                                     refresh=False)
-            self.bar.refresh()
+                                     + (f" loss {loss:.4g}" if isinstance(loss, (int, float)) else ""))
             return
+        step = int(info.get("step") or 0)
         if phase != self.phase or self.bar is None:
-            self._open(phase, info.get("total_steps"), "vol")
-        if info.get("step") is not None:
-            self.bar.n = int(info["step"])
-            self.bar.refresh()
+            self._open(phase, info.get("total_steps"), info.get("unit") or self.UNITS.get(phase, "vol"), step)
+        self._advance(step, info.get("total_steps"))
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        self.phase = None
 
 
 def _training_files(folder: str) -> list[Path]:
@@ -235,8 +252,11 @@ def _training_files(folder: str) -> list[Path]:
 def train_model(normal_dir: str, out: str, *, config: str = "fast", epochs: int | None = None, device: str = "auto",
                 resume: str | None = None, encoder_weights: str = "none", val_fraction: float = 0.2, seed: int = 0,
                 max_steps: int | None = None, time_limit_min: float | None = None, quiet: bool = False,
-                position_normalise: bool = False) -> dict:
-    """What ``spmamba train`` does (also used by ``spmamba demo``); returns a summary dict."""
+                position_normalise: bool = False, origin: str = "spmamba train") -> dict:
+    """What ``spmamba train`` does (also used by ``spmamba demo``); returns a summary dict.
+
+    ``time_limit_min`` bounds the whole training in wall time, from reading the volumes to the calibrated model
+    (``train_detector(time_limit=...)``); ``origin`` is recorded in the model (``meta.training.origin``)."""
     files = _training_files(normal_dir)
     out_path = Path(out)
     if out_path.exists() and out_path.is_dir():
@@ -246,7 +266,9 @@ def train_model(normal_dir: str, out: str, *, config: str = "fast", epochs: int 
         raise CLIError(f"{resume}: --resume checkpoint not found")
     if not quiet:
         _eprint(f"[train] {len(files)} normal volumes from {normal_dir}, preset {config!r}"
-                + (f", {epochs} epochs" if epochs else "") + f", device {device}; Ctrl-C stops early and still saves")
+                + (f", {epochs} epochs" if epochs else "")
+                + (f", at most {time_limit_min:g} min of wall time" if time_limit_min else "")
+                + f", device {device}; Ctrl-C stops early and still saves")
     from spmamba.train import train_detector
 
     progress = _TrainProgress(quiet)
@@ -254,12 +276,13 @@ def train_model(normal_dir: str, out: str, *, config: str = "fast", epochs: int 
     # Per-epoch checkpoints (with the optimiser state, for --resume) go to MODEL.pt.partial; MODEL.pt itself is
     # only ever replaced by a finished, calibrated model.
     partial = out_path.with_name(out_path.name + ".partial")
-    with _StopFlag(time_limit_min * 60 if time_limit_min else None) as stop:
+    with _StopFlag() as stop:
         try:
             detector = train_detector(files, config=config, epochs=epochs, device=device, val_fraction=val_fraction,
                                       seed=seed, encoder_weights=encoder_weights, progress=progress,
                                       should_stop=stop, resume=resume, checkpoint_path=str(partial),
-                                      position_normalise=position_normalise,
+                                      position_normalise=position_normalise, origin=origin,
+                                      time_limit=time_limit_min * 60 if time_limit_min else None,
                                       **({"max_steps": max_steps} if max_steps else {}))
         except KeyboardInterrupt:
             progress.close()
@@ -273,10 +296,11 @@ def train_model(normal_dir: str, out: str, *, config: str = "fast", epochs: int 
         else:  # pragma: no cover - the library always writes checkpoint_path; keep the CLI safe if it does not
             detector.save(str(out_path))
     dt = time.time() - t0
-    summary = {"model": str(out_path), "version": getattr(detector, "version", None), "n_volumes": len(files),
-               "seconds": round(dt, 1), "stopped_early": stop.requested and not stop.timed_out,
-               "timed_out": stop.timed_out}
     meta = getattr(detector, "meta", {}) or {}
+    reason = (meta.get("training") or {}).get("stop_reason") if isinstance(meta, dict) else None
+    summary = {"model": str(out_path), "version": getattr(detector, "version", None), "n_volumes": len(files),
+               "seconds": round(dt, 1), "stopped_early": reason == "stopped",
+               "timed_out": reason == "time_limit"}
     if isinstance(meta, dict) and meta.get("training"):
         summary["training"] = meta["training"]
     return summary
@@ -497,21 +521,208 @@ def _json_default(o):
 # ----------------------------------------------------------------------------------------------------------------
 # serve / demo
 # ----------------------------------------------------------------------------------------------------------------
-def cmd_serve(args: argparse.Namespace) -> int:
+class _StopSignals:
+    """While a server runs: SIGTERM and SIGHUP (the terminal closing) act like Ctrl-C, a KeyboardInterrupt in the
+    main thread, so the server and its children are stopped however this command is asked to end."""
+
+    def __init__(self) -> None:
+        self._old: dict = {}
+
+    @staticmethod
+    def _handler(signum, frame) -> None:  # noqa: ARG004
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> "_StopSignals":
+        for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
+            if sig is None:
+                continue
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _repo_root() -> Path | None:
+    """The checkout the app comes from (it holds slicer_extension/ and docs/), if there is one."""
+    try:
+        from spmamba import server
+
+        root = server.default_app_dir().resolve().parents[1]
+    except (FileNotFoundError, IndexError):
+        return None
+    return root if (root / "slicer_extension").is_dir() else None
+
+
+def _minutes(seconds) -> str:
+    if not isinstance(seconds, (int, float)):
+        return "?"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def describe_model(path: str | os.PathLike) -> str:
+    """One line on a model file: version, preset, how long and how it was trained, by what, on what, when."""
+    from spmamba.checkpoint import read_checkpoint_meta
+
+    m = read_checkpoint_meta(path)
+    cfg = m.get("config") or {}
+    meta = m.get("meta") or {}
+    tr = meta.get("training") or {}
+    parts = [f"version {m.get('version') or '?'}", f"preset {cfg.get('name', '?')}"]
+    steps, per_epoch, total_epochs = tr.get("steps"), tr.get("steps_per_epoch"), tr.get("total_epochs")
+    if isinstance(steps, int):
+        text = f"{steps} optimisation steps" + (f" ({steps / per_epoch:.3g} of {total_epochs} epochs)"
+                                                if per_epoch else "")
+    elif tr.get("epochs") is not None:
+        text = f"{tr['epochs']} of {total_epochs} epochs"
+    else:
+        text = "training not recorded"
+    reason = tr.get("stop_reason")
+    if reason is None and tr.get("stopped_early"):
+        reason = "stopped"
+    how_it_ended = {"time_limit": f"stopped at its time limit of {_minutes(tr.get('time_limit_s'))}",
+                    "stopped": "stopped early", "max_steps": "capped by --max-steps"}.get(reason)
+    if how_it_ended is None and tr:
+        how_it_ended = "full schedule"
+    parts.append(text + (f", {how_it_ended}" if how_it_ended else ""))
+    how = f"made by `{tr['origin']}`" if tr.get("origin") else "made by the app or an earlier spmamba (not recorded)"
+    if tr.get("n_train_volumes") is not None:
+        how += (f" on {tr['n_train_volumes']} normal volumes ({tr.get('n_calibration_volumes', '?')} more to "
+                "calibrate)")
+    if tr.get("train_seconds") is not None:
+        how += f" in {_minutes(tr['train_seconds'])} on {tr.get('device', '?')}"
+    parts.append(how)
+    if meta.get("created"):
+        parts.append(f"created {meta['created']}")
+    return ", ".join(parts)
+
+
+def _get_json(url: str, timeout: float = 10.0):
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read().decode())
+
+
+def next_steps(url: str) -> list[str]:
+    """What a user can do once the server answers (printed by serve and demo)."""
+    root = _repo_root()
+    here = Path.cwd().resolve()
+
+    def show(p: Path) -> str:
+        try:
+            return str(p.relative_to(here))
+        except ValueError:
+            return str(p)
+
+    module = show(root / "slicer_extension" / "AnomalyDetection") if root else "slicer_extension/AnomalyDetection"
+    docs = show(root / "docs") if root else "docs"
+    return [
+        "Next:",
+        f"  3D Slicer  this project's \"Anomaly Detection\" module: add {module} to Slicer's additional module",
+        f"             paths ({docs}/SLICER.md), then connect it to {url}. MONAI Label's own Slicer plugin",
+        "             cannot show the float heatmaps.",
+        f"  studies    curl -s '{url}/datastore/?output=all'",
+        f"  detect     curl -s -X POST '{url}/infer/spmamba?image=STUDY_ID&output=json'",
+        f"  docs       {docs}/APP.md (REST API and --conf options), {docs}/CLI.md",
+        "  stop       Ctrl-C",
+    ]
+
+
+def _report_served(tag: str, url: str, studies: Path, requested_model: Path | None, hint_model_option: bool) -> None:
+    """Once the server answers: which studies and which model it serves (asked from the server itself), and what
+    to do next."""
+    lines = [f"[{tag}] ready on {url} with the studies in {studies}"]
+    try:
+        info = _get_json(url + "/info/")
+    except Exception as e:  # noqa: BLE001 - the server is up; the summary is a courtesy
+        info = {}
+        lines.append(f"[{tag}] (could not read {url}/info/: {e})")
+    sp = info.get("spmamba") or {}
+    counts = sp.get("curation") or {}
+    if counts:
+        n = sum(v for v in counts.values() if isinstance(v, int))
+        lines[0] += " (" + f"{n} studies: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v) + ")" \
+            if n else " (no studies yet: copy volumes into the folder or upload them from the Slicer module)"
+    model = sp.get("model") or {}
+    if model.get("ready") and model.get("path"):
+        lines.append(f"[{tag}] serving model {model['path']}")
+        try:
+            lines.append(f"[{tag}]   {describe_model(model['path'])}")
+        except Exception as e:  # noqa: BLE001
+            lines.append(f"[{tag}]   version {model.get('version')} ({e})")
+        if requested_model is not None and os.path.realpath(model["path"]) != os.path.realpath(requested_model):
+            lines.append(f"[{tag}]   note: not {requested_model}: the app serves the newest of its --model and the "
+                         "model it published last (MODEL_DIR/spmamba.pt, where training from Slicer goes)")
+        if hint_model_option:
+            lines.append(f"[{tag}]   serve another model with --model FILE (a `spmamba train` output)")
+    elif sp:
+        lines.append(f"[{tag}] no model yet: detection answers 409 until there is one. Train one with "
+                     "`spmamba train --normal DIR --out model.pt` and serve it with --model model.pt, or mark studies "
+                     "normal and train from the Slicer module")
+    lines += next_steps(url)
+    _eprint("\n".join(lines))
+
+
+def _run_server(tag: str, studies: Path, args: argparse.Namespace, conf: dict, log_dir: Path | None,
+                requested_model: Path | None, hint_model_option: bool) -> int:
+    """Serve until Ctrl-C (or SIGTERM / SIGHUP): then stop the server and its children quietly, print one line and
+    return 0 (stopping a server is not an error)."""
     from spmamba import server
 
-    conf = dict(kv.split("=", 1) for kv in args.conf) if args.conf else {}
+    with _StopSignals():
+        try:
+            rc = server.serve(studies=str(studies), app_dir=args.app_dir, host=args.host, port=args.port,
+                              conf=conf or None, block=True, log_dir=str(log_dir) if log_dir else None,
+                              on_ready=lambda url: _report_served(tag, url, studies, requested_model,
+                                                                  hint_model_option))
+        except KeyboardInterrupt:
+            _eprint(f"[{tag}] stopped")
+            return EXIT_OK
+        except RuntimeError as e:  # port in use, or the server exited before it answered (its output says why)
+            raise CLIError(str(e)) from None
+    if rc:
+        _eprint(f"[{tag}] the server exited with code {rc}")
+        return 1
+    return EXIT_OK
+
+
+def _count_volumes(folder: Path) -> int:
+    return sum(1 for p in folder.iterdir() if p.is_file() and _is_image(p))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    conf = {}
+    for kv in args.conf or []:
+        if "=" not in kv:
+            raise CLIError(f"--conf {kv}: expected KEY=VALUE")
+        key, value = kv.split("=", 1)
+        conf[key] = value
+    requested = None
     if args.model:
         if not Path(args.model).is_file():
             raise CLIError(f"{args.model}: model file not found")
-        conf["model"] = str(Path(args.model).resolve())
+        requested = Path(args.model).resolve()
+        conf["model"] = str(requested)
     studies = Path(args.studies)
-    if studies.exists() and not studies.is_dir():
+    if not studies.exists():
+        if not args.create:
+            raise CLIError(f"{studies}: no such folder. Pass the folder that holds your .nii/.nii.gz/.nrrd volumes "
+                           "with --studies DIR, or add --create to start with an empty one")
+        studies.mkdir(parents=True)
+        _eprint(f"[serve] created the empty studies folder {studies.resolve()}: copy volumes into it or upload "
+                "them from the Slicer module")
+    elif not studies.is_dir():
         raise CLIError(f"{studies}: not a folder")
-    _eprint(f"[serve] MONAI Label app on http://{args.host}:{args.port} with studies {studies.resolve()} "
-            "(Ctrl-C stops it)")
-    return int(server.serve(studies=str(studies), app_dir=args.app_dir, host=args.host, port=args.port,
-                            conf=conf or None, block=True) or 0)
+    elif _count_volumes(studies) == 0:
+        _eprint(f"[serve] {studies.resolve()} holds no .nii/.nii.gz/.nrrd volumes yet")
+    _eprint(f"[serve] starting the MONAI Label app on http://{args.host}:{args.port} (Ctrl-C stops it)")
+    return _run_server("serve", studies.resolve(), args, conf, Path(args.log_dir) if args.log_dir else None,
+                       requested, hint_model_option=True)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -525,12 +736,69 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def demo_model_path(app_dir: str | os.PathLike | None = None) -> Path:
-    """Where ``spmamba demo`` puts its model: the app's published model (``<app>/model/spmamba.pt``)."""
-    from spmamba import server
+DEMO_MADE_BY = "spmamba demo"
+PROVENANCE_SUFFIX = ".provenance.json"
 
-    app = Path(app_dir) if app_dir else server.default_app_dir()
-    return app / "model" / "spmamba.pt"
+
+def demo_model_path(demo_dir: str | os.PathLike = "demo") -> Path:
+    """Where ``spmamba demo`` puts its model: ``DEMO/model/demo.pt``, with ``demo.pt.provenance.json`` beside it.
+    (What the app publishes when the demo's user retrains goes to ``DEMO/model/app/``.)"""
+    return Path(demo_dir) / "model" / "demo.pt"
+
+
+def _provenance_path(model: Path) -> Path:
+    return model.with_name(model.name + PROVENANCE_SUFFIX)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files_digest(files: Sequence[Path]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(files, key=lambda q: q.name):
+        h.update(p.name.encode())
+        h.update(_sha256(p).encode())
+    return h.hexdigest()[:16]
+
+
+def _demo_settings(args: argparse.Namespace) -> dict:
+    """What decides the demo's model: data set and training settings (not the device, not the port)."""
+    return {"config": args.config, "epochs": args.epochs, "train_minutes": args.train_minutes,
+            "n_train": args.n_train, "n_test": args.n_test, "seed": args.seed, "spacing": args.spacing}
+
+
+def demo_model_status(model: Path, settings: dict, data_digest: str) -> tuple[bool, str]:
+    """(reusable, why): a model is reused only when ``spmamba demo`` made it (provenance record beside it, whose
+    hash matches the file) with the same settings on the same training volumes."""
+    prov_path = _provenance_path(model)
+    if not model.is_file():
+        return False, "there is none yet"
+    if not prov_path.is_file():
+        return False, f"it has no {prov_path.name}, so `{DEMO_MADE_BY}` did not make it"
+    try:
+        prov = json.loads(prov_path.read_text())
+    except (OSError, ValueError) as e:
+        return False, f"its provenance record {prov_path.name} is unreadable ({e})"
+    if prov.get("made_by") != DEMO_MADE_BY:
+        return False, f"its provenance record says it was made by {prov.get('made_by')!r}"
+    if prov.get("model_sha256") != _sha256(model):
+        return False, "the file changed after `spmamba demo` made it"
+    old = prov.get("settings") or {}
+    changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
+    if changed:
+        return False, "it was made with other settings (" + ", ".join(changed) + ")"
+    if prov.get("data") != data_digest:
+        return False, "the demo's training volumes changed since it was made"
+    return True, f"made by `{DEMO_MADE_BY}` with these settings on these volumes ({prov.get('created', '?')})"
 
 
 def prepare_demo(demo_dir: str | os.PathLike, *, n_train: int = 20, n_test: int = 12, seed: int = 0,
@@ -563,29 +831,47 @@ def prepare_demo(demo_dir: str | os.PathLike, *, n_train: int = 20, n_test: int 
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    studies = prepare_demo(args.dir, n_train=args.n_train, n_test=args.n_test, seed=args.seed,
+    if args.train_minutes is not None and args.train_minutes < 0:
+        raise CLIError(f"--train-minutes {args.train_minutes}: must be >= 0")
+    demo_dir = Path(args.dir)
+    studies = prepare_demo(demo_dir, n_train=args.n_train, n_test=args.n_test, seed=args.seed,
                            spacing=args.spacing, quiet=args.quiet)
-    model = Path(args.model) if args.model else demo_model_path(args.app_dir)
-    if model.exists():
-        _eprint(f"[demo] using existing model {model}")
+    train_dir = demo_dir / "train"
+    model = Path(args.model) if args.model else demo_model_path(demo_dir)
+    if args.model and model.is_file():
+        _eprint(f"[demo] using existing model {model} (given with --model)")
     else:
-        _eprint(f"[demo] training a quick model ({args.config} preset) on {Path(args.dir) / 'train'} -> {model}")
-        if args.train_minutes:
-            _eprint(f"[demo] training stops after {args.train_minutes:g} min at most (--train-minutes); "
-                    "a longer run gives a better model")
-        s = train_model(str(Path(args.dir) / "train"), str(model), config=args.config, epochs=args.epochs,
-                        device=args.device, time_limit_min=args.train_minutes or None, quiet=args.quiet)
-        _eprint(f"[demo] model ready in {s['seconds']:.0f} s: {model}")
+        settings = _demo_settings(args)
+        digest = _files_digest(sorted(train_dir.glob("*.nii.gz")))
+        reusable, why = demo_model_status(model, settings, digest)
+        if reusable:
+            _eprint(f"[demo] using existing model {model}: {why}")
+        else:
+            if model.exists():
+                _eprint(f"[demo] not using {model}: {why}")
+                if not _provenance_path(model).is_file() or "changed after" in why:
+                    aside = model.with_name(model.name + time.strftime(".replaced-%Y%m%d-%H%M%S"))
+                    os.replace(model, aside)
+                    _eprint(f"[demo] moved it to {aside}")
+            limit = args.train_minutes or None
+            _eprint(f"[demo] training a quick model ({args.config} preset) on {train_dir} -> {model}"
+                    + (f"; at most {limit:g} min of wall time including calibration (--train-minutes; a longer "
+                       "run gives a better model)" if limit else ""))
+            s = train_model(str(train_dir), str(model), config=args.config, epochs=args.epochs, device=args.device,
+                            time_limit_min=limit, quiet=args.quiet, origin=DEMO_MADE_BY)
+            _provenance_path(model).write_text(json.dumps({
+                "made_by": DEMO_MADE_BY, "settings": settings, "data": digest, "model_sha256": _sha256(model),
+                "version": s.get("version"), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "seconds": s.get("seconds"), "spmamba": _version()}, indent=2) + "\n")
+            _eprint(f"[demo] model ready in {s['seconds']:.0f} s: {model}")
+    _eprint(f"[demo] model: {describe_model(model)}")
     if args.no_serve:
         print(f"demo ready: studies {studies}, model {model}")
         return EXIT_OK
-    from spmamba import server
-
-    conf = {"model": str(model.resolve())} if args.model else None
-    _eprint(f"[demo] serving on http://{args.host}:{args.port} (open it in 3D Slicer's MONAI Label module; "
-            "Ctrl-C stops)")
-    return int(server.serve(studies=str(studies.resolve()), app_dir=args.app_dir, host=args.host, port=args.port,
-                            conf=conf, block=True) or 0)
+    conf = {"model": str(model.resolve()), "model_dir": str((demo_dir / "model" / "app").resolve())}
+    _eprint(f"[demo] starting the MONAI Label app on http://{args.host}:{args.port} (Ctrl-C stops it)")
+    return _run_server("demo", studies.resolve(), args, conf, (demo_dir / "logs").resolve(), model.resolve(),
+                       hint_model_option=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -638,7 +924,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps", type=int, default=None, metavar="N",
                    help="stop after N optimisation steps in all (quick smoke runs; the model is still calibrated)")
     t.add_argument("--time-limit", type=float, default=None, metavar="MIN",
-                   help="stop training after MIN minutes (then calibrate and save, as with Ctrl-C)")
+                   help="wall-time limit in minutes for the whole training, encoder norm adaptation and calibration "
+                   "included: training stops early enough to calibrate and save within it")
     t.add_argument("--position-normalise", action="store_true",
                    help="for volumes registered to one template grid: z-score every heatmap voxel against the "
                    "heatmaps of the training normals at that position (better volume scores on such data; the "
@@ -674,9 +961,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_evaluate)
 
-    v = sub.add_parser("serve", help="start the MONAI Label server on 127.0.0.1")
-    v.add_argument("--studies", default="studies", metavar="DIR", help="folder of studies (default ./studies)")
-    v.add_argument("--model", default=None, metavar="MODEL.pt", help="serve this checkpoint")
+    v = sub.add_parser("serve", help="start the MONAI Label server on 127.0.0.1",
+                       description="Serves the studies in DIR with the MONAI Label app. Once it answers, it says which "
+                       "model it serves (version, preset, how and when it was trained) and what to do next. Without "
+                       "--model the app serves the model it published last (apps/spmamba_app/model/spmamba.pt, or "
+                       "--conf model_dir=DIR), if any. Ctrl-C stops it (exit 0).")
+    v.add_argument("--studies", default="studies", metavar="DIR",
+                   help="folder of .nii/.nii.gz/.nrrd studies (default ./studies); it must exist unless --create")
+    v.add_argument("--create", action="store_true", help="create the studies folder when it does not exist")
+    v.add_argument("--model", default=None, metavar="MODEL.pt",
+                   help="serve this checkpoint (a `spmamba train` output); default: the app's published model")
+    v.add_argument("--log-dir", default=None, metavar="DIR",
+                   help="where MONAI Label writes app.log (default: its own, APP/logs)")
     v.add_argument("--app-dir", default=None, metavar="DIR", help="the MONAI Label app (default apps/spmamba_app)")
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
@@ -684,9 +980,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("demo", help="make demo studies and a quick model, then serve them on 127.0.0.1:8000",
-                       description="Makes ./demo with `synth` (skipped if present), trains a quick model into the "
-                       "app's model folder (apps/spmamba_app/model/spmamba.pt) if none exists, then starts the "
-                       "MONAI Label server with the demo studies.")
+                       description="Makes ./demo with `synth` (skipped if present), trains a quick model into "
+                       "./demo/model/demo.pt unless one that `spmamba demo` made with the same settings on the same "
+                       "volumes is there (a provenance record beside it says so), then starts the MONAI Label server "
+                       "with the demo studies (models retrained from Slicer go to ./demo/model/app, logs to "
+                       "./demo/logs). Ctrl-C stops it (exit 0).")
     m.add_argument("--dir", default="demo", help="demo folder (default ./demo)")
     m.add_argument("--n-train", type=int, default=20)
     m.add_argument("--n-test", type=int, default=12)
@@ -694,10 +992,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--config", default="fast", help="training preset (default fast)")
     m.add_argument("--epochs", type=int, default=None)
     m.add_argument("--train-minutes", type=float, default=10.0,
-                   help="time limit of the demo's training (default 10; 0 = the preset's full schedule)")
+                   help="wall-time limit of the demo's training, calibration included (default 10; 0 = the "
+                   "preset's full schedule)")
     m.add_argument("--spacing", type=float, default=2.0, help="voxel size of the demo studies in mm")
     m.add_argument("--device", default="auto")
-    m.add_argument("--model", default=None, metavar="MODEL.pt", help="use/write this model instead of the app's")
+    m.add_argument("--model", default=None, metavar="MODEL.pt",
+                   help="serve this model if it exists (else train it) instead of ./demo/model/demo.pt")
     m.add_argument("--app-dir", default=None, metavar="DIR")
     m.add_argument("--host", default="127.0.0.1")
     m.add_argument("--port", type=int, default=8000)

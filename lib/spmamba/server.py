@@ -2,19 +2,31 @@
 
 MONAI Label is not imported here: the server runs as ``python -m monailabel.main start_server ...`` with the current
 interpreter, so ``import spmamba`` stays light and works without the ``server`` extra.
+
+The server runs in its own session (process group), so a Ctrl-C in the terminal reaches only the caller, which then
+stops the server *and* what it started (start-up scoring, training subprocesses) with one SIGTERM to the group:
+no child sees the SIGINT, so none prints a ``KeyboardInterrupt`` traceback. :func:`stop` does that.
+
+Where MONAI Label writes: ``start_server`` puts its log in ``APP/logs/`` unless given ``--log_config``
+(:func:`serve` passes one when ``log_dir`` is given, or ``log_file``'s folder), and the app publishes trained models in
+``--conf model_dir`` (default ``APP/model``). Nothing else goes into the app folder (``APP/bin`` only for DICOMweb
+studies, which this app refuses).
 """
 from __future__ import annotations
 
 import csv
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import IO, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -40,11 +52,14 @@ def server_command(
     host: str = "127.0.0.1",
     port: int = 8000,
     conf: Optional[Mapping[str, object]] = None,
+    log_config: Optional[PathLike] = None,
 ) -> List[str]:
     """The exact command :func:`serve` runs (useful for docs and tests)."""
     app = Path(app_dir) if app_dir else default_app_dir()
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
            "--host", host, "--port", str(int(port))]
+    if log_config:
+        cmd += ["--log_config", str(log_config)]
     for key, value in (conf or {}).items():
         if value is None:
             continue
@@ -52,6 +67,37 @@ def server_command(
             value = "true" if value else "false"
         cmd += ["--conf", str(key), str(value)]
     return cmd
+
+
+def log_config(log_dir: PathLike, log_file: str = "app.log") -> Path:
+    """A MONAI Label logging config (its own ``logging.json``) that writes ``log_dir/log_file`` instead of
+    ``APP/logs/app.log``; returns its path (``log_dir/.monailabel-logging.json``)."""
+    log_dir = Path(log_dir).resolve()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    template = None
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("monailabel")
+        if spec and spec.origin:
+            candidate = Path(spec.origin).resolve().parent.parent / "logging.json"  # where start_server reads it
+            template = candidate.read_text() if candidate.is_file() else None
+    except Exception:  # noqa: BLE001 - fall back to a minimal config below
+        template = None
+    if template is None:
+        template = json.dumps({
+            "version": 1, "disable_existing_loggers": False,
+            "formatters": {"simple": {"format": "[%(asctime)s] [%(levelname)s] (%(name)s:%(lineno)d) - %(message)s"}},
+            "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "simple"},
+                         "file_handler": {"class": "logging.FileHandler", "formatter": "simple",
+                                          "filename": "${LOGFILE}", "encoding": "utf-8"}},
+            "root": {"level": "INFO", "handlers": ["console", "file_handler"]},
+        })
+    text = template.replace("${LOGDIR}", json.dumps(str(log_dir))[1:-1])
+    text = text.replace("${LOGFILE}", json.dumps(str(log_dir / log_file))[1:-1])
+    path = log_dir / ".monailabel-logging.json"
+    path.write_text(text)
+    return path
 
 
 def wait_until_ready(host: str, port: int, timeout: float = 120.0, proc: Optional[subprocess.Popen] = None) -> None:
@@ -80,6 +126,48 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
+def stop(proc: subprocess.Popen, timeout: float = 20.0) -> Optional[int]:
+    """Stop a server started by :func:`serve` and everything it started (its process group: start-up scoring,
+    training subprocesses): SIGTERM to the group (uvicorn shuts down cleanly; the Python children end without a
+    traceback), SIGKILL after ``timeout`` seconds. Returns the server's exit code."""
+    def group_signal(sig: int) -> None:
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        except OSError:  # pragma: no cover - not a group leader (started elsewhere): the process alone
+            try:
+                proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+
+    if proc.poll() is None:
+        group_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            group_signal(signal.SIGKILL)
+            proc.wait()
+    group_signal(signal.SIGTERM)  # children that outlived the server (the group lives on while any does)
+    return proc.returncode
+
+
+def _pump(src: IO[bytes], dst: IO[str], quiet: threading.Event) -> None:
+    """Copy the server's output to ``dst`` line by line until ``quiet`` is set, then only drain it (a full pipe
+    would block the server)."""
+    try:
+        for raw in iter(src.readline, b""):
+            if quiet.is_set():
+                continue
+            try:
+                dst.write(raw.decode("utf-8", "replace"))
+                dst.flush()
+            except (OSError, ValueError):  # the terminal went away: keep draining
+                quiet.set()
+    except (OSError, ValueError):
+        pass
+
+
 def serve(
     studies: PathLike,
     app_dir: Optional[PathLike] = None,
@@ -90,44 +178,65 @@ def serve(
     ready_timeout: float = 180.0,
     env: Optional[Mapping[str, str]] = None,
     log_file: Optional[PathLike] = None,
+    log_dir: Optional[PathLike] = None,
+    on_ready: Optional[Callable[[str], None]] = None,
+    output: Optional[IO[str]] = None,
 ) -> Union[int, subprocess.Popen]:
-    """Run the MONAI Label server for ``studies`` on ``host:port``.
+    """Run the MONAI Label server for ``studies`` on ``host:port`` (the folder is created when missing).
 
     ``conf`` becomes ``--conf key value`` pairs (see docs/APP.md: preset, device, slice_axis, encoder_weights,
-    unflagged_normal, model, ...). ``block=True`` runs until the server stops (Ctrl-C stops it) and returns its exit
-    code; ``block=False`` returns the ``Popen`` once ``GET /info/`` answers (stop it with ``terminate()``).
+    unflagged_normal, model, model_dir ...). MONAI Label's own log goes to ``log_dir/app.log`` (default: the folder of
+    ``log_file`` when given, else MONAI Label's ``APP/logs``).
+
+    ``block=False`` returns the ``Popen`` once ``GET /info/`` answers (``log_file``: where its output goes; stop it
+    with :func:`stop`). ``block=True`` copies the server's output to ``output`` (default stderr), calls
+    ``on_ready(url)`` once it answers, and runs until the server exits (returns its exit code). A
+    ``KeyboardInterrupt`` in the caller (Ctrl-C: the terminal sends it to the caller only, the server has its own
+    session) stops the server and its children quietly (:func:`stop`; their output is no longer copied) and is
+    raised again, so the caller decides what to print.
     """
     if not port_is_free(host, port):
         raise RuntimeError(f"{host}:{port} is already in use: stop the other server or choose another port")
-    Path(studies).mkdir(parents=True, exist_ok=True)
-    cmd = server_command(studies, app_dir, host, port, conf)
+    Path(studies).mkdir(parents=True, exist_ok=True)  # the CLI refuses a missing folder before it gets here
+    if log_dir is None and log_file is not None:
+        log_dir = Path(log_file).resolve().parent
+    cmd = server_command(studies, app_dir, host, port, conf, log_config(log_dir) if log_dir else None)
     full_env = {**os.environ, **(env or {})}
     full_env.setdefault("PYTHONUNBUFFERED", "1")
-    stdout = open(log_file, "ab") if log_file else None
-    proc = subprocess.Popen(cmd, env=full_env, stdout=stdout, stderr=subprocess.STDOUT if stdout else None)
     if not block:
+        stdout = open(log_file, "ab") if log_file else None
+        try:
+            proc = subprocess.Popen(cmd, env=full_env, stdout=stdout, stderr=subprocess.STDOUT if stdout else None,
+                                    start_new_session=True)
+        finally:
+            if stdout:
+                stdout.close()
         try:
             wait_until_ready(host, port, ready_timeout, proc)
         except BaseException:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc, 10)
             raise
         return proc
+    quiet = threading.Event()
+    proc = subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    pump = threading.Thread(target=_pump, args=(proc.stdout, output or sys.stderr, quiet), daemon=True)
+    pump.start()
     try:
-        return proc.wait()
+        wait_until_ready(host, port, ready_timeout, proc)
+        if on_ready is not None:
+            on_ready(f"http://{host}:{port}")
+        rc = proc.wait()
+        pump.join(5)
+        return rc
     except KeyboardInterrupt:
-        proc.terminate()
-        try:
-            return proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait()
-    finally:
-        if stdout:
-            stdout.close()
+        quiet.set()
+        stop(proc)
+        raise
+    except BaseException:  # e.g. it exited before it was ready: its last words are still copied
+        stop(proc)
+        pump.join(5)
+        raise
 
 
 def write_curation_csv(path: PathLike, states: Union[Mapping[str, str], Iterable[Tuple[str, str]]]) -> Path:
