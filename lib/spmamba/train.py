@@ -65,7 +65,8 @@ def _slice_tensor(vols: list[Volume], prep: Preprocessing, size: int,
 
 
 def calibrate(detector: Detector, vols: list[Volume], pixel_fpr: float = 0.001, volume_fpr: float = 0.05,
-              progress: Optional[Callable[[dict], None]] = None, deadline: Optional[float] = None,
+              progress: Optional[Callable[[dict], None]] = None,
+              deadline: Union[None, float, Callable[[], Optional[float]]] = None,
               seconds_per_volume: Optional[float] = None) -> Calibration:
     """Pixel threshold: the (1 - pixel_fpr) quantile of heatmap values inside the foreground of held-out normals.
     Volume threshold: the (1 - volume_fpr) quantile of their volume scores ('higher' method: with few volumes this
@@ -73,15 +74,17 @@ def calibrate(detector: Detector, vols: list[Volume], pixel_fpr: float = 0.001, 
 
     ``deadline`` (a ``time.time()`` value): the volumes are used in order while the next one is expected to end
     before it (expected = the mean detection time so far, or ``seconds_per_volume`` before the first); the first
-    volume is always used. ``Calibration.n_volumes`` says how many were."""
+    volume is always used. ``Calibration.n_volumes`` says how many were. A callable ``deadline`` is asked before
+    each volume (None = no limit), so a limit that appears during calibration (a stop request) is followed."""
     rng = np.random.default_rng(0)
     pixel_values, scores, took = [], [], []
     if progress:
         progress({"phase": "calibrate", "step": 0, "total_steps": len(vols), "unit": "vol"})
     for i, v in enumerate(vols):
-        if deadline is not None and i > 0:
+        limit = deadline() if callable(deadline) else deadline
+        if limit is not None and i > 0:
             expected = float(np.mean(took)) if took else float(seconds_per_volume or 0.0)
-            if time.time() + expected > deadline:
+            if time.time() + expected > limit:
                 log.info("calibration: time limit; %d of %d held-out volumes used", i, len(vols))
                 break
         t0 = time.perf_counter()
@@ -192,6 +195,7 @@ def train_detector(
     max_steps: Optional[int] = None,
     position_normalise: Optional[bool] = None,
     time_limit: Optional[float] = None,
+    stop_time_limit: Optional[float] = None,
     origin: Optional[str] = None,
     align: Optional[str] = None,
     align_reference: Union[str, Path] = "normals",
@@ -221,6 +225,9 @@ def train_detector(
             calibrating the held-out volumes, and calibration uses fewer of them if time runs short. At least one
             optimisation step and one calibration volume are always done, so a limit shorter than those is
             exceeded by them.
+        stop_time_limit: seconds allowed, from the moment ``should_stop`` first returns True (during training or
+            while calibrating), to finish: position statistics and calibration then use fewer held-out volumes
+            (at least one) so that the calibrated model is ready in time. None: all of them, however long.
         origin: what trained it (e.g. "spmamba train"), recorded in ``meta["training"]["origin"]``.
         align: "none" or "affine" (``registration``): register every volume affinely to ``align_reference``
             and train and detect on the reference grid; stored in the model, so detection follows it. Default
@@ -235,7 +242,20 @@ def train_detector(
     t_start = time.time()
     deadline = t_start + float(time_limit) if time_limit is not None else None
     emit = progress or (lambda d: None)
-    stop = should_stop or (lambda: False)
+    user_stop = should_stop or (lambda: False)
+    stop_seen_at: list[float] = []  # when should_stop first said True
+
+    def stop() -> bool:
+        if not stop_seen_at and user_stop():
+            stop_seen_at.append(time.time())
+        return bool(stop_seen_at)
+
+    def stop_deadline() -> Optional[float]:
+        """The time-limit deadline, or earlier when a stop asked for the result within stop_time_limit."""
+        if stop_time_limit is None or not stop():
+            return deadline
+        by_stop = stop_seen_at[0] + float(stop_time_limit)
+        return by_stop if deadline is None else min(deadline, by_stop)
     emit({"phase": "load", "step": 0, "total_steps": len(volumes), "unit": "vol"})
     vols = _load_all(volumes, lambda i, k: emit({"phase": "load", "step": i, "total_steps": k, "unit": "vol"}))
     if len(vols) < MIN_VOLUMES:
@@ -415,6 +435,7 @@ def train_detector(
     else:
         epoch = total_epochs
     epochs_done = epoch if stopped else total_epochs
+    deadline = stop_deadline()  # a stop request bounds what follows (position statistics, calibration)
     model.eval()
     if position_normalise:
         fit_vols = train_vols
@@ -429,7 +450,7 @@ def train_detector(
                                     aligned=detector.alignment is not None)
     detector.calibration = calibrate(
         detector, val_vols, pixel_fpr, volume_fpr, emit,
-        deadline=None if deadline is None else deadline - seconds_per_save,
+        deadline=lambda: None if stop_deadline() is None else stop_deadline() - seconds_per_save,
         seconds_per_volume=seconds_per_volume or None)
     n_calibration_used = detector.calibration.n_volumes
     detector.meta["training"] = summary(epochs_done, stopped)
