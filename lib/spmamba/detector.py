@@ -266,8 +266,9 @@ class Detector:
         if heatmap.shape != in_shape:  # 2-D input (X, Y) or trailing singleton axes: back to the input's shape
             heatmap = heatmap.reshape(in_shape)
             foreground = foreground.reshape(in_shape)
-        if al is not None:  # from the reference grid back onto the input's own grid
-            heatmap, foreground = al.to_input(heatmap), al.to_input(foreground)
+        if al is not None:  # from the reference grid back onto the input's own grid (0 outside the foreground)
+            foreground = al.to_input(foreground)
+            heatmap = np.where(foreground, al.to_input(heatmap), np.float32(0.0))
         if self.position_stats is not None:
             score = topk_mean(heat, self.POSITION_TOP_K)
         else:

@@ -1,0 +1,309 @@
+"""Anatomical alignment (spmamba.registration): coordinate conversion, recovery of a known transform, heatmaps back
+on the input grid, clear failures, and the detector / training / model-file hooks."""
+from dataclasses import asdict
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from spmamba.checkpoint import read_checkpoint_meta, weights_digest
+from spmamba.registration import (AffineAligner, AlignmentError, Reference, build_reference, calibrate_floor,
+                                  from_sitk, mni152_reference, similarity, to_sitk)
+from spmamba.volume import Volume, VolumeError
+
+# Tolerance for a recovered transform, as the mean / largest displacement error (mm) over the reference's brain
+# voxels: the reference has 4 mm voxels, the input 3 mm; measured errors are about 0.25 / 0.5 mm.
+MEAN_TOL_MM, MAX_TOL_MM, SCALE_TOL = 1.0, 1.5, 0.02
+INPUT_AFFINE = np.array([[-3.0, 0, 0, 100], [0, -3.0, 0, 100], [0, 0, 3.0, -90], [0, 0, 0, 1]])  # L-P-S axes
+INPUT_SHAPE = (68, 80, 64)
+
+
+def _rotation(axis, degrees):
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    a = np.deg2rad(degrees)
+    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k
+
+
+def _known_pose(ref: Reference, degrees, shift, scales) -> np.ndarray:
+    """4x4 map of reference RAS points to input RAS points: rotation and scaling about the grid centre, then a
+    shift."""
+    c = ref.affine[:3, :3] @ (np.array(ref.shape) / 2) + ref.affine[:3, 3]
+    lin = _rotation((1, 0.5, 0.2), degrees) @ np.diag(scales)
+    q = np.eye(4)
+    q[:3, :3] = lin
+    q[:3, 3] = c + np.asarray(shift, float) - lin @ c
+    return q
+
+
+def _posed_input(ref: Reference, q: np.ndarray, seed: int = 0, affine: np.ndarray = INPUT_AFFINE,
+                 shape: tuple = INPUT_SHAPE) -> np.ndarray:
+    """The reference seen through pose ``q`` on another grid (default 3 mm, L-P-S axes) with a scanner gain and
+    noise."""
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    inv = flip @ np.linalg.inv(q) @ flip  # input LPS point -> reference LPS point
+    tx = sitk.AffineTransform(3)
+    tx.SetMatrix(inv[:3, :3].ravel().tolist())
+    tx.SetTranslation(inv[:3, 3].tolist())
+    out = sitk.Resample(to_sitk(ref.array * 700.0, ref.affine), to_sitk(np.zeros(shape, np.float32), affine), tx,
+                        sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    arr, aff = from_sitk(out)
+    assert np.allclose(aff, affine)
+    return arr + np.random.default_rng(seed).normal(0, 5, arr.shape).astype(np.float32) * (arr > 0)
+
+
+def _errors_mm(ref: Reference, estimated: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    ijk = np.argwhere(ref.foreground()).T
+    pts = ref.affine[:3, :3] @ ijk + ref.affine[:3, 3:4]
+    return np.linalg.norm(estimated[:3, :3] @ pts + estimated[:3, 3:4] - truth[:3, :3] @ pts - truth[:3, 3:4], axis=0)
+
+
+@pytest.fixture(scope="module")
+def reference() -> Reference:
+    return mni152_reference(4.0)  # nilearn's MNI152 T1, skull-stripped, 4 mm: 44 x 54 x 46
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# coordinates
+
+
+@pytest.mark.parametrize("affine", [
+    np.diag([2.0, 3.0, 1.5, 1.0]),
+    np.array([[0, 0, -3.0, 10], [-2.0, 0, 0, 3], [0, 2.5, 0, -4], [0, 0, 0, 1]]),
+    None,
+])
+def test_sitk_conversion_round_trips_and_agrees_with_nibabel(tmp_path, affine):
+    rng = np.random.default_rng(0)
+    arr = rng.normal(size=(5, 6, 7)).astype(np.float32)
+    if affine is not None:  # an oblique grid as well
+        affine = affine.copy()
+        affine[:3, :3] = _rotation((0.3, 1, 0.2), 17) @ affine[:3, :3]
+    img = to_sitk(arr, affine)
+    back, aff = from_sitk(img)
+    expected = np.eye(4) if affine is None else affine
+    np.testing.assert_array_equal(back, arr)
+    np.testing.assert_allclose(aff, expected, atol=1e-6)
+    # voxel (i, j, k) of the array is at the RAS point the affine says, in SimpleITK's LPS terms
+    for ijk in [(0, 0, 0), (4, 1, 6), (2, 5, 3)]:
+        lps = np.asarray(img.TransformIndexToPhysicalPoint(ijk))
+        ras = expected[:3, :3] @ ijk + expected[:3, 3]
+        np.testing.assert_allclose(lps, ras * [-1, -1, 1], atol=1e-6)
+        assert img.GetPixel(ijk) == arr[ijk]
+    # SimpleITK's NIfTI writer and nibabel agree on the voxels and the affine
+    sitk.WriteImage(img, str(tmp_path / "x.nii.gz"))
+    nimg = nib.load(tmp_path / "x.nii.gz")
+    np.testing.assert_allclose(nimg.affine, expected, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(nimg.dataobj), arr)
+
+
+def test_a_sheared_grid_is_refused():
+    sheared = np.array([[2.0, 0.5, 0, 0], [0, 2.0, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1]])
+    with pytest.raises(AlignmentError, match="sheared"):
+        to_sitk(np.zeros((4, 4, 4), np.float32), sheared, "s.nii.gz")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# registration
+
+
+@pytest.mark.parametrize("degrees,shift,scales", [
+    (10.0, (6.0, -5.0, 4.0), (1.08, 1.08, 1.08)),
+    (15.0, (10.0, 8.0, -6.0), (1.1, 0.93, 1.0)),
+])
+def test_a_known_rotation_translation_and_scale_is_recovered(reference, degrees, shift, scales):
+    q = _known_pose(reference, degrees, shift, scales)
+    al = AffineAligner(reference).align(_posed_input(reference, q), INPUT_AFFINE, name="posed", check_floor=False)
+    err = _errors_mm(reference, al.matrix_ras, q)
+    assert err.mean() < MEAN_TOL_MM and err.max() < MAX_TOL_MM, (err.mean(), err.max())
+    np.testing.assert_allclose(sorted(al.scales), sorted(np.linalg.svd(q[:3, :3], compute_uv=False)),
+                               atol=SCALE_TOL)
+    assert al.similarity > 0.9 and al.array.shape == reference.shape
+    assert np.allclose(al.affine, reference.affine)
+    # without alignment the same points are off by about the shift and rotation: the test is not trivial
+    assert _errors_mm(reference, np.eye(4), q).mean() > 5 * MEAN_TOL_MM
+    s = al.summary()
+    assert s["reference"] == "mni152" and s["similarity"] == pytest.approx(al.similarity, abs=1e-4)
+
+
+def test_registration_is_repeatable(reference):
+    arr = _posed_input(reference, _known_pose(reference, 8.0, (3.0, 2.0, -1.0), (1.0, 1.0, 1.0)))
+    a = AffineAligner(reference).align(arr, INPUT_AFFINE, check_floor=False)
+    b = AffineAligner(reference).align(arr, INPUT_AFFINE, check_floor=False)
+    # fixed sampling seed: the same transform up to floating-point summation order across threads
+    np.testing.assert_allclose(a.matrix_ras, b.matrix_ras, rtol=0, atol=1e-7)
+
+
+def test_heatmaps_land_back_on_the_input_grid(reference):
+    q = _known_pose(reference, 12.0, (8.0, -4.0, 5.0), (1.05, 1.05, 1.05))
+    al = AffineAligner(reference).align(_posed_input(reference, q), INPUT_AFFINE, check_floor=False)
+    # a small blob on the reference grid, around a brain voxel off the centre
+    ijk0 = np.array([28, 30, 26])
+    ii = np.indices(reference.shape)
+    blob = np.exp(-((ii - ijk0[:, None, None, None]) ** 2).sum(0) / 2.0).astype(np.float32)
+    on_input = al.to_input(blob)
+    assert on_input.shape == INPUT_SHAPE and on_input.dtype == np.float32
+    # its centre of mass on the input grid is where the true pose puts the reference point (within a voxel)
+    w = on_input / on_input.sum()
+    com_vox = (np.indices(INPUT_SHAPE) * w).reshape(3, -1).sum(1)
+    com_ras = INPUT_AFFINE[:3, :3] @ com_vox + INPUT_AFFINE[:3, 3]
+    expected = q[:3, :3] @ (reference.affine[:3, :3] @ ijk0 + reference.affine[:3, 3]) + q[:3, 3]
+    assert np.linalg.norm(com_ras - expected) < 3.0
+    # input voxels outside the reference grid get the fill value; masks stay masks
+    ones = al.to_input(np.ones(reference.shape, np.float32), fill=-1.0)
+    assert (ones == -1.0).any() and np.isclose(ones.max(), 1.0)
+    mask = al.to_input(reference.foreground())
+    assert mask.dtype == bool and mask.shape == INPUT_SHAPE and mask.any()
+
+
+def test_empty_constant_and_non_brain_volumes_fail_with_a_clear_message(reference):
+    aligner = AffineAligner(reference, metric_floor=0.6)
+    with pytest.raises(AlignmentError, match="zeros.nii.gz: the volume is constant"):
+        aligner.align(np.zeros(INPUT_SHAPE, np.float32), INPUT_AFFINE, name="zeros.nii.gz")
+    speck = np.zeros(INPUT_SHAPE, np.float32)
+    speck[30:33, 30:33, 30:33] = 100.0
+    with pytest.raises(AlignmentError, match="speck: only 27 foreground voxels; the volume looks empty"):
+        aligner.align(speck, INPUT_AFFINE, name="speck")
+    noise = np.abs(np.random.default_rng(1).normal(size=INPUT_SHAPE)).astype(np.float32)
+    with pytest.raises(AlignmentError, match=r"noise: alignment to the mni152 reference failed: similarity .* below "
+                                             r"the floor 0.600.*same anatomy"):
+        aligner.align(noise, INPUT_AFFINE, name="noise")
+    # a uniform ellipsoid (a brain-sized blob without anatomy)
+    ii = np.indices(INPUT_SHAPE) - (np.array(INPUT_SHAPE) / 2)[:, None, None, None]
+    blob = (((ii / np.array([22, 26, 20])[:, None, None, None]) ** 2).sum(0) < 1).astype(np.float32) * 500
+    with pytest.raises(AlignmentError, match="blob: alignment .* failed: similarity"):
+        aligner.align(blob, INPUT_AFFINE, name="blob")
+    with pytest.raises(AlignmentError, match="2-D: 1 slice"):
+        aligner.align(np.ones((40, 40), np.float32), None, name="2-D")
+    assert issubclass(AlignmentError, VolumeError)  # the faces already report VolumeErrors per input
+
+
+def test_an_absurd_scale_is_refused(reference):
+    q = _known_pose(reference, 0.0, (0.0, 0.0, 0.0), (1.3, 1.3, 1.3))
+    arr = _posed_input(reference, q)
+    with pytest.raises(AlignmentError, match=r"absurd scale 1\.3"):
+        AffineAligner(reference, scale_range=(0.8, 1.25)).align(arr, INPUT_AFFINE, name="big")
+
+
+def test_similarity_and_floor():
+    a = np.zeros((10, 10, 10), np.float32)
+    a[2:8, 2:8, 2:8] = np.linspace(0.2, 1.0, 6)[:, None, None]
+    assert similarity(a, a) == pytest.approx(1.0)
+    assert similarity(a, np.roll(a, 3, axis=1)) < 0.5
+    assert similarity(a, np.zeros_like(a)) < 0.5
+    assert calibrate_floor([0.9, 0.85, 0.95]) == pytest.approx(0.75)
+    assert calibrate_floor([0.55]) == 0.5  # never below the absolute floor
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# references
+
+
+def test_reference_from_normals_is_their_aligned_mean(reference):
+    poses = [(0.0, (0, 0, 0), (1.0, 1.0, 1.0)), (8.0, (5, -3, 2), (1.05, 1.0, 0.97)),
+             (-6.0, (-4, 4, 0), (0.97, 1.02, 1.0))]
+    vols = [Volume(_posed_input(reference, _known_pose(reference, *p), seed=i), INPUT_AFFINE, f"n{i}")
+            for i, p in enumerate(poses)]
+    ref = build_reference(vols)
+    assert ref.name == "normals" and ref.array.dtype == np.float32
+    # on the grid of one of the normals, in RAS voxel order; sharp enough that every normal aligns well to it
+    assert ref.shape == (INPUT_SHAPE[0], INPUT_SHAPE[1], INPUT_SHAPE[2]) and np.all(np.diag(ref.affine)[:3] > 0)
+    aligner = AffineAligner(ref)
+    assert min(aligner.align(v.array, v.affine, name=v.path).similarity for v in vols) > 0.9
+    meta, tensor = ref.to_payload()
+    again = Reference.from_payload(meta, tensor)
+    np.testing.assert_array_equal(again.array, ref.array)
+    np.testing.assert_allclose(again.affine, ref.affine)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# detector and model files
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from spmamba.models import SPMamba
+
+    return SPMamba("tiny")
+
+
+def test_detector_with_alignment_maps_heatmaps_back_and_keeps_it_in_the_model_file(reference, tiny_model, tmp_path):
+    from spmamba.detector import Detector
+
+    det = Detector(tiny_model, device="cpu", alignment=AffineAligner(reference, metric_floor=0.8))
+    q = _known_pose(reference, 10.0, (6.0, -5.0, 4.0), (1.08, 1.08, 1.08))
+    arr = _posed_input(reference, q)
+    res = det.detect(arr, INPUT_AFFINE, name="posed.nii.gz")
+    assert res.heatmap.shape == INPUT_SHAPE and res.heatmap.dtype == np.float32
+    assert res.foreground.shape == INPUT_SHAPE and res.foreground.dtype == bool
+    assert np.all(res.heatmap[~res.foreground] == 0) and res.heatmap[res.foreground].max() > 0
+    assert res.alignment["similarity"] > 0.9 and res.alignment["metric_floor"] == 0.8
+    assert "align_s" in res.timings
+    # the heatmap's support is the brain where the input has it
+    assert (res.foreground & (arr > 0)).sum() > 0.9 * res.foreground.sum()
+
+    path = det.save(tmp_path / "aligned.pt")
+    meta = read_checkpoint_meta(path)
+    assert meta["alignment"]["method"] == "affine" and meta["alignment"]["reference"]["name"] == "mni152"
+    assert meta["alignment"]["metric_floor"] == 0.8 and "alignment_reference" not in meta
+    loaded = Detector.load(path, device="cpu")
+    assert loaded.version == det.version
+    assert loaded.version != Detector(tiny_model, device="cpu").version
+    np.testing.assert_array_equal(loaded.alignment.reference.array, reference.array)
+    again = loaded.detect(arr, INPUT_AFFINE)
+    np.testing.assert_allclose(again.heatmap, res.heatmap, atol=1e-3)
+    with pytest.raises(AlignmentError, match="empty.nii.gz: the volume is constant"):
+        loaded.detect(np.zeros(INPUT_SHAPE, np.float32), INPUT_AFFINE, name="empty.nii.gz")
+
+
+def test_model_files_without_alignment_load_and_detect_as_before(tiny_model, tmp_path):
+    import torch
+
+    from spmamba.checkpoint import save_checkpoint
+    from spmamba.detector import Calibration, Detector
+
+    det = Detector(tiny_model, calibration=Calibration(1.0, 2.0, n_volumes=1), device="cpu")
+    payload = det.checkpoint_payload()
+    assert "alignment" not in payload and "alignment_reference" not in payload
+    # the version is the hash it always was (weights + calibration)
+    assert det.version == weights_digest(tiny_model.state_dict(), asdict(det.calibration))
+    path = save_checkpoint(tmp_path / "old.pt", payload)
+    old = Detector.load(path, device="cpu")
+    assert old.alignment is None and old.version == det.version
+    assert "alignment" not in read_checkpoint_meta(path)
+    rng = np.random.default_rng(0)
+    vol = np.zeros((24, 28, 8), np.float32)
+    vol[4:20, 5:23, :] = 1 + 0.2 * rng.standard_normal((16, 18, 8))
+    a, b = det.detect(vol, np.diag([2.0, 2.0, 2.0, 1.0])), old.detect(vol, np.diag([2.0, 2.0, 2.0, 1.0]))
+    np.testing.assert_array_equal(a.heatmap, b.heatmap)
+    assert a.score == b.score and a.alignment is None and "align_s" not in a.timings
+    del torch
+
+
+def test_training_with_alignment_builds_a_reference_and_normalises_per_position(reference):
+    from spmamba.train import TrainingDataError, train_detector
+
+    poses = [(0.0, (0, 0, 0), (1.0, 1.0, 1.0)), (6.0, (4, -3, 2), (1.04, 1.0, 0.97)),
+             (-5.0, (-3, 3, 0), (0.97, 1.02, 1.0))]
+    coarse = np.array([[-5.0, 0, 0, 100], [0, -5.0, 0, 100], [0, 0, 5.0, -90], [0, 0, 0, 1]])  # small and quick
+    shape = (41, 48, 38)
+    vols = [Volume(_posed_input(reference, _known_pose(reference, *p), i, coarse, shape), coarse, f"n{i}.nii.gz")
+            for i, p in enumerate(poses)]
+    phases = set()
+    det = train_detector(vols, config="tiny", max_steps=1, device="cpu", align="affine",
+                         progress=lambda d: phases.add(d["phase"]))
+    info = det.meta["training"]["alignment"]
+    assert {"reference", "align", "position_stats"} <= phases
+    assert info["method"] == "affine" and info["reference"] == "normals"
+    assert 0.5 <= det.alignment.metric_floor <= info["similarity"]["min"]
+    assert det.position_stats is not None and det.meta["training"]["position_normalise"] is True
+    # the position statistics live on the reference grid (slice axis first), whatever the input grid
+    assert det.position_stats.mean.shape == (reference_shape := det.alignment.reference.shape)[2:] + reference_shape[:2]
+    res = det.detect(vols[1].array, vols[1].affine)
+    assert res.heatmap.shape == shape and res.alignment["reference"] == "normals"
+
+    empty = Volume(np.zeros(shape, np.float32), coarse, "blank.nii.gz")
+    with pytest.raises(TrainingDataError, match="blank.nii.gz: the volume is constant"):
+        train_detector(vols + [empty], config="tiny", max_steps=1, device="cpu", align="affine")
+    with pytest.raises(ValueError, match="align='rigid'"):
+        train_detector(vols, config="tiny", max_steps=1, device="cpu", align="rigid")
