@@ -175,7 +175,8 @@ class _TrainProgress:
     rate is measured over real work (no rate from a bar opened just after its first step)."""
 
     LABELS = {"load": "reading", "prepare": "slicing", "measure": "timing a detection", "encoder_norm": "encoder norm",
-              "train": "train", "position_stats": "position stats", "calibrate": "calibrate"}
+              "train": "train", "position_stats": "position stats", "calibrate": "calibrate",
+              "reference": "alignment reference", "align": "aligning"}
     UNITS = {"train": "step", "encoder_norm": "batch"}
 
     def __init__(self, quiet: bool) -> None:
@@ -252,7 +253,8 @@ def _training_files(folder: str) -> list[Path]:
 def train_model(normal_dir: str, out: str, *, config: str = "fast", epochs: int | None = None, device: str = "auto",
                 resume: str | None = None, encoder_weights: str = "none", val_fraction: float = 0.2, seed: int = 0,
                 max_steps: int | None = None, time_limit_min: float | None = None, quiet: bool = False,
-                position_normalise: bool = False, origin: str = "spmamba train") -> dict:
+                position_normalise: bool | None = None, origin: str = "spmamba train", align: str | None = None,
+                align_reference: str = "normals") -> dict:
     """What ``spmamba train`` does (also used by ``spmamba demo``); returns a summary dict.
 
     ``time_limit_min`` bounds the whole training in wall time, from reading the volumes to the calibrated model
@@ -282,6 +284,7 @@ def train_model(normal_dir: str, out: str, *, config: str = "fast", epochs: int 
                                       seed=seed, encoder_weights=encoder_weights, progress=progress,
                                       should_stop=stop, resume=resume, checkpoint_path=str(partial),
                                       position_normalise=position_normalise, origin=origin,
+                                      align=align, align_reference=align_reference,
                                       time_limit=time_limit_min * 60 if time_limit_min else None,
                                       **({"max_steps": max_steps} if max_steps else {}))
         except KeyboardInterrupt:
@@ -315,10 +318,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CLIError(f"--max-steps {args.max_steps}: must be >= 1")
     if not 0.0 < args.val_fraction < 1.0:
         raise CLIError(f"--val-fraction {args.val_fraction}: must be between 0 and 1")
+    ref = args.align_reference
+    if ref not in ("normals", "mni152") and not ref.startswith("mni152:") and not Path(ref).is_file():
+        raise CLIError(f"--align-reference {ref}: not 'normals', 'mni152' or an existing volume file")
+    if ref != "normals" and args.align in (None, "none"):
+        raise CLIError("--align-reference needs --align affine")
     s = train_model(args.normal, args.out, config=args.config, epochs=args.epochs, device=args.device,
                     resume=args.resume, encoder_weights=args.encoder_weights, val_fraction=args.val_fraction,
                     seed=args.seed, max_steps=args.max_steps, time_limit_min=args.time_limit, quiet=args.quiet,
-                    position_normalise=args.position_normalise)
+                    position_normalise=args.position_normalise, align=args.align, align_reference=ref)
     note = " (stopped early by Ctrl-C; calibrated)" if s["stopped_early"] else ""
     note += " (time limit reached; calibrated)" if s["timed_out"] else ""
     print(f"saved {s['model']} (version {s['version']}) trained on {s['n_volumes']} volumes in "
@@ -411,6 +419,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     detector = Detector.load(str(model), device=args.device)
     pixel_threshold = None
     failed: list[tuple[str, str]] = []
+    aligned: dict[str, dict] = {}  # models with alignment: per volume, how it was aligned
     n_done = n_abnormal = 0
     t0 = time.time()
     scores_path = out / "scores.csv"
@@ -424,14 +433,16 @@ def cmd_detect(args: argparse.Namespace) -> int:
                 sid = volume_id(path)
                 try:
                     vol = load_volume(path)
-                    res = detector.detect(vol.array, affine=vol.affine)
-                except VolumeError as exc:
+                    res = detector.detect(vol.array, affine=vol.affine, name=str(path))
+                except VolumeError as exc:  # unreadable, or (models with alignment) not alignable: never scored
                     failed.append((str(path), str(exc)))
                     _eprint(f"[detect] skipped: {exc}")
                     if bar is not None:
                         bar.update(1)
                     continue
                 save_volume(res.heatmap, vol.affine, str(out / f"{sid}_anomaly.nii.gz"))
+                if getattr(res, "alignment", None):
+                    aligned[sid] = {k: res.alignment[k] for k in ("similarity", "scales", "seconds", "matrix_ras")}
                 pixel_threshold = float(res.pixel_threshold)
                 writer.writerow([sid, f"{float(res.score):.6g}", f"{float(res.threshold):.6g}",
                                  int(bool(res.abnormal))])
@@ -456,9 +467,15 @@ def cmd_detect(args: argparse.Namespace) -> int:
             "pixel_threshold": pixel_threshold if pixel_threshold is not None else _pixel_threshold(detector),
             "n_inputs": n_files, "n_done": n_done, "n_failed": len(failed),
             "failed": [{"path": p, "error": e} for p, e in failed], "seconds": round(time.time() - t0, 2)}
+    alignment = getattr(detector, "alignment", None)
+    if alignment is not None:
+        meta["alignment"] = {"method": "affine", "reference": alignment.reference.name,
+                             "metric_floor": alignment.metric_floor, "volumes": aligned}
     _write_json(out / "detect.json", meta)
     print(f"{n_done} volume(s) scored, {n_abnormal} abnormal; heatmaps and scores.csv in {out}"
-          + (f"; {len(failed)} input(s) could not be read (see above)" if failed else ""))
+          + (f" (each aligned to the model's {alignment.reference.name} reference first)" if alignment else "")
+          + (f"; {len(failed)} input(s) could not be read" + (" or aligned" if alignment else "") + " (see above)"
+             if failed else ""))
     return EXIT_BAD_INPUT if failed else EXIT_OK
 
 
@@ -926,10 +943,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--time-limit", type=float, default=None, metavar="MIN",
                    help="wall-time limit in minutes for the whole training, encoder norm adaptation and calibration "
                    "included: training stops early enough to calibrate and save within it")
-    t.add_argument("--position-normalise", action="store_true",
+    t.add_argument("--position-normalise", action="store_true", default=None,
                    help="for volumes registered to one template grid: z-score every heatmap voxel against the "
                    "heatmaps of the training normals at that position (better volume scores on such data; the "
-                   "model then refuses volumes on another grid)")
+                   "model then refuses volumes on another grid). Default: on with --align affine, else off")
+    t.add_argument("--no-position-normalise", dest="position_normalise", action="store_false",
+                   help="turn position-aware normalisation off (also with --align affine)")
+    t.add_argument("--align", choices=("none", "affine"), default=None,
+                   help="affine registration of every volume to a reference before training and detection (stored "
+                   "in the model; detect follows it). Default none (when resuming: the model's setting)")
+    t.add_argument("--align-reference", default="normals", metavar="REF",
+                   help="with --align affine: normals (default, built from the training normals), mni152 "
+                   "(nilearn's skull-stripped MNI152 T1 template, 2 mm; mni152:MM for another spacing) or a "
+                   "volume file")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 

@@ -249,8 +249,11 @@ def make_reference(kind: Union[str, Path], volumes: Sequence[Volume] = (), align
     if k == "normals":
         return build_reference(volumes, aligner, progress)
     if k == "mni152" or k.startswith("mni152:"):
-        spacing = float(k.split(":", 1)[1]) if ":" in k else 2.0
-        return mni152_reference(spacing)
+        try:
+            spacing = float(k.split(":", 1)[1]) if ":" in k else 2.0
+            return mni152_reference(spacing)
+        except ValueError as e:
+            raise ValueError(f"alignment reference {k!r}: 'mni152:MM' needs a spacing between 0.5 and 8 mm ({e})") from e
     p = Path(k)
     if not p.is_file():
         raise ValueError(f"alignment reference {k!r}: use 'normals', 'mni152' or an existing volume file")
