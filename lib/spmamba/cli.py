@@ -592,8 +592,8 @@ def describe_model(path: str | os.PathLike) -> str:
     parts = [f"version {m.get('version') or '?'}", f"preset {cfg.get('name', '?')}"]
     steps, per_epoch, total_epochs = tr.get("steps"), tr.get("steps_per_epoch"), tr.get("total_epochs")
     if isinstance(steps, int):
-        text = f"{steps} optimisation steps" + (f" ({steps / per_epoch:.3g} of {total_epochs} epochs)"
-                                                if per_epoch else "")
+        text = f"{steps} optimisation step{'' if steps == 1 else 's'}" + (
+            f" ({steps / per_epoch:.3g} of {total_epochs} epochs)" if per_epoch else "")
     elif tr.get("epochs") is not None:
         text = f"{tr['epochs']} of {total_epochs} epochs"
     else:
@@ -607,11 +607,14 @@ def describe_model(path: str | os.PathLike) -> str:
         how_it_ended = "full schedule"
     parts.append(text + (f", {how_it_ended}" if how_it_ended else ""))
     how = f"made by `{tr['origin']}`" if tr.get("origin") else "made by the app or an earlier spmamba (not recorded)"
-    if tr.get("n_train_volumes") is not None:
-        how += (f" on {tr['n_train_volumes']} normal volumes ({tr.get('n_calibration_volumes', '?')} more to "
-                "calibrate)")
     if tr.get("train_seconds") is not None:
         how += f" in {_minutes(tr['train_seconds'])} on {tr.get('device', '?')}"
+    if tr.get("n_train_volumes") is not None:
+        how += f" from {tr['n_train_volumes']} normal volumes"
+        n_cal, n_held = tr.get("n_calibration_volumes"), tr.get("n_held_out_volumes")
+        if n_cal is not None:
+            how += (f" (calibrated on {n_cal} of {n_held} held-out volumes)" if n_held and n_held != n_cal
+                    else f" (calibrated on {n_cal} held-out volume{'' if n_cal == 1 else 's'})")
     parts.append(how)
     if meta.get("created"):
         parts.append(f"created {meta['created']}")
@@ -625,7 +628,7 @@ def _get_json(url: str, timeout: float = 10.0):
         return json.loads(r.read().decode())
 
 
-def next_steps(url: str) -> list[str]:
+def next_steps(url: str, example_id: str = "STUDY_ID") -> list[str]:
     """What a user can do once the server answers (printed by serve and demo)."""
     root = _repo_root()
     here = Path.cwd().resolve()
@@ -640,12 +643,12 @@ def next_steps(url: str) -> list[str]:
     docs = show(root / "docs") if root else "docs"
     return [
         "Next:",
-        f"  3D Slicer  this project's \"Anomaly Detection\" module: add {module} to Slicer's additional module",
-        f"             paths ({docs}/SLICER.md), then connect it to {url}. MONAI Label's own Slicer plugin",
-        "             cannot show the float heatmaps.",
+        "  3D Slicer  use this project's \"Anomaly Detection\" module, not MONAI Label's own Slicer plugin (it",
+        f"             cannot show float heatmaps): add {module} to Slicer's",
+        f"             additional module paths ({docs}/SLICER.md) and connect it to {url}",
         f"  studies    curl -s '{url}/datastore/?output=all'",
-        f"  detect     curl -s -X POST '{url}/infer/spmamba?image=STUDY_ID&output=json'",
-        f"  docs       {docs}/APP.md (REST API and --conf options), {docs}/CLI.md",
+        f"  detect     curl -s -X POST '{url}/infer/spmamba?image={example_id}&output=json'",
+        f"  docs       {docs}/APP.md (REST API, --conf options), {docs}/CLI.md",
         "  stop       Ctrl-C",
     ]
 
@@ -681,7 +684,8 @@ def _report_served(tag: str, url: str, studies: Path, requested_model: Path | No
         lines.append(f"[{tag}] no model yet: detection answers 409 until there is one. Train one with "
                      "`spmamba train --normal DIR --out model.pt` and serve it with --model model.pt, or mark studies "
                      "normal and train from the Slicer module")
-    lines += next_steps(url)
+    ids = sorted(volume_id(p) for p in studies.iterdir() if p.is_file() and _is_image(p)) if studies.is_dir() else []
+    lines += next_steps(url, ids[0] if ids else "STUDY_ID")
     _eprint("\n".join(lines))
 
 
@@ -881,8 +885,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 "version": s.get("version"), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "seconds": s.get("seconds"), "spmamba": _version()}, indent=2) + "\n")
             _eprint(f"[demo] model ready in {s['seconds']:.0f} s: {model}")
-    _eprint(f"[demo] model: {describe_model(model)}")
     if args.no_serve:
+        _eprint(f"[demo] model: {describe_model(model)}")
         print(f"demo ready: studies {studies}, model {model}")
         return EXIT_OK
     conf = {"model": str(model.resolve()), "model_dir": str((demo_dir / "model" / "app").resolve())}
