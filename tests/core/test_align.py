@@ -307,3 +307,14 @@ def test_training_with_alignment_builds_a_reference_and_normalises_per_position(
         train_detector(vols + [empty], config="tiny", max_steps=1, device="cpu", align="affine")
     with pytest.raises(ValueError, match="align='rigid'"):
         train_detector(vols, config="tiny", max_steps=1, device="cpu", align="rigid")
+
+
+def test_resuming_keeps_the_models_alignment_setting(reference, tiny_model):
+    from spmamba.detector import Detector
+    from spmamba.train import TrainingDataError, _prepare_alignment
+
+    det = Detector(tiny_model, device="cpu", alignment=AffineAligner(reference))
+    with pytest.raises(TrainingDataError, match="resumed model aligns its inputs"):
+        _prepare_alignment(det, "none", "normals", [], [], lambda d: None)
+    plain = Detector(tiny_model, device="cpu")
+    assert _prepare_alignment(plain, None, "normals", ["v"], [], lambda d: None) == (["v"], None)
