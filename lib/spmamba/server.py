@@ -129,7 +129,7 @@ def port_is_free(host: str, port: int) -> bool:
 def stop(proc: subprocess.Popen, timeout: float = 20.0) -> Optional[int]:
     """Stop a server started by :func:`serve` and everything it started (its process group: start-up scoring,
     training subprocesses): SIGTERM to the group (uvicorn shuts down cleanly; the Python children end without a
-    traceback), SIGKILL after ``timeout`` seconds. Returns the server's exit code."""
+    traceback), SIGKILL after ``timeout`` seconds or at a second Ctrl-C. Returns the server's exit code."""
     def group_signal(sig: int) -> None:
         try:
             os.killpg(proc.pid, sig)
@@ -145,7 +145,7 @@ def stop(proc: subprocess.Popen, timeout: float = 20.0) -> Optional[int]:
         group_signal(signal.SIGTERM)
         try:
             proc.wait(timeout)
-        except subprocess.TimeoutExpired:
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):  # too slow, or a second Ctrl-C: no more waiting
             group_signal(signal.SIGKILL)
             proc.wait()
     group_signal(signal.SIGTERM)  # children that outlived the server (the group lives on while any does)
