@@ -813,6 +813,8 @@ def demo_model_status(model: Path, settings: dict, data_digest: str) -> tuple[bo
         return False, f"its provenance record says it was made by {prov.get('made_by')!r}"
     if prov.get("model_sha256") != _sha256(model):
         return False, "the file changed after `spmamba demo` made it"
+    if prov.get("stopped_early"):
+        return False, "its training was stopped early (Ctrl-C)"
     old = prov.get("settings") or {}
     changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
     if changed:
@@ -883,7 +885,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
             _provenance_path(model).write_text(json.dumps({
                 "made_by": DEMO_MADE_BY, "settings": settings, "data": digest, "model_sha256": _sha256(model),
                 "version": s.get("version"), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "seconds": s.get("seconds"), "spmamba": _version()}, indent=2) + "\n")
+                "seconds": s.get("seconds"), "stopped_early": bool(s.get("stopped_early")),
+                "spmamba": _version()}, indent=2) + "\n")
+            if s.get("stopped_early"):  # Ctrl-C during the demo's training means: stop the demo
+                _eprint(f"[demo] stopped: the model trained so far is in {model} (calibrated; the next `spmamba "
+                        f"demo` trains again). Serve it with: spmamba serve --studies {studies} --model {model}")
+                return EXIT_OK
             _eprint(f"[demo] model ready in {s['seconds']:.0f} s: {model}")
     if args.no_serve:
         _eprint(f"[demo] model: {describe_model(model)}")

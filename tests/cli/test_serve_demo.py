@@ -135,6 +135,10 @@ def test_demo_reuses_only_a_model_it_made_with_the_same_settings(tmp_path):
     assert not ok and "train_minutes 10.0 -> 2.0" in why
     ok, why = cli.demo_model_status(model, settings, "d2")
     assert not ok and "training volumes changed" in why
+    cli._provenance_path(model).write_text(json.dumps({**prov, "stopped_early": True}))
+    ok, why = cli.demo_model_status(model, settings, "d1")
+    assert not ok and "stopped early" in why
+    cli._provenance_path(model).write_text(json.dumps(prov))
     model.write_bytes(b"replaced by hand")
     ok, why = cli.demo_model_status(model, settings, "d1")
     assert not ok and "changed after" in why
