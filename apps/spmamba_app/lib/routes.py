@@ -10,7 +10,9 @@ MONAI Label 0.8.5 offers no hook to validate a request before it spends work on 
 * ``POST /train/{model}``: checks there are enough studies marked normal and answers 409 with what to do if not,
   instead of starting a subprocess that would fail; then delegates to the stock ``run_model``.
 * ``DELETE /train/``: asks a running training to stop gracefully (it finishes the current step, calibrates and
-  publishes what it has) for up to ``stop_grace_s`` seconds, then falls back to the stock kill.
+  publishes what it has): it waits ``stop_grace_s`` for the training to leave its step, and while it calibrates and
+  publishes (``train_stats`` phase) up to ``stop_max_s`` in all, then falls back to the stock kill. The stop request
+  file is removed either way; the answer says which happened and names the published version.
 
 * ``PUT /datastore/image`` and ``PUT /datastore/image/info``: malformed ``params`` / ``info`` JSON and path-like ids
   are a 400 (the stock handlers answer 500); the files themselves are validated by the app's datastore.
@@ -42,6 +44,8 @@ from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, UploadF
 logger = logging.getLogger(__name__)
 
 ROUTE_PREFIX = "spmamba_"
+# train_stats phases of a training that has left its optimisation loop (it saw the stop request, or was finishing)
+FINISHING_PHASES = ("position_stats", "calibrate", "done", "publishing", "stopped")
 
 
 def upload_suffix(filename) -> str:
@@ -138,25 +142,63 @@ def install(fastapi_app) -> None:
             res = {**res, "warning": warning}  # forced: the weaker model will replace the served one
         return res
 
+    def _clear_stop_request(s) -> None:
+        if s is not None and os.path.exists(s.stop_path):
+            _remove(s.stop_path)
+
     def spmamba_train_stop(user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
         instance = app_instance()
         s = getattr(instance, "settings", None)
         running = dict(processes("train"))
-        if running and s is not None and s.stop_grace_s > 0:
-            task_id = next(iter(running))
-            with open(s.stop_path, "w") as f:
-                f.write(str(time.time()))
-            deadline = time.time() + s.stop_grace_s
-            while time.time() < deadline and task_id in processes("train"):
-                time.sleep(0.2)
-            if task_id not in processes("train"):
-                for t in tasks("train"):
-                    if t["id"] == task_id:
-                        t["status"] = "STOPPED"
-                        t["stopped"] = "graceful: the model trained so far was calibrated and published"
-                        logger.info(f"Training {task_id} stopped gracefully")
-                        return t
-        return ep_train.stop()
+        if not running or s is None or s.stop_grace_s <= 0:
+            res = ep_train.stop()
+            _clear_stop_request(s)
+            return res
+        task_id = next(iter(running))
+        trainer = instance._trainers.get("spmamba")
+
+        def stats() -> dict:
+            return (trainer.stats() if hasattr(trainer, "stats") else {}) or {}
+
+        t0 = time.time()
+        with open(s.stop_path, "w") as f:
+            f.write(str(t0))
+        hard = t0 + max(s.stop_max_s, s.stop_grace_s)
+        finishing = False  # the training left its optimisation loop: calibrating or publishing what it has
+        while task_id in processes("train"):
+            now = time.time()
+            finishing = finishing or stats().get("phase") in FINISHING_PHASES
+            if now >= hard or (not finishing and now >= t0 + s.stop_grace_s):
+                break
+            time.sleep(0.2)
+        waited = round(time.time() - t0, 1)
+        if task_id not in processes("train"):
+            st = stats()
+            _clear_stop_request(s)
+            task = next((t for t in tasks("train") if t["id"] == task_id), None)
+            if task is None:
+                return {"id": task_id, "status": "STOPPED"}
+            task["status"] = "STOPPED"
+            if st.get("status") == "DONE":
+                task["model_version"] = st.get("model_version")
+                task["calibration_volumes"] = st.get("calibration_volumes")
+                task["stopped"] = (
+                    f"graceful after {waited} s: the model trained so far was calibrated (on "
+                    f"{st.get('calibration_volumes')} of {st.get('held_out_volumes')} held-out volumes) and published "
+                    f"as version {st.get('model_version')}"
+                )
+            else:
+                task["stopped"] = f"graceful after {waited} s: {st.get('detail') or 'nothing was published'}"
+            logger.info(f"Training {task_id} stopped: {task['stopped']}")
+            return task
+        res = ep_train.stop()
+        _clear_stop_request(s)
+        why = (f"did not finish calibrating and publishing within stop_max_s ({s.stop_max_s} s)" if finishing
+               else f"did not end its training step within stop_grace_s ({s.stop_grace_s} s)")
+        if isinstance(res, dict):
+            res["stopped"] = f"killed after {waited} s: the training {why}; the served model is unchanged"
+        logger.warning(f"Training {task_id} killed after {waited} s: it {why}")
+        return res
 
     from monailabel.endpoints import datastore as ep_datastore
 

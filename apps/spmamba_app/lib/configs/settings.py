@@ -75,7 +75,8 @@ class AppSettings:
     auto_train: bool = False
     infer_workers: int = 2
     top_regions: int = 10
-    stop_grace_s: int = 20
+    stop_grace_s: int = 20  # DELETE /train/: time for the training to notice the stop (finish its step)
+    stop_max_s: int = 80  # ... and for the whole graceful stop (calibrate + publish); then it is killed
     keep_versions: int = 5  # published models kept in <model_dir>/versions for rollback (0 = none)
     seed_curation: str = ""
     extra: Dict[str, Any] = field(default_factory=dict)
@@ -84,6 +85,12 @@ class AppSettings:
     def published_model(self) -> str:
         """Where the training task publishes (atomically) and where inference looks first."""
         return os.path.join(self.model_dir, MODEL_FILENAME)
+
+    @property
+    def stop_calibration_s(self) -> float:
+        """Seconds a training has, once it sees a stop request, to calibrate and be ready to publish: what is left
+        of ``stop_max_s`` after ``stop_grace_s`` (to notice it) and 10 s for publishing (at least 5 s)."""
+        return float(max(5, self.stop_max_s - self.stop_grace_s - 10))
 
     @property
     def stats_path(self) -> str:
@@ -174,6 +181,7 @@ def parse_conf(app_dir: str, studies: str, conf: Optional[Dict[str, Any]]) -> Ap
         infer_workers=_int(conf, "infer_workers", 2, minimum=1) or 2,
         top_regions=_int(conf, "top_regions", 10, minimum=0) or 0,
         stop_grace_s=_int(conf, "stop_grace_s", 20, minimum=0) or 0,
+        stop_max_s=_int(conf, "stop_max_s", 80, minimum=0) or 0,
         keep_versions=_int(conf, "keep_versions", 5, minimum=0) or 0,
         seed_curation=str(seed),
         extra={k: v for k, v in conf.items() if k in MONAILABEL_KEYS},

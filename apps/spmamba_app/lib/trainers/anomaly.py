@@ -211,8 +211,18 @@ class AnomalyTrain(TrainTask):
                 encoder_weights=s.encoder_weights,
                 progress=progress,
                 should_stop=lambda: os.path.exists(s.stop_path),
+                stop_time_limit=s.stop_calibration_s,  # DELETE /train/ waits at most stop_max_s
                 **extra,
             )
+            training = detector.meta.get("training") or {}
+            if training.get("stop_reason") == "stopped" and not training.get("steps"):
+                # stopped before the first optimisation step: nothing learnt, keep the served model
+                stats.update({"status": "STOPPED", "phase": "stopped", "pid": None, "stopped_early": True,
+                              "detail": "stopped before the first training step: the served model is unchanged",
+                              "elapsed_s": round(time.time() - started, 1), "end_ts": int(time.time())})
+                _write_json_atomic(s.stats_path, stats)
+                logger.info("Training stopped before its first step; nothing published")
+                return stats
             stats["phase"] = "publishing"
             _write_json_atomic(s.stats_path, stats)
             # atomic publish (rename over spmamba.pt); the replaced model is kept in <model_dir>/versions
@@ -222,10 +232,16 @@ class AnomalyTrain(TrainTask):
             stats["elapsed_s"] = round(time.time() - started, 1)
             _write_json_atomic(s.stats_path, stats)
             raise
-        stopped = os.path.exists(s.stop_path)
-        if stopped:
-            os.unlink(s.stop_path)
-        training = detector.meta.get("training") or {}
+        finally:
+            stopped = os.path.exists(s.stop_path)
+            if stopped:  # the request is answered: never leave it for the next training
+                try:
+                    os.unlink(s.stop_path)
+                except OSError:
+                    pass
+        cal = detector.calibration
+        stats["calibration_volumes"] = getattr(cal, "n_volumes", None)
+        stats["held_out_volumes"] = training.get("n_held_out_volumes")
         if training.get("steps") is not None:  # the training's own steps, whatever phase reported last
             stats["step"], stats["total_steps"] = training["steps"], training.get("total_steps")
         stats.update(
