@@ -253,7 +253,8 @@ def make_reference(kind: Union[str, Path], volumes: Sequence[Volume] = (), align
             spacing = float(k.split(":", 1)[1]) if ":" in k else 2.0
             return mni152_reference(spacing)
         except ValueError as e:
-            raise ValueError(f"alignment reference {k!r}: 'mni152:MM' needs a spacing between 0.5 and 8 mm ({e})") from e
+            raise ValueError(f"alignment reference {k!r}: 'mni152:MM' needs a spacing between 0.5 and 8 mm "
+                             f"({e})") from e
     p = Path(k)
     if not p.is_file():
         raise ValueError(f"alignment reference {k!r}: use 'normals', 'mni152' or an existing volume file")
@@ -462,7 +463,8 @@ class AffineAligner:
     def to_payload(self) -> tuple[dict, Any]:
         """(plain settings + reference metadata, reference tensor) for a checkpoint."""
         ref_meta, tensor = self.reference.to_payload()
-        meta = {"method": "affine", "reference": ref_meta, "metric": "correlation", "metric_floor": float(self.metric_floor),
+        meta = {"method": "affine", "reference": ref_meta, "metric": "correlation",
+                "metric_floor": float(self.metric_floor),
                 "scale_range": [float(s) for s in self.scale_range], "sampling": float(self.sampling),
                 "iterations": int(self.iterations), "shrink": [int(s) for s in self.shrink],
                 "smoothing": [float(s) for s in self.smoothing], "bins": int(self.bins), "seed": int(self.seed)}
