@@ -666,8 +666,10 @@ def _report_served(tag: str, url: str, studies: Path, requested_model: Path | No
     counts = sp.get("curation") or {}
     if counts:
         n = sum(v for v in counts.values() if isinstance(v, int))
-        lines[0] += " (" + f"{n} studies: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v) + ")" \
-            if n else " (no studies yet: copy volumes into the folder or upload them from the Slicer module)"
+        if n:
+            lines[0] += f" ({n} studies: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v) + ")"
+        else:
+            lines[0] += " (no studies yet: copy volumes into the folder or upload them from the Slicer module)"
     model = sp.get("model") or {}
     if model.get("ready") and model.get("path"):
         lines.append(f"[{tag}] serving model {model['path']}")
