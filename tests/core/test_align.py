@@ -257,8 +257,6 @@ def test_detector_with_alignment_maps_heatmaps_back_and_keeps_it_in_the_model_fi
 
 
 def test_model_files_without_alignment_load_and_detect_as_before(tiny_model, tmp_path):
-    import torch
-
     from spmamba.checkpoint import save_checkpoint
     from spmamba.detector import Calibration, Detector
 
@@ -277,7 +275,6 @@ def test_model_files_without_alignment_load_and_detect_as_before(tiny_model, tmp
     a, b = det.detect(vol, np.diag([2.0, 2.0, 2.0, 1.0])), old.detect(vol, np.diag([2.0, 2.0, 2.0, 1.0]))
     np.testing.assert_array_equal(a.heatmap, b.heatmap)
     assert a.score == b.score and a.alignment is None and "align_s" not in a.timings
-    del torch
 
 
 def test_training_with_alignment_builds_a_reference_and_normalises_per_position(reference):
