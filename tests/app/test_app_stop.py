@@ -130,6 +130,7 @@ def test_stop_while_calibrating_waits_for_calibration_and_publishes(make_app, st
     took = time.time() - t0
     assert r.status_code == 200, r.text
     task = r.json()
+    print(f"\nDELETE /train/ while calibrating answered after {took:.1f} s: {task.get('stopped')}")
     det = check_published(env, task, v0)
     assert took > 3, f"answered after {took:.1f} s: it cannot have waited for the calibration"
     assert det.calibration.n_volumes == 1 == det.meta["training"]["n_held_out_volumes"]
@@ -149,6 +150,7 @@ def test_stop_during_training_bounds_calibration_to_stop_max_s(make_app, studies
     r = c.delete("/train/")
     took = time.time() - t0
     assert r.status_code == 200, r.text
+    print(f"\nDELETE /train/ while training answered after {took:.1f} s: {r.json().get('stopped')}")
     det = check_published(env, r.json(), v0)
     assert det.calibration.n_volumes == 1 and det.meta["training"]["n_held_out_volumes"] == 2
     assert took < 40 + 2, took
@@ -169,6 +171,7 @@ def test_a_training_that_does_not_react_is_killed_and_the_stop_file_removed(make
     r = c.delete("/train/")
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "STOPPED" and "killed" in r.json()["stopped"], r.json()
+    print(f"\nDELETE /train/ of a stuck training: {r.json()['stopped']}")
     assert time.time() - t0 < 10
     assert not (env.model_dir / "train_stop.request").exists()
     assert published.read_bytes() == before
