@@ -85,3 +85,13 @@ def test_start_server_with_a_bad_setting_exits_with_one_line(tmp_path):
         assert f"--conf {key}" in lines[0] and hint in lines[0], lines[0]
         assert "Traceback" not in p.stderr + p.stdout, (key, p.stderr[-3000:])
         assert "Uvicorn running" not in p.stderr + p.stdout
+
+
+def test_training_request_with_an_unknown_preset_is_a_400(make_app, tiny_data):
+    env = make_app({f"n{i}": p for i, p in enumerate(tiny_data["normal"][:3])},
+                   curation={"n0": "normal", "n1": "normal", "n2": "normal"})
+    r = env.client.post("/train/spmamba", json={"preset": "bogus", "max_epochs": 1})
+    assert r.status_code == 400, r.text
+    assert "bogus" in r.json()["detail"] and "tiny" in r.json()["detail"]
+    assert env.client.get("/train/").status_code in (200, 404)
+    assert env.client.get("/info/").json()["train_stats"].get("spmamba", {}).get("status") != "RUNNING"

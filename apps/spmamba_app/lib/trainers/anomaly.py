@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Optional
 from monailabel.interfaces.tasks.train import TrainTask
 
 from ..configs import AppSettings
+from ..configs.settings import library_presets
 from ..errors import bad_request, conflict
 from ..versions import VersionHistory, read_model_info, served_path, weaker_preset_message
 
@@ -96,6 +97,9 @@ class AnomalyTrain(TrainTask):
     # ------------------------------------------------------------------ checks
     def _params(self, request: Dict[str, Any]) -> Dict[str, Any]:
         preset = str(request.get("preset") or self.settings.preset)
+        presets = library_presets()
+        if presets and preset not in presets:
+            raise bad_request(f"unknown preset {preset!r}: choose one of {', '.join(presets)}")
         epochs = request.get("max_epochs", request.get("epochs")) or self.settings.epochs
         if epochs is not None:
             try:
