@@ -71,11 +71,15 @@ def test_malformed_values_name_the_key_in_one_line(configs, tmp_path, conf):
 
 @pytest.mark.slow
 def test_start_server_with_a_bad_setting_exits_with_one_line(tmp_path):
-    """A real ``python -m monailabel.main start_server``: non-zero exit, the key named in stderr, no traceback."""
+    """A real ``python -m monailabel.main start_server``: non-zero exit, the key named in stderr, no traceback.
+    It runs a copy of the app (start_server writes logs/ into the app folder it is given)."""
+    from app_folder_guard import app_copy
+
+    app = app_copy(tmp_path / "app")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "lib")}
     cases = {"preset": ("bogus", "fast"), "typo_key": ("1", "valid keys"), "device": ("gpu", "cuda")}
     for key, (value, hint) in cases.items():
-        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR),
+        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(app),
                "--studies", str(tmp_path / "studies"), "-i", "127.0.0.1", "-p", str(free_port()),
                "--conf", "model_dir", str(tmp_path / "model"), "--conf", key, value]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=str(tmp_path))
