@@ -74,7 +74,8 @@ def slow_scoring(monkeypatch):
     yield slow_down, calls
     # let a still running scoring end before the next test's app starts
     deadline = time.time() + 60
-    while time.time() < deadline and any(t.get("status") in ("SUBMITTED", "RUNNING") for t in task_utils.tasks("scoring")):
+    busy = ("SUBMITTED", "RUNNING")
+    while time.time() < deadline and any(t.get("status") in busy for t in task_utils.tasks("scoring")):
         time.sleep(0.2)
 
 

@@ -1,4 +1,4 @@
-"""MONAI Label endpoints re-registered in front of the stock ones (same paths, same parameters), and two of the app's own.
+"""MONAI Label endpoints re-registered in front of the stock ones (same paths, same parameters), and the app's own.
 
 MONAI Label 0.8.5 offers no hook to validate a request before it spends work on it, so at server start-up
 (``on_init_complete``, which only runs in the server process) the app puts these routes ahead of the stock ones:
