@@ -279,7 +279,9 @@ class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelVersionLabel.text = result.model_version
         self.ui.regionsTableWidget.setRowCount(0)
         warning = getattr(self.logic, "geometry_warning", "")
-        self.setStatus(f"{volume.GetName()}: {verdict} (score {score}). {warning}".strip(), error=bool(warning))
+        aligned = f"{result.alignment_text[0].upper()}{result.alignment_text[1:]}. " if result.alignment_text else ""
+        self.setStatus(f"{volume.GetName()}: {verdict} (score {score}). {aligned}{warning}".strip(),
+                       error=bool(warning))
 
     def onOpacityChanged(self, value):
         self.logic.set_opacity(value)
@@ -340,11 +342,11 @@ class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                  onDone=self.showNextCase)
 
     def showNextCase(self, found):
-        if found is None:
-            self.setStatus("No case left for this strategy: every study is reviewed.")
+        if found.image_id is None:
+            self.setStatus(found.status_text())
             return
-        image_id, path = found
-        node = self.logic.load_case(image_id, path)
+        image_id = found.image_id
+        node = self.logic.load_case(image_id, found.path)
         self.ui.inputVolumeSelector.setCurrentNode(node)
         slicer.util.resetSliceViews()
         self.setStatus(f"Loaded {image_id}. Review it, then mark it normal, abnormal or excluded.")

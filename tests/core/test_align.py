@@ -195,6 +195,20 @@ def test_similarity_and_floor():
     assert calibrate_floor([0.55]) == 0.5  # never below the absolute floor
 
 
+def test_a_lesion_does_not_make_a_well_aligned_scan_look_misaligned(reference):
+    """The similarity leaves out the voxels that differ most: an abnormal scan is what the product must accept."""
+    brain = reference.array.copy()
+    ijk = np.argwhere(reference.foreground())
+    centre = ijk.mean(0)
+    n_lesion = int(0.03 * len(ijk))  # a bright lesion of 3% of the brain
+    nearest = ijk[np.argsort(((ijk - centre) ** 2).sum(1))[:n_lesion]]
+    brain[tuple(nearest.T)] = 1.5
+    plain = similarity(reference.array, brain, trim=0.0)
+    assert plain < 0.9  # a plain correlation would call it a poor alignment ...
+    assert similarity(reference.array, brain) > 0.97  # ... the trimmed one sees the same anatomy
+    assert similarity(reference.array, np.roll(reference.array, 3, axis=1)) < similarity(reference.array, brain)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # references
 

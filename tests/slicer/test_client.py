@@ -163,6 +163,11 @@ def test_detect_parses_multipart_answer(fake, tmp_path):
     assert open(r.heatmap_path, "rb").read() == heat
     assert (r.score, r.threshold, r.pixel_threshold, r.abnormal, r.verdict, r.model_version) == (
         2.5, 1.0, 0.3, True, "abnormal", "v1")
+    assert r.alignment_text == ""  # a model without alignment says nothing about it
+
+    result["alignment"] = {"reference": "reference built from 16 normals", "similarity": 0.912, "seconds": 2.1}
+    r = AnomalyClient(fake.url).detect(image_id="case1", out_dir=str(tmp_path))
+    assert r.alignment_text == "aligned to the model's reference built from 16 normals (similarity 0.91)"
     method, path, headers, body = fake.requests[-1]
     assert path == "/infer/spmamba?image=case1"
     parts = {p["name"]: p for p in decode_multipart(body, headers["Content-Type"])}
@@ -271,6 +276,24 @@ def test_weaker_preset_refusal_and_warning(fake):
     fake.routes[("GET", "/train/")] = _json({"id": "t", "status": "DONE"})
     progress = AnomalyLogic(fake.url).training_progress()
     assert not progress.running and "weaker" in progress.warning
+
+
+def test_next_case_while_studies_are_still_being_scored(fake):
+    """The app answers active learning at once; with nothing scored yet the module says so instead of 'none left'."""
+    from AnomalyDetectionLib.logic import AnomalyLogic
+
+    msg = "12 studies still being scored in the background; ask again in a minute"
+    fake.routes[("POST", "/activelearning/most_anomalous")] = _json(
+        {"candidates": 12, "scored": 0, "pending": 12, "complete": False, "message": msg})
+    logic = AnomalyLogic(fake.url)
+    found = logic.fetch_next_case("most_anomalous")
+    assert found.image_id is None and found.pending == 12
+    assert found.status_text() == msg
+
+    fake.routes[("POST", "/activelearning/most_anomalous")] = _json({})  # every study reviewed
+    found = logic.fetch_next_case("most_anomalous")
+    assert found.image_id is None and found.pending == 0
+    assert "every study is reviewed" in found.status_text()
 
 
 def test_task_runner_keeps_caller_free_and_delivers_on_poll():

@@ -104,7 +104,7 @@ def test_connect_curate_and_next_case(server, scene, tmp_path):
     runner.submit("next", logic.fetch_next_case, strategy, on_done=found.append, on_error=found.append)
     runner.wait(60)
     assert found and not isinstance(found[0], BaseException), found
-    image_id, path = found[0]
+    image_id, path = found[0].image_id, found[0].path
     assert image_id.startswith("study") and os.path.isfile(path)
     node = logic.load_case(image_id, path)
     assert logic.image_id_of(node) == image_id

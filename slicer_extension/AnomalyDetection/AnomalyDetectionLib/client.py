@@ -99,6 +99,16 @@ class DetectionResult:
         return "unknown" if abnormal is None else ("abnormal" if abnormal else "normal")
 
     @property
+    def alignment_text(self) -> str:
+        """'' for models without alignment; else e.g. 'aligned to the reference (similarity 0.91)'."""
+        al = self.params.get("alignment")
+        if not isinstance(al, dict):
+            return ""
+        sim = al.get("similarity")
+        detail = f" (similarity {sim:.2f})" if isinstance(sim, (int, float)) else ""
+        return f"aligned to the model's {al.get('reference') or 'reference'}{detail}"
+
+    @property
     def model_version(self) -> Optional[str]:
         for key in ("model_version", "version"):
             if self.params.get(key):
@@ -510,15 +520,24 @@ class AnomalyClient:
         return counts
 
     # ---------------------------------------------------------------------------------------------- active learning
-    def next_sample(self, strategy: str, params: Optional[dict] = None) -> Optional[str]:
-        """``POST /activelearning/{strategy}``: the id of the next study to review, or None when none is left."""
+    def next_sample(self, strategy: str, params: Optional[dict] = None) -> Dict[str, Any]:
+        """``POST /activelearning/{strategy}``: the strategy's answer, normalised.
+
+        Returns ``{"id": str or None, "pending": int, "message": str}``: ``id`` is the next study to review (None
+        when there is none to offer now); ``pending`` counts studies the server is still scoring in the background
+        (the app answers at once from the studies already scored), and ``message`` says so in words.
+        """
         res = self._json(
             "POST", f"/activelearning/{urllib.parse.quote(strategy)}", payload=params or {},
             timeout=self.long_timeout, what=f"POST /activelearning/{strategy}",
         )
-        if isinstance(res, dict) and res.get("id"):
-            return str(res["id"])
-        return None
+        res = res if isinstance(res, dict) else {}
+        try:
+            pending = int(res.get("pending") or 0)
+        except (TypeError, ValueError):
+            pending = 0
+        return {"id": str(res["id"]) if res.get("id") else None, "pending": pending,
+                "message": str(res.get("message") or "")}
 
     # ---------------------------------------------------------------------------------------------- training
     def start_training(self, model: str = DEFAULT_MODEL, params: Optional[dict] = None) -> Dict[str, Any]:

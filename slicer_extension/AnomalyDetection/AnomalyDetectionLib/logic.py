@@ -89,6 +89,23 @@ class TrainingProgress:
 
 
 @dataclass
+class NextCase:
+    """What "Next suspicious case" found: a downloaded study, or why there is none to load now."""
+
+    image_id: Optional[str]
+    path: Optional[str]
+    pending: int = 0  # studies the server is still scoring in the background
+    message: str = ""
+
+    def status_text(self) -> str:
+        """The status line when nothing was loaded."""
+        if self.pending:
+            return self.message or (f"{self.pending} studies are still being scored on the server; "
+                                    "ask again in a minute.")
+        return "No case left for this strategy: every study is reviewed."
+
+
+@dataclass
 class ModelVersions:
     """The versions the server keeps, for the Retrain section's combo box (newest first)."""
 
@@ -241,8 +258,8 @@ class AnomalyLogic:
         if result is not None:
             for key, value in (("score", result.score), ("threshold", result.threshold),
                                ("pixel_threshold", result.pixel_threshold), ("verdict", result.verdict),
-                               ("model_version", result.model_version)):
-                if value is not None:
+                               ("model_version", result.model_version), ("alignment", result.alignment_text)):
+                if value not in (None, ""):
                     heat.SetAttribute(f"AnomalyDetection.{key}", str(value))
             if result.image_id and not self.image_id_of(reference):
                 reference.SetAttribute(ATTR_IMAGE_ID, result.image_id)
@@ -449,15 +466,18 @@ class AnomalyLogic:
         """(worker) Studies per state: normal, abnormal, excluded, unreviewed."""
         return self.client.curation_counts()
 
-    def fetch_next_case(self, strategy: str) -> Optional[Tuple[str, str]]:
+    def fetch_next_case(self, strategy: str) -> NextCase:
         """(worker) Ask the app's active-learning ``strategy`` for the next study and download it.
 
-        Returns ``(image_id, local_path)`` or None when the strategy has nothing left to review.
+        ``NextCase.image_id`` is None when the strategy has nothing to offer now: every study is reviewed, or the
+        rest are still being scored in the background (``pending``, with the server's ``message``).
         """
-        image_id = self.client.next_sample(strategy)
+        answer = self.client.next_sample(strategy)
+        image_id = answer["id"]
         if not image_id:
-            return None
-        return image_id, self.client.download_image(image_id, out_dir=tempfile.mkdtemp(dir=self.work_dir))
+            return NextCase(None, None, answer["pending"], answer["message"])
+        path = self.client.download_image(image_id, out_dir=tempfile.mkdtemp(dir=self.work_dir))
+        return NextCase(image_id, path, answer["pending"], answer["message"])
 
     def load_case(self, image_id: str, path: str):
         """(main) Load a downloaded study, remember its datastore id and show it in the slice views."""

@@ -78,6 +78,8 @@ class AppSettings:
     stop_grace_s: int = 20  # DELETE /train/: time for the training to notice the stop (finish its step)
     stop_max_s: int = 80  # ... and for the whole graceful stop (calibrate + publish); then it is killed
     keep_versions: int = 5  # published models kept in <model_dir>/versions for rollback (0 = none)
+    align: str = "none"  # training: register every study to a reference first ("affine"); detection follows the model
+    align_reference: str = "normals"  # normals | mni152[:MM] | a volume file
     seed_curation: str = ""
     extra: Dict[str, Any] = field(default_factory=dict)
 
@@ -161,6 +163,14 @@ def parse_conf(app_dir: str, studies: str, conf: Optional[Dict[str, Any]]) -> Ap
     if encoder_weights.lower() not in ("none", "imagenet") and not os.path.isfile(os.path.expanduser(encoder_weights)):
         raise ConfError(f"--conf encoder_weights {encoder_weights!r}: no such file (or use 'none')")
 
+    align = str(conf.get("align", "none")).strip().lower() or "none"
+    if align not in ("none", "affine"):
+        raise ConfError(f"--conf align {align!r}: expected none or affine")
+    align_reference = str(conf.get("align_reference", "normals")).strip() or "normals"
+    if not (align_reference in ("normals", "mni152") or align_reference.startswith("mni152:")
+            or os.path.isfile(os.path.expanduser(align_reference))):
+        raise ConfError(f"--conf align_reference {align_reference!r}: expected normals, mni152[:MM] or a volume file")
+
     seed = conf.get("seed_curation")
     if seed is None:
         seed = os.path.join(studies, "curation.csv") if studies and not studies.startswith("http") else ""
@@ -183,6 +193,9 @@ def parse_conf(app_dir: str, studies: str, conf: Optional[Dict[str, Any]]) -> Ap
         stop_grace_s=_int(conf, "stop_grace_s", 20, minimum=0) or 0,
         stop_max_s=_int(conf, "stop_max_s", 80, minimum=0) or 0,
         keep_versions=_int(conf, "keep_versions", 5, minimum=0) or 0,
+        align=align,
+        align_reference=os.path.expanduser(align_reference) if os.path.isfile(os.path.expanduser(align_reference))
+        else align_reference,
         seed_curation=str(seed),
         extra={k: v for k, v in conf.items() if k in MONAILABEL_KEYS},
     )

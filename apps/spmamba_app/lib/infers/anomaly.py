@@ -103,9 +103,15 @@ class Detection:
         detector = self.store.get()  # 409 "train first" before reading anything
         volume = self.read(image, shown_name)
         t1 = time.perf_counter()
+        from spmamba.volume import VolumeError
+
+        name = shown_name or os.path.basename(str(image))
         with self._slots:
             t_wait = time.perf_counter()
-            result = detector.detect(volume.array, affine=volume.affine, **self._kwargs(detector))
+            try:
+                result = detector.detect(volume.array, affine=volume.affine, name=name, **self._kwargs(detector))
+            except VolumeError as e:  # e.g. the study cannot be aligned to the model's reference
+                raise unprocessable(str(e)) from e
         t2 = time.perf_counter()
         return volume, result, detector, {"read": t1 - t0, "queue": t_wait - t1, "model": t2 - t_wait}
 
@@ -132,6 +138,8 @@ class Detection:
             "shape": [int(s) for s in volume.array.shape],
             "spacing_mm": _round(zooms.tolist(), 4),
             "detector_timings": _round(dict(getattr(result, "timings", {}) or {}), 4),
+            # models with alignment: how the study was registered to the model's reference (else None)
+            "alignment": _round(result.alignment, 4) if result.alignment else None,
         }
         return out, time.perf_counter() - t0
 

@@ -216,6 +216,8 @@ class AnomalyTrain(TrainTask):
                 progress=progress,
                 should_stop=lambda: os.path.exists(s.stop_path),
                 stop_time_limit=s.stop_calibration_s,  # DELETE /train/ waits at most stop_max_s
+                align=s.align,
+                align_reference=s.align_reference,
                 **extra,
             )
             training = detector.meta.get("training") or {}
