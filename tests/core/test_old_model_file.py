@@ -1,0 +1,31 @@
+"""A model file written before the method seam (no 'method' tag; tests/data/make_spmamba_v0_tiny.py) still loads as
+SP-Mamba, keeps its version string and gives the same heatmap, bit for bit."""
+from pathlib import Path
+
+import numpy as np
+
+from spmamba.checkpoint import load_checkpoint
+from spmamba.detector import Detector
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+OLD = DATA / "spmamba_v0_tiny.pt"
+
+
+def test_old_file_has_no_method_tag():
+    assert "method" not in load_checkpoint(OLD)
+
+
+def test_old_file_loads_as_spmamba_with_its_version():
+    det = Detector.load(OLD, device="cpu")
+    assert det.version == load_checkpoint(OLD)["version"] == "1bb78b5c72b3"
+    assert getattr(det, "method_name", "spmamba") == "spmamba"
+
+
+def test_old_file_gives_the_same_heatmap_bit_for_bit():
+    exp = np.load(DATA / "spmamba_v0_tiny_expected.npz")
+    det = Detector.load(OLD, device="cpu")
+    res = det.detect(exp["input"], exp["affine"])
+    assert res.heatmap.dtype == exp["heatmap"].dtype
+    assert np.array_equal(res.heatmap, exp["heatmap"])
+    assert res.score == float(exp["score"])
+    assert np.array_equal(np.array(res.slice_scores, dtype=np.float64), exp["slice_scores"])
