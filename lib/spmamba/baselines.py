@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from .volume import normalise_intensity
 
-__all__ = ["VoxelwiseStats", "VoxelwiseBaseline", "position_normalise", "topk_mean"]
+__all__ = ["VoxelwiseStats", "VoxelwiseBaseline", "position_normalise", "topk_mean", "zscore_heatmap"]
 
 
 def topk_mean(heatmap: np.ndarray, k: int = 50, region: Optional[np.ndarray] = None) -> float:
@@ -93,8 +93,20 @@ def position_normalise(heatmap: np.ndarray, stats: VoxelwiseStats, region: Optio
     return z.astype(np.float32)
 
 
+def zscore_heatmap(norm: np.ndarray, fg: np.ndarray, stats: VoxelwiseStats, smooth_sigma: float = 1.0) -> np.ndarray:
+    """|z| of normalised intensities against normal statistics, Gaussian-smoothed (``smooth_sigma`` voxels; 0 =
+    off), 0 outside the foreground ``fg``. Same shape as ``norm``, float32."""
+    z = np.abs(stats.zscore(norm))
+    if smooth_sigma > 0:
+        z = ndimage.gaussian_filter(z, smooth_sigma)
+    return np.where(fg, z, 0.0).astype(np.float32)
+
+
 class VoxelwiseBaseline:
-    """Per-voxel mean/std of intensity-normalised normal volumes; |z| heatmap; top-k-mean volume score."""
+    """Per-voxel mean/std of intensity-normalised normal volumes; |z| heatmap; top-k-mean volume score.
+
+    On plain arrays; the same method behind the Detector (files, calibration, CLI, app) is the registered method
+    "voxelwise" (``spmamba.methods.voxelwise``)."""
 
     def __init__(self, smooth_sigma: float = 1.0, top_k: int = 50, std_floor: float = 0.5):
         self.smooth_sigma = float(smooth_sigma)
@@ -110,10 +122,7 @@ class VoxelwiseBaseline:
         if self.stats is None:
             raise RuntimeError("call fit() on normal volumes first")
         norm, fg = normalise_intensity(volume)
-        z = np.abs(self.stats.zscore(norm))
-        if self.smooth_sigma > 0:
-            z = ndimage.gaussian_filter(z, self.smooth_sigma)
-        return np.where(fg, z, 0.0).astype(np.float32)
+        return zscore_heatmap(norm, fg, self.stats, self.smooth_sigma)
 
     def score(self, heatmap: np.ndarray) -> float:
         return topk_mean(heatmap, self.top_k)

@@ -1,4 +1,8 @@
-"""A trained SP-Mamba model with its preprocessing and calibration: volume in, heatmap + score out.
+"""A trained model of any registered method (``spmamba.methods``; SP-Mamba by default) with its preprocessing and
+calibration: volume in, heatmap + score out. The Detector depends on the method seam (``methods.AnomalyModel``), not
+on a particular method: slice methods (``SliceModel``, e.g. SP-Mamba) score the kept slices in batches, volume
+methods (``VolumeModel``, e.g. the voxel-wise baseline) score the whole preprocessed volume; everything else below is
+the same for every method.
 
 Volume pipeline: reorient to RAS voxel order -> move the slice axis first -> robust intensity scaling (normal
 tissue to [0, 1], headroom above) -> keep slices with enough foreground -> pad to square + resize to S x S -> model
@@ -6,8 +10,9 @@ in batches (inference mode) -> anomaly maps resized back onto each slice -> 3-D 
 (``Preprocessing.heatmap_sigma_mm``; 0 outside it) -> heatmap in the file's voxel order (slices without foreground
 are 0).
 
-Volume score: mean of the 3 highest slice scores (``scoring.aggregate_slice_scores``); a slice score is SP-Mamba's
-image score of that slice's map.
+Volume score: slice methods: mean of the 3 highest slice scores (``scoring.aggregate_slice_scores``; a slice score
+is the method's score of that slice's map, e.g. SP-Mamba's image score); volume methods: their own volume score
+(slice scores are then the maxima of the heatmap's slices).
 
 Optional position-aware normalisation (``Detector.position_stats``, off unless fitted; ``train_detector(...,
 position_normalise=True)``): for volumes on one common grid (registered to a template), each voxel of the heatmap is
@@ -37,7 +42,7 @@ import torch
 from . import __version__
 from .baselines import VoxelwiseStats, position_normalise, topk_mean
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, weights_digest
-from .models import SPMamba, get_config
+from .methods import DEFAULT_METHOD, SLICE, AnomalyModel, PreparedVolume, UnknownMethod, get_method
 from .registration import AffineAligner
 from .scoring import aggregate_slice_scores, smooth_within_mask
 from .volume import batch_to_slices, normalise_intensity, slices_to_batch, to_canonical, validate_array
@@ -120,17 +125,17 @@ def prepare_slices(array: np.ndarray, affine: Optional[np.ndarray], prep: Prepro
 
 
 class Detector:
-    """SP-Mamba model + preprocessing + calibration + metadata."""
+    """Model of a registered method + preprocessing + calibration + metadata."""
 
     #: volume score under position-aware normalisation: mean of this many highest voxels
     POSITION_TOP_K = 50
 
-    def __init__(self, model: SPMamba, preprocessing: Optional[Preprocessing] = None,
+    def __init__(self, model: AnomalyModel, preprocessing: Optional[Preprocessing] = None,
                  calibration: Optional[Calibration] = None, meta: Optional[dict] = None, device="auto",
                  position_stats: Optional[VoxelwiseStats] = None, alignment: Optional[AffineAligner] = None):
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
-        self.preprocessing = preprocessing or Preprocessing()
+        self.preprocessing = preprocessing or Preprocessing(**dict(model.preprocessing_defaults))
         self.calibration = calibration or Calibration()
         self.meta = dict(meta or {})
         # per-voxel statistics of the heatmaps of normal volumes, on the canonical slice-first grid (or None)
@@ -143,6 +148,11 @@ class Detector:
     @property
     def config(self):
         return self.model.config
+
+    @property
+    def method_name(self) -> str:
+        """The registry name of the model's method (``spmamba.methods``), written into the model file."""
+        return self.model.method
 
     @property
     def version(self) -> str:
@@ -165,6 +175,7 @@ class Detector:
 
     def checkpoint_payload(self) -> dict[str, Any]:
         payload = {
+            "method": self.method_name,
             "config": self.config.to_dict(),
             "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             "calibration": asdict(self.calibration),
@@ -188,12 +199,17 @@ class Detector:
 
     @classmethod
     def from_payload(cls, obj: dict, device="auto", source: str = "checkpoint") -> "Detector":
+        name = obj.get("method", DEFAULT_METHOD)  # files written before methods had names are SP-Mamba's
         try:
-            config = get_config(obj["config"])
-            model = SPMamba(config, encoder_weights="none")  # the file holds the encoder's weights too
+            method = get_method(name)
+        except UnknownMethod as e:
+            raise CheckpointError(f"{source} holds a model of method {name!r}, which this spmamba does not know ({e})") from e
+        try:
+            config = method.get_config(obj["config"])
+            model = method.build(config, encoder_weights="none")  # the file holds pretrained parts' weights too
             model.load_state_dict(obj["state_dict"])
         except (ValueError, RuntimeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{source} does not fit this version's SP-Mamba model: {e}") from e
+            raise CheckpointError(f"{source} does not fit this version's {name} model: {e}") from e
         ps = obj.get("position_stats")
         stats = (VoxelwiseStats(ps["mean"].numpy(), ps["std"].numpy(), int(ps["n"])) if ps is not None else None)
         aligner = None
@@ -213,12 +229,17 @@ class Detector:
     # ------------------------------------------------------------------ inference
     @torch.inference_mode()
     def score_slices(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n, 1, S, S) scaled intensities -> (anomaly maps (n, S, S), image scores (n,)) on the CPU."""
+        """Slice methods: (n, 1, S, S) scaled intensities -> (anomaly maps (n, S, S), slice scores (n,)) on the CPU."""
         self.model.eval()
-        out = self.model(batch.to(self.device, non_blocking=True))
-        maps = self.model.anomaly_map(out)
-        scores = self.model.image_score(maps)
+        maps, scores = self.model.score_slices(batch.to(self.device, non_blocking=True))
         return maps.float().cpu(), scores.float().cpu()
+
+    @torch.inference_mode()
+    def score_volume(self, volume: PreparedVolume) -> tuple[np.ndarray, float]:
+        """Volume methods: a preprocessed volume -> (heatmap (n, h, w) float32, volume score)."""
+        self.model.eval()
+        heat, score = self.model.score_volume(volume)
+        return np.asarray(heat, dtype=np.float32), float(score)
 
     def detect(self, array: np.ndarray, affine: Optional[np.ndarray] = None,
                progress: Optional[Callable[[int, int], None]] = None, *, name: Optional[str] = None,
@@ -238,17 +259,7 @@ class Detector:
         prep = self.preprocessing
         norm, fg, keep, canon = prepare_slices(arr, affine, prep)
         t1 = time.perf_counter()
-        heat = np.zeros(norm.shape, dtype=np.float32)
-        slice_scores: list[tuple[int, float]] = []
-        S = self.config.image_size
-        for start in range(0, len(keep), prep.batch_size):
-            idx = keep[start:start + prep.batch_size]
-            batch, geom = slices_to_batch(norm[idx], S)
-            maps, scores = self.score_slices(batch)
-            heat[idx] = batch_to_slices(maps, geom)
-            slice_scores += [(i, float(s)) for i, s in zip(idx, scores.tolist())]
-            if progress is not None:
-                progress(min(start + prep.batch_size, len(keep)), len(keep))
+        heat, slice_scores, volume_score = self._model_maps(norm, fg, keep, canon, progress)
         if prep.heatmap_sigma_mm > 0 and keep:
             heat = smooth_within_mask(heat, fg, prep.heatmap_sigma_mm / canon.spacing_slice_first(prep.slice_axis))
         if self.position_stats is not None:
@@ -271,6 +282,8 @@ class Detector:
             heatmap = np.where(foreground, al.to_input(heatmap), np.float32(0.0))
         if self.position_stats is not None:
             score = topk_mean(heat, self.POSITION_TOP_K)
+        elif volume_score is not None:
+            score = volume_score
         else:
             score = aggregate_slice_scores(np.array([s for _, s in slice_scores]))
         cal = self.calibration
@@ -283,6 +296,32 @@ class Detector:
                      **({"align_s": t_align} if al is not None else {})},
             foreground=foreground, alignment=al.summary() if al is not None else None,
         )
+
+    def _model_maps(self, norm: np.ndarray, fg: np.ndarray, keep: list, canon,
+                    progress: Optional[Callable[[int, int], None]]) -> tuple[np.ndarray, list, Optional[float]]:
+        """The method's part of ``detect`` on the canonical slice-first grid: (heatmap (n, h, w) float32, [(slice,
+        score)] of the kept slices, the volume score of a volume method or None)."""
+        prep = self.preprocessing
+        if self.model.kind != SLICE:
+            if progress is not None:
+                progress(0, 1)
+            heat, score = self.score_volume(
+                PreparedVolume(norm, fg, keep, canon.spacing_slice_first(prep.slice_axis)))
+            if progress is not None:
+                progress(1, 1)
+            return heat, [(i, float(heat[i].max())) for i in keep], score
+        heat = np.zeros(norm.shape, dtype=np.float32)
+        slice_scores: list[tuple[int, float]] = []
+        S = self.model.image_size
+        for start in range(0, len(keep), prep.batch_size):
+            idx = keep[start:start + prep.batch_size]
+            batch, geom = slices_to_batch(norm[idx], S)
+            maps, scores = self.score_slices(batch)
+            heat[idx] = batch_to_slices(maps, geom)
+            slice_scores += [(i, float(s)) for i, s in zip(idx, scores.tolist())]
+            if progress is not None:
+                progress(min(start + prep.batch_size, len(keep)), len(keep))
+        return heat, slice_scores, None
 
     def fit_position_stats(self, volumes, progress: Optional[Callable[[int, int], None]] = None,
                            aligned: bool = False) -> VoxelwiseStats:

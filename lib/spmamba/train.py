@@ -1,8 +1,14 @@
-"""The one training loop (used by the CLI and the MONAI Label trainer): SP-Mamba on the slices of normal volumes,
-then calibration of the pixel and volume thresholds on held-out normal volumes.
+"""The one training loop (used by the CLI, the MONAI Label trainer and the benchmarks) for every method of the
+registry (``spmamba.methods``): a model on normal volumes, then calibration of the pixel and volume thresholds on
+held-out normal volumes. Its named steps, each usable on its own:
 
-Optimisation as published: AdamW (lr 0.005 * batch / 16, betas 0.9/0.999, weight decay 1e-4), lr x0.1 at 80% of
-the epochs, gradient clipping at 5, no augmentation. Only the bottleneck, prototypes and decoder learn.
+1. ``split_normals``: training / held-out (calibration) volumes;
+2. ``build_or_resume``: a new Detector for the method and preset, or the one in a checkpoint; alignment, if asked;
+3. fit: the method's preparation hook (SP-Mamba: encoder norm adaptation), then either the shared optimisation loop
+   (methods with ``training_settings``: AdamW, lr x0.1 at 80% of the epochs, gradient clipping, no augmentation;
+   only ``trainable_parameters`` learn) or the method's one-pass ``fit`` (statistical methods);
+4. ``calibrate``: thresholds on the held-out normals;
+5. ``publish``: the calibrated model, saved atomically.
 """
 from __future__ import annotations
 
@@ -17,12 +23,13 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .detector import Calibration, Detector, Preprocessing, prepare_slices, resolve_device
-from .models import SPMamba, get_config
+from .methods import DEFAULT_METHOD, PreparedVolume, get_method
 from .registration import ALIGN_METHODS, AffineAligner, AlignmentError, calibrate_floor, make_reference
 from .scoring import calibrate_threshold
-from .volume import Volume, VolumeError, load_volume, slices_to_batch, to_canonical
+from .volume import Volume, VolumeError, load_volume, to_canonical
 
-__all__ = ["train_detector", "TrainingDataError", "calibrate", "MIN_VOLUMES"]
+__all__ = ["train_detector", "TrainingDataError", "calibrate", "MIN_VOLUMES", "split_normals", "build_or_resume",
+           "prepare_volumes", "publish"]
 
 log = logging.getLogger(__name__)
 MIN_VOLUMES = 3  # at least 2 to train on + 1 held out for calibration
@@ -50,18 +57,50 @@ def _load_all(volumes: Sequence[Union[str, Path, Volume]],
     return out
 
 
-def _slice_tensor(vols: list[Volume], prep: Preprocessing, size: int,
-                  progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
-    """All foreground slices of the volumes as one (n, 1, S, S) float tensor of scaled intensities."""
-    parts = []
+def split_normals(n: int, val_fraction: float = 0.2, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Indices of the training and of the held-out (calibration) volumes among ``n`` normals, each in the order the
+    training uses them: a seeded permutation, its first max(1, round(val_fraction * n)) held out."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, int(round(val_fraction * n)))
+    return [int(i) for i in order[n_val:]], [int(i) for i in order[:n_val]]
+
+
+def prepare_volumes(vols: list[Volume], prep: Preprocessing,
+                    progress: Optional[Callable[[int, int], None]] = None) -> list[PreparedVolume]:
+    """The Detector's preprocessing of each volume (canonical slice-first grid, scaled intensities, foreground)."""
+    out = []
     for i, v in enumerate(vols):
-        norm, _, keep, _ = prepare_slices(v.array, v.affine, prep)
+        norm, fg, keep, canon = prepare_slices(v.array, v.affine, prep)
         if not keep:
             raise TrainingDataError(f"{v.path or 'a volume'}: no slice has foreground; is it blank?")
-        parts.append(slices_to_batch(norm[keep], size)[0])
+        out.append(PreparedVolume(norm, fg, keep, canon.spacing_slice_first(prep.slice_axis)))
         if progress is not None:
             progress(i + 1, len(vols))
-    return torch.cat(parts)
+    return out
+
+
+def build_or_resume(method: Optional[str] = None, config: Any = None, *, encoder_weights: str = "none",
+                    preprocessing: Optional[Preprocessing] = None, device: Union[str, torch.device] = "auto",
+                    resume: Optional[Union[str, Path]] = None) -> tuple[Detector, Optional[dict]]:
+    """A new Detector with an untrained model of ``method`` (default spmamba) built from ``config`` (a preset
+    name of that method - default its ``default_preset`` -, a config or a dict), or the Detector in the checkpoint
+    ``resume`` (whose method must match ``method`` when given). Returns (detector, the resume file's payload or
+    None)."""
+    if resume:
+        obj = load_checkpoint(resume)
+        detector = Detector.from_payload(obj, device=device, source=f"resume file {resume}")
+        if method is not None and detector.method_name != method:
+            raise TrainingDataError(f"resume file {resume} holds a {detector.method_name} model, not {method}")
+        return detector, obj
+    cls = get_method(method or DEFAULT_METHOD)
+    cfg = cls.get_config(config if config is not None else cls.default_preset)
+    prep = preprocessing or Preprocessing(**dict(cls.preprocessing_defaults))
+    return Detector(cls.build(cfg, encoder_weights=encoder_weights), prep, device=device), None
+
+
+def publish(detector: Detector, path: Union[str, Path], training_state: Optional[dict] = None) -> Path:
+    """Save the (calibrated) detector atomically, with the state to resume its training when given."""
+    return detector.save(path, training_state=training_state)
 
 
 def calibrate(detector: Detector, vols: list[Volume], pixel_fpr: float = 0.001, volume_fpr: float = 0.05,
@@ -116,12 +155,6 @@ def _check_one_grid(vols: list[Volume]) -> None:
             f"position-aware normalisation needs all volumes on one grid (registered to a template), but they have "
             f"{len(shapes)} shapes in RAS order ({listed}). Register them to one template first (or train with "
             "alignment: --align affine), or train without it.")
-
-
-def _adapts_encoder_norm(setting: str, encoder_weights: str) -> bool:
-    if setting == "auto":
-        return encoder_weights in (None, "", "none", "random")
-    return setting == "adapt"
 
 
 def _prepare_alignment(detector: Detector, align: Optional[str], reference: Union[str, Path],
@@ -179,7 +212,8 @@ def _prepare_alignment(detector: Detector, align: Optional[str], reference: Unio
 def train_detector(
     volumes: Sequence[Union[str, Path, Volume]],
     *,
-    config: Any = "fast",
+    method: Optional[str] = None,
+    config: Any = None,
     epochs: Optional[int] = None,
     device: Union[str, torch.device] = "auto",
     val_fraction: float = 0.2,
@@ -200,12 +234,15 @@ def train_detector(
     align: Optional[str] = None,
     align_reference: Union[str, Path] = "normals",
 ) -> Detector:
-    """Train SP-Mamba on normal volumes and calibrate it; see the module docstring.
+    """Train a model of ``method`` on normal volumes and calibrate it; see the module docstring.
 
     Args:
         volumes: paths or Volumes of normal scans (any shapes; slices are resized to the preset's size).
-        config: preset name, SPMambaConfig or dict.
-        epochs: number of epochs (default: the preset's).
+        method: a method of the registry (``spmamba.methods.method_names()``); default spmamba, or the resumed
+            model's.
+        config: preset name of that method (default: its ``default_preset``, "fast" for SP-Mamba), its config or a
+            dict.
+        epochs: number of epochs (default: the preset's; methods fitted in one pass ignore it).
         val_fraction: share of volumes held out for calibration (at least one).
         encoder_weights: "none", "imagenet" or a torchvision ResNet .pth file.
         progress: called with dicts {"phase", "epoch", "total_epochs", "step", "total_steps", "loss", ...}; in the
@@ -265,35 +302,28 @@ def train_detector(
         )
     dev = resolve_device(device)
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(vols))
-    n_val = max(1, int(round(val_fraction * len(vols))))
-    val_vols = [vols[i] for i in order[:n_val]]
-    train_vols = [vols[i] for i in order[n_val:]]
+    train_idx, val_idx = split_normals(len(vols), val_fraction, seed)
+    val_vols = [vols[i] for i in val_idx]
+    train_vols = [vols[i] for i in train_idx]
 
-    resume_obj = load_checkpoint(resume) if resume else None
-    if resume_obj is not None:
-        detector = Detector.from_payload(resume_obj, device=dev, source=f"resume file {resume}")
-        cfg = detector.config
-        prep = detector.preprocessing
-    else:
-        cfg = get_config(config)
-        prep = preprocessing or Preprocessing()
-        detector = Detector(SPMamba(cfg, encoder_weights=encoder_weights), prep, device=dev)
+    detector, resume_obj = build_or_resume(method, config, encoder_weights=encoder_weights,
+                                           preprocessing=preprocessing, device=dev, resume=resume)
+    prep = detector.preprocessing
     train_vols, align_info = _prepare_alignment(detector, align, align_reference, train_vols, val_vols, emit)
     if position_normalise is None:  # aligned volumes share one grid: position-aware normalisation by default
         position_normalise = detector.alignment is not None
     if position_normalise and detector.alignment is None:
         _check_one_grid(vols)
     model = detector.model
-    total_epochs = int(epochs if epochs is not None else cfg.epochs)
+    ts = model.training_settings  # None: fitted in one pass
+    total_epochs = int(epochs if epochs is not None else ts.epochs) if ts is not None else 1
     if total_epochs < 1:
         raise ValueError("epochs must be >= 1")
 
     emit({"phase": "prepare", "step": 0, "total_steps": len(train_vols), "unit": "vol"})
-    data = _slice_tensor(train_vols, prep, cfg.image_size,
-                         lambda i, k: emit({"phase": "prepare", "step": i, "total_steps": k, "unit": "vol"}))
-    n = data.shape[0]
+    data = model.training_data(prepare_volumes(
+        train_vols, prep, lambda i, k: emit({"phase": "prepare", "step": i, "total_steps": k, "unit": "vol"})))
+    n = len(data)
 
     # Time budget (time_limit): what follows training (position statistics, calibration, the final save) needs
     # about one detection per volume; measure one now (the time does not depend on the weights).
@@ -319,31 +349,30 @@ def train_detector(
         full = per * n_after + 2 * seconds_per_save
         return max(min(full, 0.5 * max(0.0, left())), per + seconds_per_save)
 
-    if resume_obj is None and _adapts_encoder_norm(cfg.encoder_norm, encoder_weights):
+    prep_phase = model.preparation_phase(encoder_weights) if resume_obj is None else None
+    if prep_phase is not None:
         norm_order, norm_stop = None, None
         if deadline is not None:  # at most a quarter of the training time; a random sample if it is cut short
             norm_deadline = time.time() + 0.25 * max(0.0, left() - reserve())
             norm_order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
             norm_stop = lambda: time.time() > norm_deadline  # noqa: E731
-        n_norm_batches = math.ceil(n / 64)
-        emit({"phase": "encoder_norm", "step": 0, "total_steps": n_norm_batches, "unit": "batch"})
-        with torch.no_grad():
-            seen = model.adapt_encoder_norm(
-                data if norm_order is None else data[norm_order], batch_size=64,
-                progress=lambda b, k: emit({"phase": "encoder_norm", "step": b, "total_steps": k, "unit": "batch"}),
-                should_stop=norm_stop)
-        detector.meta["encoder_norm"] = f"adapted on {seen} training slices" + (
-            f" (of {n}; time limit)" if seen < n else "")
-        log.info("encoder BatchNorm statistics re-estimated on %d normal slices", seen)
-    batch = min(cfg.batch_size, n)
-    steps_per_epoch = max(1, n // batch)  # drop the ragged last batch (BatchNorm in the bottleneck)
-    params = model.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-    milestone = max(1, int(math.floor(0.8 * total_epochs)))
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[milestone], gamma=0.1)
+        detector.meta[prep_phase] = model.prepare(
+            data if norm_order is None else data[norm_order],
+            progress=lambda b, k: emit({"phase": prep_phase, "step": b, "total_steps": k, "unit": "batch"}),
+            should_stop=norm_stop)
+        log.info("%s: %s", prep_phase, detector.meta[prep_phase])
+    if ts is not None:
+        batch = min(ts.batch_size, n)
+        steps_per_epoch = max(1, n // batch)  # drop the ragged last batch (BatchNorm in the bottleneck)
+        params = model.trainable_parameters()
+        optimizer = torch.optim.AdamW(params, lr=ts.lr, betas=(0.9, 0.999), weight_decay=ts.weight_decay)
+        milestone = max(1, int(math.floor(0.8 * total_epochs)))
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[milestone], gamma=0.1)
+    else:  # fitted in one pass: one "epoch" of one step
+        batch, steps_per_epoch, params, optimizer, scheduler = n, 1, [], None, None
     start_epoch = 0
     history: list[float] = []
-    if resume_obj is not None and "training_state" in resume_obj:
+    if resume_obj is not None and "training_state" in resume_obj and optimizer is not None:
         ts = resume_obj["training_state"]
         optimizer.load_state_dict(ts["optimizer"])
         scheduler.load_state_dict(ts["scheduler"])
@@ -367,6 +396,12 @@ def train_detector(
             "alignment": align_info,
         }
 
+    def training_state(epoch_done: int) -> Optional[dict]:
+        if optimizer is None:
+            return None
+        return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch_done,
+                "loss_history": history}
+
     def save(epoch_done: int, stopped: bool) -> None:
         nonlocal seconds_per_save
         if checkpoint_path is None:
@@ -374,10 +409,7 @@ def train_detector(
         t0 = time.perf_counter()
         detector.meta["training"] = summary(epoch_done, stopped)
         detector.invalidate_version()
-        detector.save(checkpoint_path, training_state={
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch_done,
-            "loss_history": history,
-        })
+        publish(detector, checkpoint_path, training_state(epoch_done))
         seconds_per_save = max(seconds_per_save, time.perf_counter() - t0)
 
     step_total = 0  # optimisation steps in this run
@@ -393,7 +425,14 @@ def train_detector(
     g = torch.Generator().manual_seed(seed + start_epoch)
     emit({"phase": "train", "epoch": start_epoch + 1, "total_epochs": total_epochs, "step": 0,
           "total_steps": steps_per_epoch, "global_step": steps_before, "total_global_steps": planned_steps})
-    for epoch in range(start_epoch, total_epochs):
+    if ts is None:  # one-pass fitting
+        t_step = time.perf_counter()
+        model.fit(data, lambda i, k: emit({"phase": "fit", "step": i, "total_steps": k, "unit": "vol"}))
+        step_total = 1
+        step_seconds = time.perf_counter() - t_step
+        emit({"phase": "train", "epoch": 1, "total_epochs": 1, "step": 1, "total_steps": 1,
+              "global_step": 1, "total_global_steps": planned_steps})
+    for epoch in range(start_epoch, total_epochs if ts is not None else 0):
         model.train()
         perm = torch.randperm(n, generator=g)
         running = 0.0
@@ -409,11 +448,10 @@ def train_detector(
                 break
             t_step = time.perf_counter()
             idx = perm[step * batch:(step + 1) * batch]
-            out = model(data[idx].to(dev, non_blocking=True))
-            loss = model.loss(out)
+            loss = model.training_loss(data[idx].to(dev, non_blocking=True))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, ts.grad_clip)
             optimizer.step()
             loss_value = loss.item()
             running += loss_value
@@ -461,8 +499,5 @@ def train_detector(
           "loss": history[-1] if history else None,
           "val_score": float(np.mean(detector.calibration.normal_volume_scores))})
     if checkpoint_path is not None:
-        detector.save(checkpoint_path, training_state={
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epochs_done,
-            "loss_history": history,
-        })
+        publish(detector, checkpoint_path, training_state(epochs_done))
     return detector

@@ -52,7 +52,7 @@ def test_presets():
     assert paper.image_size == 256 and paper.decoder_dims == (512, 256, 128, 64)
     assert paper.decoder_depths == (3, 4, 6, 3) and paper.n_prototypes == 5 and paper.prototype_window == 3
     assert paper.n_directions == 8 and paper.scan == "ch" and paper.encoder == "resnet34"
-    assert paper.lr == pytest.approx(0.005)
+    assert paper.training.lr == pytest.approx(0.005)
     assert get_config(paper.to_dict()) == paper
     with pytest.raises(ValueError, match="unknown preset"):
         get_config("huge")

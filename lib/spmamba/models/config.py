@@ -1,13 +1,16 @@
-"""Model presets as dataclasses. A checkpoint stores the preset it was trained with (``asdict``)."""
+"""SP-Mamba's presets as dataclasses: the architecture (with its loss and score constants) and, under ``training``,
+the optimisation settings (``methods.TrainingSettings``). A checkpoint stores the preset it was trained with."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from ..methods.base import TrainingSettings
+
 
 @dataclass(frozen=True)
 class SPMambaConfig:
-    """Everything that defines an SP-Mamba model and its scoring.
+    """Everything that defines an SP-Mamba model and its scoring; ``training`` says how it is optimised.
 
     Sizes follow the paper at 256x256: encoder levels 64x64x64, 32x32x128, 16x16x256, bottleneck 8x8x512.
     At other input sizes every map scales by image_size/256 (the bottleneck side is image_size/32).
@@ -44,19 +47,11 @@ class SPMambaConfig:
     score_beta: float = 3750.0
     score_gamma: float = -0.08
     # optimisation (paper: AdamW lr 0.005 * batch / 16, wd 1e-4, lr x0.1 at 80%, clip 5, 1000 epochs, batch 16)
-    batch_size: int = 16
-    base_lr: float = 0.005
-    weight_decay: float = 1e-4
-    grad_clip: float = 5.0
-    epochs: int = 1000
+    training: TrainingSettings = field(default_factory=TrainingSettings)
 
     @property
     def bottleneck_size(self) -> int:
         return self.image_size // 32
-
-    @property
-    def lr(self) -> float:
-        return self.base_lr * self.batch_size / 16
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -66,17 +61,28 @@ class SPMambaConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SPMambaConfig":
+        """Also reads files written before the split (training settings next to the architecture's)."""
+        d = dict(d)
+        training = dict(d.pop("training", None) or {})
+        for k in TrainingSettings.names() & set(d):
+            training[k] = d.pop(k)
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown model settings {sorted(unknown)}; this file needs a newer spmamba")
-        d = dict(d)
+        unknown = set(training) - TrainingSettings.names()
+        if unknown:
+            raise ValueError(f"unknown training settings {sorted(unknown)}; this file needs a newer spmamba")
         for k in ("decoder_dims", "decoder_depths"):
             if k in d:
                 d[k] = tuple(d[k])
-        return cls(**d)
+        return cls(**d, training=TrainingSettings(**training))
 
     def with_overrides(self, **kw: Any) -> "SPMambaConfig":
+        """Architecture settings by name; training settings (epochs, batch_size ...) by name too."""
+        train_kw = {k: kw.pop(k) for k in TrainingSettings.names() & set(kw)}
+        if train_kw:
+            kw["training"] = replace(kw.get("training", self.training), **train_kw)
         return replace(self, **kw)
 
     def validate(self) -> None:
@@ -106,12 +112,12 @@ PRESETS: dict[str, SPMambaConfig] = {
     # encoder, 8-direction CH scan, window-sliding prototypes, loss, map and score.
     "fast": SPMambaConfig(
         name="fast", image_size=128, decoder_depths=(1, 1, 1, 1), ssm_expand=1, d_state=8,
-        drop_path=0.1, batch_size=16, base_lr=0.005, epochs=10, map_blur_sigma=2.0,
+        drop_path=0.1, map_blur_sigma=2.0, training=TrainingSettings(batch_size=16, base_lr=0.005, epochs=10),
     ),
     # For tests only: seconds per step.
     "tiny": SPMambaConfig(
         name="tiny", image_size=64, encoder="resnet18", decoder_depths=(1, 1, 1, 1), ssm_expand=1,
-        drop_path=0.0, n_prototypes=2, batch_size=4, base_lr=0.005, epochs=2, map_blur_sigma=1.0,
+        drop_path=0.0, n_prototypes=2, map_blur_sigma=1.0, training=TrainingSettings(batch_size=4, base_lr=0.005, epochs=2),
     ),
 }
 

@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..methods.base import SliceModel
 from ..scoring import feature_distance_map, gaussian_blur, image_score
 from .bottleneck import FusionBottleneck
 from .cnn_decoder import CNNDecoder
-from .config import SPMambaConfig, get_config
+from .config import PRESETS, SPMambaConfig, get_config
 from .encoder import IMAGENET_MEAN, IMAGENET_STD, ResNetEncoder
 from .mamba_decoder import MambaDecoder
 from .prototypes import PrototypeBank
@@ -26,8 +27,22 @@ class SPMambaOutput:
     proto_distance: Optional[torch.Tensor]  # (B, S/32, S/32) window-sliding prototype distance, or None
 
 
-class SPMamba(nn.Module):
-    """Input: grey slices (B, 1, S, S) with intensities scaled to [0, 1] (normal tissue; lesions may exceed 1)."""
+class SPMamba(SliceModel):
+    """Input: grey slices (B, 1, S, S) with intensities scaled to [0, 1] (normal tissue; lesions may exceed 1).
+
+    The method "spmamba" of the registry (``spmamba.methods``): a SliceModel."""
+
+    method = "spmamba"
+    PRESETS = PRESETS
+    default_preset = "fast"
+
+    @classmethod
+    def get_config(cls, spec: Any, **overrides: Any) -> SPMambaConfig:
+        return get_config(spec, **overrides)
+
+    @classmethod
+    def build(cls, config: Any, encoder_weights: str = "none") -> "SPMamba":
+        return cls(config, encoder_weights=encoder_weights)
 
     def __init__(self, config: "SPMambaConfig | str" = "paper", encoder_weights: str = "none"):
         super().__init__()
@@ -73,8 +88,30 @@ class SPMamba(nn.Module):
 
         return self.encoder.adapt_batchnorm(batches())
 
-    def trainable_parameters(self):
-        return [p for p in self.parameters() if p.requires_grad]
+    def preparation_phase(self, encoder_weights: str) -> Optional[str]:
+        """"encoder_norm" when the encoder's BatchNorm statistics are re-estimated before training
+        (``SPMambaConfig.encoder_norm``: "auto" adapts random encoders and keeps pretrained ones)."""
+        setting = self.config.encoder_norm
+        random = encoder_weights in (None, "", "none", "random")
+        return "encoder_norm" if (setting == "adapt" or (setting == "auto" and random)) else None
+
+    def prepare(self, data: torch.Tensor, progress: Optional[Callable[[int, int], None]] = None,
+                should_stop: Optional[Callable[[], bool]] = None) -> str:
+        """The encoder norm adaptation on training slices (n, 1, S, S), 64 a batch; returns what was done."""
+        n = int(data.shape[0])
+        if progress is not None:
+            progress(0, -(-n // 64))
+        with torch.no_grad():
+            seen = self.adapt_encoder_norm(data, batch_size=64, progress=progress, should_stop=should_stop)
+        return f"adapted on {seen} training slices" + (f" (of {n}; time limit)" if seen < n else "")
+
+    def training_loss(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.loss(self(batch))
+
+    def score_slices(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, 1, S, S) -> (anomaly maps (n, S, S), image scores (n,))."""
+        maps = self.anomaly_map(self(batch))
+        return maps, self.image_score(maps)
 
     def forward(self, x: torch.Tensor) -> SPMambaOutput:
         if x.dim() != 4 or x.shape[1] != 1:

@@ -1,0 +1,153 @@
+"""The method seam: what every anomaly-detection method implements so that the Detector, the training loop, the
+CLI, the MONAI Label app and the Slicer module can use it without knowing which method it is.
+
+A method is an ``nn.Module`` subclass of :class:`SliceModel` (2-D: scores slices of the volume, like SP-Mamba) or
+:class:`VolumeModel` (3-D: scores the whole volume at once, like the voxel-wise baseline or Spatial-MSMA), registered
+by name in :mod:`spmamba.methods.registry`. The Detector owns everything that is the same for every method
+(reading, canonical RAS grid, intensity scaling, foreground, optional alignment, 3-D smoothing, position-aware
+normalisation, calibration, versions, saving); the method owns its network/statistics, its loss and its scores.
+
+Each method's configuration is split in two: an architecture config (a frozen dataclass with ``name``, ``to_dict``;
+what the model *is*, stored in the model file) and, for methods trained by gradient descent, a
+:class:`TrainingSettings` (how it is optimised) reachable as ``config.training``. Presets (``PRESETS``) are per
+method.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..volume import slices_to_batch
+
+__all__ = ["TrainingSettings", "AnomalyModel", "SliceModel", "VolumeModel", "PreparedVolume", "SLICE", "VOLUME"]
+
+SLICE = "slice"
+VOLUME = "volume"
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """Optimisation of gradient-trained methods (the shared loop in ``spmamba.train``): AdamW with
+    lr = base_lr * batch_size / 16, betas 0.9/0.999, ``weight_decay``, lr x0.1 at 80% of ``epochs``, gradient
+    norm clipped at ``grad_clip``."""
+
+    batch_size: int = 16
+    base_lr: float = 0.005
+    weight_decay: float = 1e-4
+    grad_clip: float = 5.0
+    epochs: int = 1000
+
+    @property
+    def lr(self) -> float:
+        return self.base_lr * self.batch_size / 16
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+
+class PreparedVolume(NamedTuple):
+    """One volume after the Detector's preprocessing (``detector.prepare_slices``), slice axis first, RAS order."""
+
+    norm: np.ndarray  # (n, h, w) float32 scaled intensities (normal tissue in [0, 1])
+    fg: np.ndarray  # (n, h, w) bool foreground
+    keep: list  # indices of the slices with enough foreground
+    spacing: np.ndarray  # (3,) mm along (slice, row, column)
+
+
+class AnomalyModel(nn.Module):
+    """What the Detector and the training loop need from a method. Subclass SliceModel or VolumeModel.
+
+    Class attributes: ``method`` (registry name, written into model files), ``kind`` (SLICE or VOLUME),
+    ``PRESETS`` (preset name -> architecture config), ``default_preset``, ``preprocessing_defaults`` (settings of
+    ``detector.Preprocessing`` that differ for this method, e.g. no 3-D smoothing)."""
+
+    method: ClassVar[str] = ""
+    kind: ClassVar[str] = ""
+    PRESETS: ClassVar[Mapping[str, Any]] = {}
+    default_preset: ClassVar[str] = ""
+    preprocessing_defaults: ClassVar[Mapping[str, Any]] = {}
+
+    config: Any
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def get_config(cls, spec: Any, **overrides: Any) -> Any:
+        """A preset name, a config or a dict of settings (as stored in a model file), then overrides -> a validated
+        architecture config (with ``.training`` for gradient-trained methods)."""
+        raise NotImplementedError
+
+    @classmethod
+    def build(cls, config: Any, encoder_weights: str = "none") -> "AnomalyModel":
+        """A new, untrained model. ``encoder_weights`` concerns methods with a pretrained part; others ignore it."""
+        return cls(config)
+
+    # ------------------------------------------------------------ training
+    @property
+    def training_settings(self) -> Optional[TrainingSettings]:
+        """None for methods fitted in one pass (``fit``) instead of by gradient descent."""
+        return getattr(self.config, "training", None)
+
+    def trainable_parameters(self) -> list:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def preparation_phase(self, encoder_weights: str) -> Optional[str]:
+        """Name of a preparation run on the training data before the first step of a new model (its progress
+        phase and the ``meta`` key of its note), or None."""
+        return None
+
+    def prepare(self, data: Any, progress: Optional[Callable[[int, int], None]] = None,
+                should_stop: Optional[Callable[[], bool]] = None) -> str:
+        """Run the preparation on ``training_data``'s result (possibly shuffled); returns a note for ``meta``."""
+        return ""
+
+    def training_data(self, volumes: Sequence[PreparedVolume]) -> Any:
+        """Training samples from the preprocessed normal volumes: a tensor indexed on its first axis for
+        gradient-trained methods, anything ``fit`` accepts otherwise."""
+        raise NotImplementedError
+
+    def training_loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """Scalar loss of a batch of training samples (gradient-trained methods)."""
+        raise NotImplementedError
+
+    def fit(self, data: Any, progress: Optional[Callable[[int, int], None]] = None) -> None:
+        """One-pass fitting on ``training_data``'s result (methods without ``training_settings``)."""
+        raise NotImplementedError
+
+
+class SliceModel(AnomalyModel):
+    """A 2-D method: scores square slices of side ``config.image_size``."""
+
+    kind: ClassVar[str] = SLICE
+
+    @property
+    def image_size(self) -> int:
+        return int(self.config.image_size)
+
+    def score_slices(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, 1, S, S) scaled intensities -> (anomaly maps (n, S, S), slice scores (n,)), on the model's device."""
+        raise NotImplementedError
+
+    def training_data(self, volumes: Sequence[PreparedVolume]) -> torch.Tensor:
+        """All foreground slices as one (n, 1, S, S) tensor."""
+        return torch.cat([slices_to_batch(v.norm[v.keep], self.image_size)[0] for v in volumes])
+
+
+class VolumeModel(AnomalyModel):
+    """A 3-D method: scores a whole volume at once."""
+
+    kind: ClassVar[str] = VOLUME
+
+    def score_volume(self, volume: PreparedVolume) -> tuple[np.ndarray, float]:
+        """-> (heatmap (n, h, w) float32 on the volume's grid, 0 where there is nothing to score; volume score)."""
+        raise NotImplementedError
+
+    def training_data(self, volumes: Sequence[PreparedVolume]) -> list:
+        return list(volumes)

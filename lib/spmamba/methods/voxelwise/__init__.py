@@ -1,0 +1,106 @@
+"""The voxel-wise statistical baseline as a method ("voxelwise"): per-voxel mean and standard deviation of the
+intensity-normalised normal volumes (all on one grid, e.g. registered to a template or aligned with
+``--align affine``); heatmap = |z| smoothed with a Gaussian of ``smooth_sigma`` voxels, 0 outside the foreground;
+volume score = mean of the ``top_k`` highest voxels. Fitted in one pass (no gradient training)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ...baselines import VoxelwiseStats, topk_mean, zscore_heatmap
+from ..base import PreparedVolume, VolumeModel
+
+__all__ = ["VoxelwiseConfig", "VoxelwiseModel"]
+
+
+@dataclass(frozen=True)
+class VoxelwiseConfig:
+    name: str = "default"
+    smooth_sigma: float = 1.0  # voxels
+    top_k: int = 50
+    std_floor: float = 0.5  # see VoxelwiseStats.fit
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self) -> None:
+        if self.smooth_sigma < 0 or self.top_k < 1 or self.std_floor < 0:
+            raise ValueError("voxelwise: smooth_sigma and std_floor must be >= 0 and top_k >= 1")
+
+
+class VoxelwiseModel(VolumeModel):
+    """Buffers ``mean`` and ``std``: (n, h, w) float32 on the canonical slice-first grid of the normals; ``n``."""
+
+    method: ClassVar[str] = "voxelwise"
+    PRESETS: ClassVar[Mapping[str, VoxelwiseConfig]] = {"default": VoxelwiseConfig()}
+    default_preset: ClassVar[str] = "default"
+    # every slice counts, and the method smooths its own maps (in voxels)
+    preprocessing_defaults: ClassVar[Mapping[str, Any]] = {"min_foreground": 0.0, "heatmap_sigma_mm": 0.0}
+
+    @classmethod
+    def get_config(cls, spec: Any, **overrides: Any) -> VoxelwiseConfig:
+        if isinstance(spec, VoxelwiseConfig):
+            cfg = spec
+        elif isinstance(spec, dict):
+            known = {f.name for f in fields(VoxelwiseConfig)}
+            if set(spec) - known:
+                raise ValueError(f"unknown voxelwise settings {sorted(set(spec) - known)}")
+            cfg = VoxelwiseConfig(**spec)
+        elif spec in cls.PRESETS:
+            cfg = cls.PRESETS[spec]
+        else:
+            raise ValueError(f"unknown preset {spec!r} for method voxelwise; choose one of {sorted(cls.PRESETS)}")
+        cfg = replace(cfg, **overrides) if overrides else cfg
+        cfg.validate()
+        return cfg
+
+    def __init__(self, config: Any = "default"):
+        super().__init__()
+        self.config = self.get_config(config)
+        self.register_buffer("mean", torch.zeros(0))
+        self.register_buffer("std", torch.ones(0))
+        self.register_buffer("n", torch.zeros((), dtype=torch.int64))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """The grid is only known from the file: the buffers take the stored shapes."""
+        missing = {"mean", "std", "n"} - set(state_dict)
+        extra = set(state_dict) - {"mean", "std", "n"}
+        if (missing or extra) and strict:
+            raise RuntimeError(f"voxelwise state: missing {sorted(missing)}, unexpected {sorted(extra)}")
+        for k in ("mean", "std", "n"):
+            if k in state_dict:
+                setattr(self, k, state_dict[k].detach().clone().to(getattr(self, k).device))
+        return None
+
+    def training_data(self, volumes: Sequence[PreparedVolume]) -> list:
+        return list(volumes)
+
+    def fit(self, data: Sequence[PreparedVolume], progress: Optional[Callable[[int, int], None]] = None) -> None:
+        def arrays():
+            for i, v in enumerate(data):
+                yield v.norm
+                if progress is not None:
+                    progress(i + 1, len(data))
+
+        stats = VoxelwiseStats.fit(arrays(), self.config.std_floor)
+        self.mean = torch.from_numpy(stats.mean)
+        self.std = torch.from_numpy(stats.std)
+        self.n = torch.tensor(stats.n, dtype=torch.int64)
+
+    def _stats(self) -> VoxelwiseStats:
+        if self.mean.numel() == 0:
+            raise RuntimeError("the voxelwise model is not fitted yet")
+        return VoxelwiseStats(self.mean.cpu().numpy(), self.std.cpu().numpy(), int(self.n))
+
+    def score_volume(self, volume: PreparedVolume) -> tuple[np.ndarray, float]:
+        stats = self._stats()
+        if volume.norm.shape != stats.mean.shape:
+            raise ValueError(
+                f"the voxelwise model compares voxels by position and needs volumes on its grid {stats.mean.shape} "
+                f"(slice axis first, RAS order); this volume gives {volume.norm.shape}. Register the volume to the "
+                "template (or train with --align affine).")
+        heat = zscore_heatmap(volume.norm, volume.fg, stats, self.config.smooth_sigma)
+        return heat, topk_mean(heat, self.config.top_k)
