@@ -94,13 +94,17 @@ class SPMambaApp(MONAILabelApp):
         )
 
     def init_infers(self) -> Dict[str, InferTask]:
+        """One heatmap task and one segmentation task named after the app's method (``--conf method``): spmamba and
+        spmamba_seg by default, e.g. voxelwise and voxelwise_seg with ``--conf method voxelwise``."""
+        method = self.settings.method
         return {
-            "spmamba": AnomalyInfer(self.detection),
-            "spmamba_seg": AnomalySegmentationInfer(self.detection),
+            method: AnomalyInfer(self.detection),
+            f"{method}_seg": AnomalySegmentationInfer(self.detection),
         }
 
     def init_trainers(self) -> Dict[str, TrainTask]:
-        return {"spmamba": AnomalyTrain(self.settings)}
+        """The training task, named after the app's method like the infer task."""
+        return {self.settings.method: AnomalyTrain(self.settings)}
 
     def init_strategies(self) -> Dict[str, Strategy]:
         return {
@@ -257,10 +261,10 @@ class SPMambaApp(MONAILabelApp):
             logger.exception("Could not install the validating routes; using MONAI Label's stock ones")
         super().on_init_complete()
         if self.settings.auto_train and not self.model_store.available():
-            trainer = self._trainers.get("spmamba")
+            trainer = self._trainers.get(self.settings.method)
             try:
                 trainer.precheck({}, self._datastore)
                 logger.info("No model yet: starting a training on the curated normal studies (auto_train)")
-                self.async_training("spmamba")
+                self.async_training(self.settings.method)
             except Exception as e:  # noqa: BLE001
                 logger.warning(f"auto_train: not started ({getattr(e, 'detail', e)})")

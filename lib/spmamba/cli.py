@@ -250,12 +250,15 @@ def _training_files(folder: str) -> list[Path]:
     return images
 
 
-def train_model(normal_dir: str, out: str, *, config: str = "fast", epochs: int | None = None, device: str = "auto",
+def train_model(normal_dir: str, out: str, *, config: str | None = None, method: str | None = None, epochs: int | None = None, device: str = "auto",
                 resume: str | None = None, encoder_weights: str = "none", val_fraction: float = 0.2, seed: int = 0,
                 max_steps: int | None = None, time_limit_min: float | None = None, quiet: bool = False,
                 position_normalise: bool | None = None, origin: str = "spmamba train", align: str | None = None,
                 align_reference: str = "normals") -> dict:
     """What ``spmamba train`` does (also used by ``spmamba demo``); returns a summary dict.
+
+    ``method``: a method of the registry (default spmamba, or the resumed model's); ``config``: one of its presets
+    (default: the method's default preset).
 
     ``time_limit_min`` bounds the whole training in wall time, from reading the volumes to the calibrated model
     (``train_detector(time_limit=...)``); ``origin`` is recorded in the model (``meta.training.origin``)."""
@@ -266,8 +269,10 @@ def train_model(normal_dir: str, out: str, *, config: str = "fast", epochs: int 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if resume and not Path(resume).is_file():
         raise CLIError(f"{resume}: --resume checkpoint not found")
+    method, config = _method_and_preset(method, config, resume)
     if not quiet:
-        _eprint(f"[train] {len(files)} normal volumes from {normal_dir}, preset {config!r}"
+        _eprint(f"[train] {len(files)} normal volumes from {normal_dir}, "
+                + (f"method {method}, " if method != "spmamba" else "") + f"preset {config!r}"
                 + (f", {epochs} epochs" if epochs else "")
                 + (f", at most {time_limit_min:g} min of wall time" if time_limit_min else "")
                 + f", device {device}; Ctrl-C stops early and still saves")
@@ -280,7 +285,7 @@ def train_model(normal_dir: str, out: str, *, config: str = "fast", epochs: int 
     partial = out_path.with_name(out_path.name + ".partial")
     with _StopFlag() as stop:
         try:
-            detector = train_detector(files, config=config, epochs=epochs, device=device, val_fraction=val_fraction,
+            detector = train_detector(files, method=method, config=config, epochs=epochs, device=device, val_fraction=val_fraction,
                                       seed=seed, encoder_weights=encoder_weights, progress=progress,
                                       should_stop=stop, resume=resume, checkpoint_path=str(partial),
                                       position_normalise=position_normalise, origin=origin,
@@ -309,6 +314,23 @@ def train_model(normal_dir: str, out: str, *, config: str = "fast", epochs: int 
     return summary
 
 
+def _method_and_preset(method: str | None, config: str | None, resume: str | None) -> tuple[str | None, str | None]:
+    """Check ``--method`` and ``--config`` against the registry (``spmamba.methods``): a known method, one of its
+    presets; defaults: spmamba (or the resumed model's method) and that method's default preset."""
+    from spmamba.methods import DEFAULT_METHOD, get_method, method_names
+
+    if resume:  # the resumed model decides; its preset is kept
+        return method, config
+    name = method or DEFAULT_METHOD
+    if name not in method_names():
+        raise CLIError(f"--method {name}: unknown method; choose one of {', '.join(method_names())}")
+    cls = get_method(name)
+    preset = config or cls.default_preset
+    if preset not in cls.PRESETS:
+        raise CLIError(f"--config {preset}: not a preset of method {name}; choose one of {', '.join(cls.PRESETS)}")
+    return name, preset
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     if args.epochs is not None and args.epochs < 1:
         raise CLIError(f"--epochs {args.epochs}: must be >= 1")
@@ -323,10 +345,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CLIError(f"--align-reference {ref}: not 'normals', 'mni152' or an existing volume file")
     if ref != "normals" and args.align in (None, "none"):
         raise CLIError("--align-reference needs --align affine")
-    s = train_model(args.normal, args.out, config=args.config, epochs=args.epochs, device=args.device,
-                    resume=args.resume, encoder_weights=args.encoder_weights, val_fraction=args.val_fraction,
-                    seed=args.seed, max_steps=args.max_steps, time_limit_min=args.time_limit, quiet=args.quiet,
-                    position_normalise=args.position_normalise, align=args.align, align_reference=ref)
+    s = train_model(args.normal, args.out, config=args.config, method=args.method, epochs=args.epochs,
+                    device=args.device, resume=args.resume, encoder_weights=args.encoder_weights,
+                    val_fraction=args.val_fraction, seed=args.seed, max_steps=args.max_steps,
+                    time_limit_min=args.time_limit, quiet=args.quiet, position_normalise=args.position_normalise, align=args.align, align_reference=ref)
     note = " (stopped early by Ctrl-C; calibrated)" if s["stopped_early"] else ""
     note += " (time limit reached; calibrated)" if s["timed_out"] else ""
     print(f"saved {s['model']} (version {s['version']}) trained on {s['n_volumes']} volumes in "
@@ -590,6 +612,8 @@ def describe_model(path: str | os.PathLike) -> str:
     meta = m.get("meta") or {}
     tr = meta.get("training") or {}
     parts = [f"version {m.get('version') or '?'}", f"preset {cfg.get('name', '?')}"]
+    if m.get("method", "spmamba") != "spmamba":
+        parts.insert(1, f"method {m['method']}")
     steps, per_epoch, total_epochs = tr.get("steps"), tr.get("steps_per_epoch"), tr.get("total_epochs")
     if isinstance(steps, int):
         text = f"{steps} optimisation step{'' if steps == 1 else 's'}" + (
@@ -943,7 +967,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "pixel and volume thresholds. Ctrl-C stops early and still saves a valid, calibrated model.")
     t.add_argument("--normal", required=True, metavar="DIR", help="folder of normal .nii/.nii.gz/.nrrd volumes")
     t.add_argument("--out", required=True, metavar="MODEL.pt", help="checkpoint file to write")
-    t.add_argument("--config", default="fast", metavar="NAME", help="preset: paper, fast (default) or tiny")
+    t.add_argument("--method", default=None, metavar="NAME",
+                   help="anomaly-detection method: spmamba (default), voxelwise (per-voxel statistics of normals on "
+                   "one grid; use --align affine for unregistered volumes) or any registered one")
+    t.add_argument("--config", default=None, metavar="NAME",
+                   help="preset of the method: for spmamba paper, fast (default) or tiny; for voxelwise default")
     t.add_argument("--epochs", type=int, default=None, help="override the preset's number of epochs")
     t.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
     t.add_argument("--resume", default=None, metavar="CKPT", help="continue from a checkpoint")

@@ -373,11 +373,11 @@ def train_detector(
     start_epoch = 0
     history: list[float] = []
     if resume_obj is not None and "training_state" in resume_obj and optimizer is not None:
-        ts = resume_obj["training_state"]
-        optimizer.load_state_dict(ts["optimizer"])
-        scheduler.load_state_dict(ts["scheduler"])
-        start_epoch = int(ts["epoch"])
-        history = list(ts.get("loss_history", []))
+        state = resume_obj["training_state"]
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"])
+        history = list(state.get("loss_history", []))
 
     def summary(epochs_done: int, stopped: bool) -> dict:
         return {

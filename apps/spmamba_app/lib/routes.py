@@ -155,7 +155,7 @@ def install(fastapi_app) -> None:
             _clear_stop_request(s)
             return res
         task_id = next(iter(running))
-        trainer = instance._trainers.get("spmamba")
+        trainer = instance._trainers.get(s.method)
 
         def stats() -> dict:
             return (trainer.stats() if hasattr(trainer, "stats") else {}) or {}

@@ -42,8 +42,10 @@ VERSIONS_DIRNAME = "versions"
 INDEX_FILENAME = "index.json"
 LOG_LENGTH = 100
 
-#: presets from weakest to strongest; a training of a lower rank than the served model's asks for ``force``
+#: SP-Mamba's presets from weakest to strongest; a training of a lower rank than the served model's asks for
+#: ``force``. Other methods' presets are not ranked (never compared).
 PRESET_ORDER = ("tiny", "fast", "paper")
+RANKED_METHOD = "spmamba"
 _SAFE_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _THREAD_LOCK = threading.Lock()
 
@@ -57,17 +59,19 @@ class UnknownVersion(KeyError):
     """No kept version with that id (the route answers 404)."""
 
 
-def preset_rank(name: Any) -> Optional[int]:
-    """0 tiny, 1 fast, 2 paper; None for a custom configuration (never compared)."""
-    return PRESET_ORDER.index(name) if name in PRESET_ORDER else None
+def preset_rank(name: Any, method: str = RANKED_METHOD) -> Optional[int]:
+    """SP-Mamba: 0 tiny, 1 fast, 2 paper; None for a custom configuration or another method (never compared)."""
+    return PRESET_ORDER.index(name) if method == RANKED_METHOD and name in PRESET_ORDER else None
 
 
-def weaker_preset_message(new: Any, served: Optional[Dict[str, Any]]) -> Optional[str]:
-    """A warning when a training with preset ``new`` would replace a served model of a stronger preset."""
-    if not served:
+def weaker_preset_message(new: Any, served: Optional[Dict[str, Any]],
+                          method: str = RANKED_METHOD) -> Optional[str]:
+    """A warning when a training of ``method`` with preset ``new`` would replace a served model of the same method
+    and a stronger preset."""
+    if not served or served.get("method", RANKED_METHOD) != method:
         return None
     old = served.get("preset")
-    r_new, r_old = preset_rank(new), preset_rank(old)
+    r_new, r_old = preset_rank(new, method), preset_rank(old, method)
     if r_new is None or r_old is None or r_new >= r_old:
         return None
     return (
@@ -96,6 +100,7 @@ def describe_meta(meta: Dict[str, Any]) -> Dict[str, Any]:
     calibration = meta.get("calibration") or {}
     return {
         "version": meta.get("version"),
+        "method": meta.get("method", "spmamba"),  # files written before methods had names are SP-Mamba's
         "preset": config.get("name") if isinstance(config, dict) else None,
         "created": info.get("created"),
         "library_version": info.get("library_version"),

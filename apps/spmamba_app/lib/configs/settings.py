@@ -62,7 +62,8 @@ class AppSettings:
     """Typed view of the app's ``--conf`` options (see docs/APP.md for the table)."""
 
     app_dir: str
-    preset: str = "fast"
+    method: str = "spmamba"  # the anomaly-detection method the app trains and serves (spmamba.methods)
+    preset: str = "fast"  # one of the method's presets; default: the method's default preset
     device: str = "auto"
     slice_axis: Optional[int] = None  # None = the model's own axis
     encoder_weights: str = "none"
@@ -114,13 +115,33 @@ def conf_keys() -> set:
     return own | set(MONAILABEL_KEYS)
 
 
-def library_presets() -> List[str]:
-    """The training presets ``spmamba`` offers (``spmamba.models.config.PRESETS``); empty if it cannot say."""
+def library_methods() -> List[str]:
+    """The methods ``spmamba`` knows (``spmamba.methods.method_names``); empty if it cannot say."""
     try:
-        from spmamba.models.config import PRESETS
+        from spmamba.methods import method_names
     except Exception:  # noqa: BLE001 - no library: training fails later with its own message
         return []
-    return sorted(PRESETS)
+    return method_names()
+
+
+def library_presets(method: str = "spmamba") -> List[str]:
+    """The training presets ``spmamba`` offers for ``method`` (its ``PRESETS``); empty if it cannot say."""
+    try:
+        from spmamba.methods import get_method
+
+        return sorted(get_method(method).PRESETS)
+    except Exception:  # noqa: BLE001 - no library (or no such method): refused elsewhere with its own message
+        return []
+
+
+def default_preset(method: str) -> str:
+    """The method's default preset ("fast" for SP-Mamba, or when the library cannot say)."""
+    try:
+        from spmamba.methods import get_method
+
+        return get_method(method).default_preset
+    except Exception:  # noqa: BLE001
+        return "fast"
 
 
 def parse_conf(app_dir: str, studies: str, conf: Optional[Dict[str, Any]]) -> AppSettings:
@@ -135,10 +156,15 @@ def parse_conf(app_dir: str, studies: str, conf: Optional[Dict[str, Any]]) -> Ap
         hint = f" (did you mean {close[0]}?)" if close else ""
         own = sorted(known - set(MONAILABEL_KEYS))
         raise ConfError(f"--conf {key}: unknown setting{hint}; valid keys: {', '.join(own)}")
-    preset = str(conf.get("preset", "fast")).strip() or "fast"
-    presets = library_presets()
+    method = str(conf.get("method", "spmamba")).strip() or "spmamba"
+    methods = library_methods()
+    if methods and method not in methods:
+        raise ConfError(f"--conf method {method!r}: unknown method; choose one of {', '.join(methods)}")
+    preset = str(conf.get("preset", "")).strip() or default_preset(method)
+    presets = library_presets(method)
     if presets and preset not in presets:
-        raise ConfError(f"--conf preset {preset!r}: unknown preset; choose one of {', '.join(presets)}")
+        raise ConfError(f"--conf preset {preset!r}: unknown preset of method {method}; choose one of "
+                        f"{', '.join(presets)}")
     device = str(conf.get("device", "auto")).strip().lower() or "auto"
     if not (device in ("auto", "cpu") or device.startswith("cuda")):
         raise ConfError(f"--conf device {device!r}: expected auto, cpu or cuda[:N]")
@@ -177,6 +203,7 @@ def parse_conf(app_dir: str, studies: str, conf: Optional[Dict[str, Any]]) -> Ap
 
     return AppSettings(
         app_dir=app_dir,
+        method=method,
         preset=preset,
         device=device,
         slice_axis=slice_axis,

@@ -1,4 +1,6 @@
-"""Inference tasks: ``spmamba`` (float32 heatmap + scores JSON) and ``spmamba_seg`` (thresholded regions as a label).
+"""Inference tasks: ``spmamba`` (float32 heatmap + scores JSON) and ``spmamba_seg`` (thresholded regions as a label);
+with ``--conf method NAME`` they are named ``NAME`` and ``NAME_seg`` and serve that method's model (the JSON's
+``method`` says which).
 
 Both call ``spmamba`` only: read with ``spmamba.volume.load_volume`` (which refuses bad input with a message naming
 the problem), detect with the served ``Detector``, find regions with ``spmamba.scoring.find_regions`` and write the
@@ -125,6 +127,7 @@ class Detection:
         zooms = np.sqrt((np.asarray(volume.affine)[:3, :3] ** 2).sum(axis=0))
         out = {
             "model_version": detector.version,
+            "method": getattr(detector, "method_name", "spmamba"),
             "preset": getattr(cfg, "name", None),
             "score": float(result.score),
             "threshold": float(result.threshold),

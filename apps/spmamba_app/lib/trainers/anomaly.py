@@ -97,9 +97,10 @@ class AnomalyTrain(TrainTask):
     # ------------------------------------------------------------------ checks
     def _params(self, request: Dict[str, Any]) -> Dict[str, Any]:
         preset = str(request.get("preset") or self.settings.preset)
-        presets = library_presets()
+        presets = library_presets(self.settings.method)
         if presets and preset not in presets:
-            raise bad_request(f"unknown preset {preset!r}: choose one of {', '.join(presets)}")
+            raise bad_request(f"unknown preset {preset!r} of method {self.settings.method}: choose one of "
+                              f"{', '.join(presets)}")
         epochs = request.get("max_epochs", request.get("epochs")) or self.settings.epochs
         if epochs is not None:
             try:
@@ -120,7 +121,7 @@ class AnomalyTrain(TrainTask):
     def preset_warning(self, request: Dict[str, Any]) -> Optional[str]:
         """A warning when this request's preset is weaker (tiny < fast < paper) than the served model's."""
         served = read_model_info(served_path(self.settings.published_model, self.settings.model))
-        return weaker_preset_message(self._params(request)["preset"], served)
+        return weaker_preset_message(self._params(request)["preset"], served, self.settings.method)
 
     def training_images(self, datastore) -> List[str]:
         ids = datastore.training_studies(self.settings.unflagged_normal)
@@ -204,11 +205,14 @@ class AnomalyTrain(TrainTask):
         extra: Dict[str, Any] = {}
         if s.slice_axis is not None:
             from spmamba.detector import Preprocessing
+            from spmamba.methods import get_method
 
-            extra["preprocessing"] = Preprocessing(slice_axis=s.slice_axis)
+            extra["preprocessing"] = Preprocessing(**{**get_method(s.method).preprocessing_defaults,
+                                                      "slice_axis": s.slice_axis})
         try:
             detector = train_detector(
                 images,
+                method=s.method,
                 config=params["preset"],
                 epochs=params["epochs"],
                 device=s.device,
