@@ -2,6 +2,8 @@
 
 SP-Mamba (fast preset, offline: random frozen encoder unless --encoder-weights FILE) against a voxel-wise statistical
 baseline, an RD4AD-style CNN decoder with the same encoder, SP-Mamba ablations and position-aware normalisation.
+Every row is a method of the registry (spmamba.methods; ``VARIANTS``) driven through the same calls: train_detector
+(held-out split, fit, calibration), Detector.detect, then the metrics.
 Each method runs in its own process (so peak memory is its own) under one training-time budget, and writes
 benchmarks/results/accuracy_<method>.json; ``--table`` prints the markdown table of all results found.
 
@@ -29,13 +31,17 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 METHODS = ["spmamba", "voxelwise", "rd4ad_cnn", "spmamba_no_proto", "spmamba_hilbert"]
-OVERRIDES = {
-    "spmamba": {},
-    "spmamba_no_proto": {"use_prototypes": False},
-    "spmamba_hilbert": {"scan": "hilbert"},
-    "rd4ad_cnn": {"decoder": "cnn", "use_prototypes": False},
-    "spmamba_imagenet": {},
+#: benchmark row -> (method of the registry, overrides of its default preset); every row is trained, calibrated and
+#: run through the same calls (spmamba.train.train_detector, Detector.detect)
+VARIANTS = {
+    "spmamba": ("spmamba", {}),
+    "voxelwise": ("voxelwise", {}),
+    "spmamba_no_proto": ("spmamba", {"use_prototypes": False}),
+    "spmamba_hilbert": ("spmamba", {"scan": "hilbert"}),
+    "rd4ad_cnn": ("spmamba", {"decoder": "cnn", "use_prototypes": False}),
+    "spmamba_imagenet": ("spmamba", {}),
 }
+NOTES = {"voxelwise": "per-voxel mean/std of 16 intensity-normalised normals, |z| smoothed sigma 1 voxel, top-50 mean"}
 SPACING = 2.0
 
 
@@ -52,20 +58,8 @@ def _dataset(data: Path):
     return train, test
 
 
-def _split(n: int, seed: int = 0, val_fraction: float = 0.2):
-    """The same held-out split as spmamba.train.train_detector."""
-    order = np.random.default_rng(seed).permutation(n)
-    n_val = max(1, int(round(val_fraction * n)))
-    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
-
-
-def _fg(array):
-    from spmamba.volume import normalise_intensity
-    return normalise_intensity(array)[1]
-
-
 def evaluate(cases, pixel_threshold: float) -> dict:
-    """cases: list of dicts with heatmap, score, mask, label, fg."""
+    """cases: list of dicts with heatmap, score, mask, label, fg (the detector's foreground)."""
     from spmamba.metrics import LesionMetricAccumulator, PixelMetricAccumulator, image_metrics
 
     pix = PixelMetricAccumulator()
@@ -78,45 +72,29 @@ def evaluate(cases, pixel_threshold: float) -> dict:
             "scores": {c["id"]: [c["label"], c["score"]] for c in cases}}
 
 
-def _threshold(heatmaps_and_fg, fpr=0.001):
-    from spmamba.scoring import calibrate_threshold
-    return calibrate_threshold(np.concatenate([h[f] for h, f in heatmaps_and_fg]), fpr)
-
-
-def run_voxelwise(data: Path, args) -> list[dict]:
-    from spmamba.baselines import VoxelwiseBaseline
-
-    train, test = _dataset(data)
-    tr, va = _split(len(train))
-    t0 = time.perf_counter()
-    base = VoxelwiseBaseline().fit(_load(train[i]).array for i in tr)
-    cal = []
-    for i in va:
-        a = _load(train[i]).array
-        cal.append((base.heatmap(a), _fg(a)))
-    thr = _threshold(cal)
-    train_s = time.perf_counter() - t0
+def _detect_all(det, test) -> tuple[list[dict], list[float]]:
     cases, det_s = [], []
     for sid, img, msk, lab, fam in test:
-        a = _load(img).array
-        t = time.perf_counter()
-        h, s = base.detect(a)
-        det_s.append(time.perf_counter() - t)
-        cases.append({"id": sid, "heatmap": h, "score": s, "mask": _load(msk).array, "label": lab, "fg": _fg(a)})
-    return [{"method": "voxelwise", "train_s": train_s, "detect_s_per_volume": float(np.mean(det_s)),
-             "pixel_threshold": thr, **evaluate(cases, thr),
-             "notes": "per-voxel mean/std of 16 intensity-normalised normals, |z| smoothed sigma 1 voxel, top-50 mean"}]
+        v = _load(img)
+        r = det.detect(v.array, v.affine)
+        det_s.append(r.timings["total_s"])
+        cases.append({"id": sid, "heatmap": r.heatmap, "score": r.score, "mask": _load(msk).array, "label": lab,
+                      "fg": r.foreground})
+    return cases, det_s
 
 
-def run_spmamba(method: str, data: Path, args) -> list[dict]:
-    from spmamba.baselines import VoxelwiseStats, position_normalise, topk_mean
-    from spmamba.models import get_config
+def run_method(name: str, data: Path, args) -> list[dict]:
+    """Any method of the registry: train_detector (split, build, fit, calibrate) -> Detector.detect -> metrics."""
+    from spmamba.detector import Detector
+    from spmamba.methods import get_method
     from spmamba.scoring import aggregate_slice_scores
-    from spmamba.train import train_detector
+    from spmamba.train import calibrate, split_normals, train_detector
 
+    method, overrides = VARIANTS[name]
+    cls = get_method(method)
     train, test = _dataset(data)
-    cfg = get_config("fast", **OVERRIDES[method])
-    weights = args.encoder_weights if method == "spmamba_imagenet" else "none"
+    cfg = cls.get_config(cls.default_preset, **overrides)
+    weights = args.encoder_weights if name == "spmamba_imagenet" else "none"
     budget = float(args.train_seconds)
     t_loop = {}
 
@@ -126,43 +104,34 @@ def run_spmamba(method: str, data: Path, args) -> list[dict]:
         if d.get("phase") == "calibrate" and "end" not in t_loop:
             t_loop["end"] = time.perf_counter()
         if d.get("phase") == "epoch":
-            print(f"[{method}] epoch {d['epoch']} loss {d['loss']:.4f}", flush=True)
+            print(f"[{name}] epoch {d['epoch']} loss {d['loss']:.4f}", flush=True)
 
     def stop():
         return "start" in t_loop and time.perf_counter() - t_loop["start"] > budget
 
     t0 = time.perf_counter()
+    _, val_idx = split_normals(len(train))
     if args.model:  # a model trained beforehand (e.g. `spmamba train --time-limit 17`): evaluate it as it is,
-        from spmamba.detector import Detector  # recalibrated on the same held-out split with today's pipeline
-        from spmamba.train import calibrate
-
-        det = Detector.load(args.model, device="cpu")
-        _, va = _split(len(train))
-        det.calibration = calibrate(det, [_load(train[i]) for i in va])
+        det = Detector.load(args.model, device="cpu")  # recalibrated on the same held-out split with today's pipeline
+        det.calibration = calibrate(det, [_load(train[i]) for i in val_idx])
         train_s = float(det.meta["training"]["train_seconds"])
         t_loop.update(start=0.0, end=train_s)
     else:
-        det = train_detector([str(p) for p in train], config=cfg, epochs=args.epochs, device="cpu", seed=0,
-                             encoder_weights=weights, progress=progress, should_stop=stop)
+        det = train_detector([str(p) for p in train], method=method, config=cfg, epochs=args.epochs, device="cpu",
+                             seed=0, encoder_weights=weights, progress=progress, should_stop=stop)
         train_s = time.perf_counter() - t0
     info = det.meta["training"]
-    print(f"[{method}] trained {train_s:.0f}s epochs {info['epochs']} slices {info['n_slices']}", flush=True)
-    cases, det_s = [], []
-    for sid, img, msk, lab, fam in test:
-        v = _load(img)
-        r = det.detect(v.array, v.affine)
-        det_s.append(r.timings["total_s"])
-        cases.append({"id": sid, "heatmap": r.heatmap, "score": r.score, "mask": _load(msk).array, "label": lab,
-                      "fg": _fg(v.array)})
+    print(f"[{name}] trained {train_s:.0f}s epochs {info['epochs']} samples {info['n_slices']}", flush=True)
+    cases, det_s = _detect_all(det, test)
     common = {"train_s": train_s, "train_loop_s": t_loop.get("end", t0) - t_loop.get("start", t0),
               "epochs": info["epochs"], "n_train_slices": info["n_slices"], "final_loss": info["final_loss"],
-              "detect_s_per_volume": float(np.mean(det_s)), "config": {k: v for k, v in OVERRIDES[method].items()},
-              "encoder_weights": weights, "model_file": args.model,
+              "detect_s_per_volume": float(np.mean(det_s)), "method_of_registry": method,
+              "config": dict(overrides), "encoder_weights": weights, "model_file": args.model,
               "encoder_norm": det.meta["training"].get("encoder_norm"),
               "heatmap_sigma_mm": det.preprocessing.heatmap_sigma_mm}
-    out = [{"method": method, "pixel_threshold": det.calibration.pixel_threshold, **common,
-            **evaluate(cases, det.calibration.pixel_threshold)}]
-    if method != "spmamba":
+    out = [{"method": name, "pixel_threshold": det.calibration.pixel_threshold, **common,
+            **evaluate(cases, det.calibration.pixel_threshold), **({"notes": NOTES[name]} if name in NOTES else {})}]
+    if name != "spmamba":
         return out
     # ablation without contrast/concentration terms: same maps, slice score = max(A) (on the volume grid)
     nt = []
@@ -172,24 +141,16 @@ def run_spmamba(method: str, data: Path, args) -> list[dict]:
         nt.append({**c, "score": aggregate_slice_scores(sl[sl > 0])})
     out.append({"method": "spmamba_no_score_terms", "pixel_threshold": det.calibration.pixel_threshold, **common,
                 **evaluate(nt, det.calibration.pixel_threshold)})
-    # position-aware normalisation: z-score of the heatmap against heatmaps of the training normals
+    # position-aware normalisation (Detector.fit_position_stats, as train_detector(position_normalise=True) does):
+    # heatmaps z-scored against those of the training normals, recalibrated on the held-out ones
     t = time.perf_counter()
-    tr, va = _split(len(train))
-    stats = VoxelwiseStats.fit(det.detect(_load(train[i]).array, _load(train[i]).affine).heatmap for i in tr)
-    cal = []
-    for i in va:
-        v = _load(train[i])
-        fg = _fg(v.array)
-        cal.append((position_normalise(det.detect(v.array, v.affine).heatmap, stats, fg), fg))
-    thr = _threshold(cal)
+    train_idx, _ = split_normals(len(train))
+    det.fit_position_stats([_load(train[i]) for i in train_idx])
+    det.calibration = calibrate(det, [_load(train[i]) for i in val_idx])
     fit_s = time.perf_counter() - t
-    pn = []
-    for c in cases:
-        t = time.perf_counter()
-        z = position_normalise(c["heatmap"], stats, c["fg"])
-        pn.append({**c, "heatmap": z, "score": topk_mean(z, 50)})
-    out.append({"method": "spmamba_posnorm", "pixel_threshold": thr, **common, "posnorm_fit_s": fit_s,
-                "train_s": train_s + fit_s, **evaluate(pn, thr),
+    pn, _ = _detect_all(det, test)
+    out.append({"method": "spmamba_posnorm", "pixel_threshold": det.calibration.pixel_threshold, **common,
+                "posnorm_fit_s": fit_s, "train_s": train_s + fit_s, **evaluate(pn, det.calibration.pixel_threshold),
                 "notes": "heatmap z-scored per voxel against SP-Mamba heatmaps of the 16 training normals; top-50 mean"})
     return out
 
@@ -198,7 +159,7 @@ def run_one(method: str, args) -> None:
     data = Path(args.data)
     load0 = os.getloadavg()
     t0 = time.time()
-    rows = run_voxelwise(data, args) if method == "voxelwise" else run_spmamba(method, data, args)
+    rows = run_method(method, data, args)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     RESULTS.mkdir(parents=True, exist_ok=True)
     for r in rows:

@@ -27,6 +27,7 @@ REPO = HERE.parents[1]
 TOY_ENV = {"SPMAMBA_METHODS": "toy_method:ToyModel", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(HERE), str(REPO / "lib"), os.environ.get("PYTHONPATH", "")])}
 AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
+register_method(ToyModel)  # in this process; subprocesses get it from TOY_ENV
 
 
 def _vol(rng, lesion: bool = False, shape=(20, 24, 8)) -> np.ndarray:
@@ -80,7 +81,6 @@ def test_a_file_of_an_unknown_method_is_refused(normals, tmp_path):
 
 
 def test_toy_method_train_save_load_detect(normals, tmp_path):
-    register_method(ToyModel)
     losses = []
     det = train_detector(normals, method="toy", config="smaller", device="cpu", checkpoint_path=tmp_path / "toy.pt",
                          progress=lambda d: losses.append(d["loss"]) if d["phase"] == "epoch" else None)
