@@ -250,8 +250,9 @@ def _training_files(folder: str) -> list[Path]:
     return images
 
 
-def train_model(normal_dir: str, out: str, *, config: str | None = None, method: str | None = None, epochs: int | None = None, device: str = "auto",
-                resume: str | None = None, encoder_weights: str = "none", val_fraction: float = 0.2, seed: int = 0,
+def train_model(normal_dir: str, out: str, *, config: str | None = None, method: str | None = None,
+                epochs: int | None = None, device: str = "auto", resume: str | None = None,
+                encoder_weights: str = "none", val_fraction: float = 0.2, seed: int = 0,
                 max_steps: int | None = None, time_limit_min: float | None = None, quiet: bool = False,
                 position_normalise: bool | None = None, origin: str = "spmamba train", align: str | None = None,
                 align_reference: str = "normals") -> dict:
@@ -285,8 +286,8 @@ def train_model(normal_dir: str, out: str, *, config: str | None = None, method:
     partial = out_path.with_name(out_path.name + ".partial")
     with _StopFlag() as stop:
         try:
-            detector = train_detector(files, method=method, config=config, epochs=epochs, device=device, val_fraction=val_fraction,
-                                      seed=seed, encoder_weights=encoder_weights, progress=progress,
+            detector = train_detector(files, method=method, config=config, epochs=epochs, device=device,
+                                      val_fraction=val_fraction, seed=seed, encoder_weights=encoder_weights, progress=progress,
                                       should_stop=stop, resume=resume, checkpoint_path=str(partial),
                                       position_normalise=position_normalise, origin=origin,
                                       align=align, align_reference=align_reference,
@@ -348,7 +349,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     s = train_model(args.normal, args.out, config=args.config, method=args.method, epochs=args.epochs,
                     device=args.device, resume=args.resume, encoder_weights=args.encoder_weights,
                     val_fraction=args.val_fraction, seed=args.seed, max_steps=args.max_steps,
-                    time_limit_min=args.time_limit, quiet=args.quiet, position_normalise=args.position_normalise, align=args.align, align_reference=ref)
+                    time_limit_min=args.time_limit, quiet=args.quiet, position_normalise=args.position_normalise,
+                    align=args.align, align_reference=ref)
     note = " (stopped early by Ctrl-C; calibrated)" if s["stopped_early"] else ""
     note += " (time limit reached; calibrated)" if s["timed_out"] else ""
     print(f"saved {s['model']} (version {s['version']}) trained on {s['n_volumes']} volumes in "

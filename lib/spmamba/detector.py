@@ -203,7 +203,8 @@ class Detector:
         try:
             method = get_method(name)
         except UnknownMethod as e:
-            raise CheckpointError(f"{source} holds a model of method {name!r}, which this spmamba does not know ({e})") from e
+            raise CheckpointError(f"{source} holds a model of method {name!r}, which this spmamba does not know "
+                                  f"({e})") from e
         try:
             config = method.get_config(obj["config"])
             model = method.build(config, encoder_weights="none")  # the file holds pretrained parts' weights too

@@ -103,3 +103,26 @@ def load_bytes(data: bytes, suffix: str):
         return load_volume(p)
     finally:
         os.unlink(p)
+
+
+def wait_for_training(client, timeout: float = 300) -> dict:
+    """Poll ``GET /train/`` until the training task ends (DONE, ERROR or STOPPED) or ``timeout`` s pass; its JSON."""
+    import time
+
+    deadline, task = time.time() + timeout, {}
+    while time.time() < deadline:
+        task = client.get("/train/").json()
+        if task.get("status") in ("DONE", "ERROR", "STOPPED"):
+            break
+        time.sleep(1)
+    return task
+
+
+def stop_server(proc) -> None:
+    """Terminate a server subprocess (``spmamba.server.serve(block=False)``), killing it if it lingers."""
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except Exception:  # noqa: BLE001
+        proc.kill()
+        proc.wait(10)

@@ -15,7 +15,7 @@ import httpx
 import nibabel as nib
 import numpy as np
 import pytest
-from app_helpers import APP_DIR, bad_inputs, free_port, parse_infer
+from app_helpers import APP_DIR, bad_inputs, free_port, parse_infer, stop_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 
@@ -41,12 +41,7 @@ def server(tmp_path, tiny_model):
     try:
         yield {"url": f"http://127.0.0.1:{port}", "studies": studies, "model_dir": model_dir, "log": log, "proc": proc}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except Exception:  # noqa: BLE001
-            proc.kill()
-            proc.wait(10)
+        stop_server(proc)
 
 
 def test_real_server_end_to_end(server, tiny_data, tiny_model):

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from app_helpers import APP_DIR
+from app_helpers import APP_DIR, wait_for_training
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -253,12 +253,7 @@ def test_docs_example_tiny_over_fast_is_warned_kept_and_rolled_back(make_app, ti
     r = c.post("/train/spmamba", json={"preset": "tiny", "max_epochs": 1, "force": True})
     assert r.status_code == 200, r.text
     assert "weaker" in r.json()["warning"]
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        task = c.get("/train/").json()
-        if task.get("status") in ("DONE", "ERROR", "STOPPED"):
-            break
-        time.sleep(1)
+    task = wait_for_training(c)
     assert task["status"] == "DONE", list(task.get("details", []))[-10:]
     stats = c.get("/info/").json()["train_stats"]["spmamba"]
     assert stats["status"] == "DONE" and "weaker" in stats["warning"]

@@ -1,5 +1,6 @@
 """How tests/data/spmamba_v0_tiny.pt and its expected heatmap were written, with the code before the method seam
-(commit 1d0d337; run from the repository root). Kept as a record: re-running it with newer code would defeat the test."""
+(commit 1d0d337; run from the repository root). Kept as a record: re-running it with newer code would defeat the
+test."""
 import os
 
 import numpy as np
@@ -27,7 +28,8 @@ with torch.no_grad():
         while sum((d - 1) * s for d, s in zip(dims, strides)) >= 2048:
             strides = [max(1, s // 2) if i < len(strides) - 1 else s for i, s in enumerate(strides)]
             if all(s == 1 for s in strides[:-1]) and sum((d - 1) * s for d, s in zip(dims, strides)) >= 2048:
-                base = torch.randn(sum(d - 1 for d in dims) + 1, generator=g) * p.float().std() + p.float().mean(); break
+                base = torch.randn(sum(d - 1 for d in dims) + 1, generator=g) * p.float().std() + p.float().mean()
+                break
         view = base.as_strided(tuple(dims), tuple(strides))
         p.data = view
 det.calibration = calibrate(det, vols[:2])

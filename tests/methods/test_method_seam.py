@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -143,7 +142,7 @@ def test_toy_method_served_and_trained_by_a_real_app_server(toy_folder, tmp_path
     from spmamba.server import serve
 
     sys.path.insert(0, str(REPO / "tests" / "app"))
-    from app_helpers import free_port, parse_infer
+    from app_helpers import free_port, parse_infer, stop_server, wait_for_training
 
     model = tmp_path / "toy.pt"
     train_detector([str(p) for p in sorted((toy_folder / "normal").iterdir())], method="toy", config="smaller",
@@ -175,19 +174,9 @@ def test_toy_method_served_and_trained_by_a_real_app_server(toy_folder, tmp_path
             assert r.status_code == 400 and "method toy" in r.text, r.text
             r = c.post("/train/toy", json={"max_epochs": 1})
             assert r.status_code == 200, r.text
-            deadline = time.time() + 300
-            while time.time() < deadline:
-                task = c.get("/train/").json()
-                if task.get("status") in ("DONE", "ERROR", "STOPPED"):
-                    break
-                time.sleep(1)
+            task = wait_for_training(c)
             assert task["status"] == "DONE", task
             r = c.post("/infer/toy", params={"image": "a0", "output": "json"})
             assert r.status_code == 200 and r.json()["model_version"] != v0 and r.json()["method"] == "toy"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except Exception:  # noqa: BLE001
-            proc.kill()
-            proc.wait(10)
+        stop_server(proc)

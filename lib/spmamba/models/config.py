@@ -117,7 +117,8 @@ PRESETS: dict[str, SPMambaConfig] = {
     # For tests only: seconds per step.
     "tiny": SPMambaConfig(
         name="tiny", image_size=64, encoder="resnet18", decoder_depths=(1, 1, 1, 1), ssm_expand=1,
-        drop_path=0.0, n_prototypes=2, map_blur_sigma=1.0, training=TrainingSettings(batch_size=4, base_lr=0.005, epochs=2),
+        drop_path=0.0, n_prototypes=2, map_blur_sigma=1.0,
+        training=TrainingSettings(batch_size=4, base_lr=0.005, epochs=2),
     ),
 }
 
