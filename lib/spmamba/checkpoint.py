@@ -86,8 +86,8 @@ _TENSOR_KEYS = ("state_dict", "training_state", "position_stats", "alignment_ref
 
 
 def read_checkpoint_meta(path: Union[str, Path]) -> dict[str, Any]:
-    """A checkpoint's metadata without its tensors and without building the model: ``config`` (with the preset's
-    ``name``), ``calibration``, ``preprocessing``, ``meta`` (``created``, ``training`` summary, library version),
+    """A checkpoint's metadata without its tensors and without building the model: ``method`` (absent in files
+    written before methods had names: those are SP-Mamba's), ``config`` (with the preset's ``name``), ``calibration``, ``preprocessing``, ``meta`` (``created``, ``training`` summary, library version),
     ``version``, ``format_version`` and, for models that align their inputs, ``alignment`` (method, reference name
     and grid, similarity floor; absent in files without alignment); ``has_position_stats`` /
     ``has_training_state`` say what else it holds.
