@@ -36,6 +36,29 @@ def test_unknown_preset_is_refused_naming_the_presets(configs, tmp_path):
     assert "\n" not in msg
 
 
+def test_method_is_validated_against_the_registry_and_presets_per_method(configs, tmp_path):
+    s = configs.parse_conf(str(tmp_path), "x", {})
+    assert (s.method, s.preset) == ("spmamba", "fast")
+    s = configs.parse_conf(str(tmp_path), "x", {"method": "voxelwise"})
+    assert (s.method, s.preset) == ("voxelwise", "default")  # the method's default preset
+    with pytest.raises(configs.ConfError, match="method 'nosuch'.*spmamba, voxelwise"):
+        configs.parse_conf(str(tmp_path), "x", {"method": "nosuch"})
+    with pytest.raises(configs.ConfError, match="preset 'fast': unknown preset of method voxelwise.*default"):
+        configs.parse_conf(str(tmp_path), "x", {"method": "voxelwise", "preset": "fast"})
+
+
+def test_preset_ranking_is_per_method():
+    sys.path.insert(0, str(APP_DIR))
+    try:
+        from lib.versions import weaker_preset_message
+    finally:
+        sys.path.remove(str(APP_DIR))
+    served = {"preset": "paper", "version": "v1"}  # no 'method': an SP-Mamba model
+    assert "weaker" in weaker_preset_message("tiny", served)
+    assert weaker_preset_message("tiny", {**served, "method": "voxelwise"}) is None
+    assert weaker_preset_message("default", {"method": "voxelwise", "preset": "default"}, "voxelwise") is None
+
+
 def test_unknown_key_is_refused_listing_the_valid_ones(configs, tmp_path):
     with pytest.raises(configs.ConfError) as e:
         configs.parse_conf(str(tmp_path), "x", {"typo_key": "1"})

@@ -18,7 +18,8 @@ def test_old_file_has_no_method_tag():
 def test_old_file_loads_as_spmamba_with_its_version():
     det = Detector.load(OLD, device="cpu")
     assert det.version == load_checkpoint(OLD)["version"] == "1bb78b5c72b3"
-    assert getattr(det, "method_name", "spmamba") == "spmamba"
+    assert det.method_name == "spmamba"
+    assert det.checkpoint_payload()["method"] == "spmamba"  # saved again, it names its method
 
 
 def test_old_file_gives_the_same_heatmap_bit_for_bit():
