@@ -176,7 +176,7 @@ class _TrainProgress:
 
     LABELS = {"load": "reading", "prepare": "slicing", "measure": "timing a detection", "encoder_norm": "encoder norm",
               "train": "train", "position_stats": "position stats", "calibrate": "calibrate",
-              "reference": "alignment reference", "align": "aligning"}
+              "reference": "alignment reference", "align": "aligning", "fit": "fitting"}
     UNITS = {"train": "step", "encoder_norm": "batch"}
 
     def __init__(self, quiet: bool) -> None:
