@@ -14,10 +14,10 @@ parameter node, a ``vtkMRMLScriptedModuleNode`` singleton of the scene (``getPar
 scripted-module template: it is saved with the scene, restored when the scene is loaded, and scriptable
 (``SetParameter`` + ``apply_parameters``).
 
-One rule says which voxels are anomalous: ``heatmap > threshold`` (strictly above), with the threshold rounded to the
-heatmap's own type as numpy does when it compares a float32 map with a Python float; the same rule as
-``spmamba.scoring.find_regions`` and the app's ``spmamba_seg`` label (``heatmap > pixel_threshold``).  The overlay
-hides every voxel at or below the threshold, and the regions are made of the voxels above it.
+One rule says which voxels are anomalous: ``heatmap >= threshold`` (at or above), compared in the heatmap's own type
+as numpy does when it compares a float32 map with a Python float; the library's rule
+(``spmamba.scoring.abnormal_voxels``, used by ``find_regions`` and the app's ``spmamba_seg`` label).  The overlay
+shows exactly those voxels (every voxel below the threshold is transparent) and the regions are made of them.
 """
 from __future__ import annotations
 
@@ -454,14 +454,14 @@ class AnomalyLogic:
         return float(np.percentile(arr, 99.0)) if arr.size else 0.0
 
     def set_threshold(self, heat, threshold: float) -> None:
-        """(main) Voxels at or below ``threshold`` become transparent (the module's rule: anomalous = ``heatmap >
-        threshold``, see :func:`above_threshold`); colours span threshold..max.  The parameter node follows when
-        ``heat`` is its heatmap."""
+        """(main) Voxels below ``threshold`` become transparent (the module's rule: anomalous = ``heatmap >=
+        threshold``, see :func:`at_or_above`); colours span threshold..max.  The parameter node follows when ``heat``
+        is its heatmap."""
         lo, hi = self.heatmap_range(heat)
         threshold = float(threshold)
         top = max(hi, threshold + 1e-6)
-        # the display shows lower <= v <= upper, in the heatmap's own type: lower = the first value above threshold
-        lower = first_value_above(threshold, _scalar_dtype(heat))
+        # the display shows lower <= v <= upper, compared in the heatmap's own type: lower = the threshold in that type
+        lower = display_lower_bound(threshold, _scalar_dtype(heat))
         display = heat.GetDisplayNode()
         with slicer.util.NodeModify(display):
             display.AutoWindowLevelOff()
@@ -500,7 +500,7 @@ class AnomalyLogic:
 
     # ============================================================================================ regions
     def compute_regions(self, heat, threshold: float, min_voxels: int = 1) -> Tuple[np.ndarray, List[Region]]:
-        """(main) Connected regions (26-neighbourhood) of ``heatmap > threshold`` (:func:`above_threshold`, the
+        """(main) Connected regions (26-neighbourhood) of ``heatmap >= threshold`` (:func:`at_or_above`, the
         library's rule) with at least ``min_voxels``.
 
         Returns a label array shaped like ``arrayFromVolume(heat)`` (K, J, I), labels 1..N ordered by peak
@@ -509,7 +509,7 @@ class AnomalyLogic:
         from vtk.util import numpy_support
 
         arr = slicer.util.arrayFromVolume(heat)
-        mask = np.ascontiguousarray(above_threshold(arr, threshold).astype(np.uint8))
+        mask = np.ascontiguousarray(at_or_above(arr, threshold).astype(np.uint8))
         image = vtk.vtkImageData()
         image.CopyStructure(heat.GetImageData())
         image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(mask.ravel(), deep=True))
@@ -788,26 +788,26 @@ class AnomalyLogic:
         return self.client.rollback(version)
 
 
-def above_threshold(values: np.ndarray, threshold: float) -> np.ndarray:
-    """The module's one rule for "anomalous": ``values > threshold``, strictly, compared in the heatmap's own type.
+def at_or_above(values: np.ndarray, threshold: float) -> np.ndarray:
+    """The module's one rule for "anomalous": ``values >= threshold``, compared in the heatmap's own type.
 
-    That is ``spmamba.scoring.find_regions`` (``heatmap > threshold``) and the app's ``spmamba_seg`` label
-    (``heatmap > pixel_threshold``): numpy compares a float32 heatmap with a Python float threshold in float32.
+    That is the library's rule (``spmamba.scoring.abnormal_voxels``: ``heatmap >= threshold``, used by
+    ``find_regions`` and the app's ``spmamba_seg`` label): numpy compares a float32 heatmap with a Python float
+    threshold in float32.
     """
     values = np.asarray(values)
     if np.issubdtype(values.dtype, np.floating):
-        return values > values.dtype.type(threshold)
-    return values > float(threshold)
+        return values >= values.dtype.type(threshold)
+    return values >= float(threshold)
 
 
-def first_value_above(threshold: float, dtype: Any = np.float32) -> float:
-    """The smallest value of ``dtype`` that :func:`above_threshold` counts as above ``threshold``: the lower bound of
-    the display's inclusive threshold range, so the overlay shows exactly the voxels the regions are made of."""
+def display_lower_bound(threshold: float, dtype: Any = np.float32) -> float:
+    """The smallest value of ``dtype`` that :func:`at_or_above` counts as anomalous: the lower bound of the display's
+    inclusive threshold range, so the overlay shows exactly the voxels the regions are made of."""
     dtype = np.dtype(dtype)
     if np.issubdtype(dtype, np.floating):
-        t = dtype.type(threshold)
-        return float(np.nextafter(t, dtype.type(np.inf)))
-    return float(math.floor(float(threshold)) + 1)
+        return float(dtype.type(threshold))
+    return float(math.ceil(float(threshold)))
 
 
 def same_threshold(a: float, b: float, dtype: Any = np.float32) -> bool:
@@ -815,7 +815,7 @@ def same_threshold(a: float, b: float, dtype: Any = np.float32) -> bool:
     dtype = np.dtype(dtype)
     if np.issubdtype(dtype, np.floating):
         return bool(dtype.type(a) == dtype.type(b))
-    return math.floor(float(a)) == math.floor(float(b))
+    return math.ceil(float(a)) == math.ceil(float(b))
 
 
 def _scalar_dtype(volume) -> np.dtype:
