@@ -11,6 +11,7 @@ import pytest
 
 from AnomalyDetectionLib.client import (
     AnomalyClient,
+    DetectionResult,
     ServerError,
     decode_multipart,
     encode_multipart,
@@ -117,6 +118,44 @@ def test_summarize_info_and_progress():
     # version from the last training's stats when the app has no other place for it
     s2 = summarize_info({"models": {"m": {}}, "train_stats": {"m": {"model_version": "v9"}}})
     assert s2.model_version("m") == "v9"
+
+
+def test_methods_are_the_infer_tasks_that_return_a_heatmap():
+    """The rule of is_heatmap_method: a declared output decides; else type 'others' without labels."""
+    info = {
+        "models": {
+            # what the SP-Mamba app's /info/ says (plus its own fields: model, model_version, result_extensions)
+            "spmamba": {"type": "others", "labels": [], "dimension": 3, "description": "SP-Mamba heatmap",
+                        "config": {"result_extension": ".nii.gz"}, "model": {"ready": True, "version": "v1"},
+                        "model_version": "v1", "result_extensions": [".nii.gz", ".nii", ".nrrd"]},
+            "spmamba_seg": {"type": "segmentation", "labels": {"anomaly": 1}, "model_version": "v1"},
+            "voxel_baseline": {"type": "others", "labels": [], "description": "voxel-wise z-score baseline",
+                               "model_version": "b7"},
+            "declared": {"type": "segmentation", "labels": {"x": 1}, "output": "heatmap"},
+            "declared_label": {"type": "others", "labels": [], "output": "label"},
+            "deepedit": {"type": "deepedit", "labels": {"spleen": 1}},
+            "classifier": {"type": "classification", "labels": []},
+            "enum_str": {"type": "InferType.OTHERS", "labels": []},
+        },
+        "trainers": {"spmamba": {}},
+    }
+    s = summarize_info(info)
+    assert s.models == ["spmamba", "voxel_baseline", "declared", "enum_str"]
+    assert s.description("voxel_baseline") == "voxel-wise z-score baseline"
+    assert s.model_version("voxel_baseline") == "b7" and s.model_version("spmamba") == "v1"
+    # a method without a trainer of its own is trained by the app's anomaly trainer
+    assert s.train_task("spmamba") == "spmamba" and s.train_task("voxel_baseline") == "spmamba"
+    assert summarize_info({"models": {"m": {}}}).train_task("m") == "m"  # no trainers listed: the method itself
+    assert summarize_info({"models": {"seg": {"type": "segmentation"}}}).models == []  # never a label model
+
+
+def test_detection_result_regions():
+    regions = [{"label": 1, "n_voxels": 3, "centroid_ras": [0, 0, 0]}]
+    r = DetectionResult(params={"regions": regions, "n_regions": 4}, heatmap_path=None)
+    assert r.regions == regions and r.n_regions == 4
+    assert DetectionResult(params={"regions": regions}, heatmap_path=None).n_regions == 1
+    assert DetectionResult(params={}, heatmap_path=None).regions is None
+    assert DetectionResult(params={}, heatmap_path=None).n_regions is None
 
 
 def test_server_down_says_what_to_do():

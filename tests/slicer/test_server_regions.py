@@ -187,3 +187,16 @@ def test_regions_agree_with_the_library(case, threshold):
     for got, want in zip(regions, lib):
         np.testing.assert_allclose(got.centroid_ras, want["centroid_ras"], atol=1e-4)
         assert got.peak == pytest.approx(want["peak"]) and got.mean == pytest.approx(want["mean"])
+
+
+def test_regions_table_reads_back(case):
+    """What the panel shows after a scene load: the table node's rows."""
+    logic, reference, heat_path = case
+    heat = _show(logic, reference, heat_path, _server_regions())
+    _, table, regions = logic.make_regions(heat)
+    assert logic.regions_table(reference) is table
+    back = logic.regions_from_table(table)
+    assert [(r.label, r.n_voxels, r.source) for r in back] == [(r.label, r.n_voxels, "server") for r in regions]
+    for got, want in zip(back, regions):
+        assert got.mean == pytest.approx(want.mean) and got.volume_mm3 == pytest.approx(want.volume_mm3)
+        np.testing.assert_allclose(got.centroid_ras, want.centroid_ras)

@@ -678,6 +678,27 @@ class AnomalyLogic:
             t.AddColumn(col)
         table.Modified()
 
+    def regions_table(self, reference):
+        """The regions table node made for ``reference`` (e.g. restored with a scene), or None."""
+        return self._find_by_role(reference, "regionsTable")
+
+    def regions_from_table(self, table) -> List[Region]:
+        """(main) The rows of a regions table node back as :class:`Region` (centroid_ijk unknown: NaN)."""
+        t = table.GetTable()
+        names = [t.GetColumnName(c) for c in range(t.GetNumberOfColumns())]
+        if not set(self.REGION_COLUMNS) <= set(names):
+            return []
+        source = table.GetAttribute("AnomalyDetection.regionsSource") or "heatmap"
+        out = []
+        for row in range(t.GetNumberOfRows()):
+            v = {c: t.GetValueByName(row, c) for c in self.REGION_COLUMNS}
+            out.append(Region(
+                label=v["Region"].ToInt(), n_voxels=v["Voxels"].ToInt(), volume_mm3=v["Volume (mm3)"].ToDouble(),
+                peak=v["Peak"].ToDouble(), mean=v["Mean"].ToDouble(), centroid_ijk=(math.nan,) * 3,
+                centroid_ras=(v["R"].ToDouble(), v["A"].ToDouble(), v["S"].ToDouble()),
+                source="server" if source.startswith("server") else "heatmap"))
+        return out
+
     @staticmethod
     def region_centroid_from_table(table, row: int) -> Tuple[float, float, float]:
         t = table.GetTable()
