@@ -71,7 +71,7 @@ def test_server_regions_fill_the_table_at_the_servers_threshold(case):
     for got, want in zip(regions, server):
         assert got.n_voxels == want["n_voxels"] and got.volume_mm3 == pytest.approx(want["volume_mm3"])
         np.testing.assert_allclose(got.centroid_ras, want["centroid_ras"])
-        np.testing.assert_allclose(got.centroid_ijk, want["centroid_voxel"])
+        np.testing.assert_allclose(got.centroid_ijk, want["centroid_voxel"])  # same axes here (a right-handed grid)
     # the segments still come from the heatmap's voxels, one per row, in the same order
     assert _segment_voxels(seg, reference) == [r["n_voxels"] for r in server]
     assert table.GetAttribute("AnomalyDetection.regionsSource") == "server"
@@ -133,14 +133,25 @@ def test_server_regions_that_do_not_match_are_not_used(case):
     assert [r.n_voxels for r in regions] == [32, 18, 1]
 
 
-def test_server_regions_without_peak_voxel_match_by_centroid(case):
+def test_server_regions_without_ras_centroids_match_by_voxel_centroid(case):
     logic, reference, heat_path = case
     server = _server_regions()
     for r in server:
-        r.pop("peak_voxel")
+        r.pop("centroid_ras")
+    heat = _show(logic, reference, heat_path, server)
+    _, _, regions = logic.make_regions(heat)
+    assert logic.regions_source == "server"
+    want = [r["centroid_ras"] for r in testing.expected_regions(SERVER_T)]
+    np.testing.assert_allclose([r.centroid_ras for r in regions], want, atol=1e-4)  # from this volume's geometry
+
+
+def test_server_regions_elsewhere_are_not_used(case):
+    logic, reference, heat_path = case
+    server = _server_regions()
+    server[0]["centroid_ras"][0] += 3.0  # another position: not this heatmap's region
     heat = _show(logic, reference, heat_path, server)
     logic.make_regions(heat)
-    assert logic.regions_source == "server"
+    assert logic.regions_source == "heatmap" and "do not match" in logic.regions_note
 
 
 # ------------------------------------------------------------------------------------------------ one rule: ">="
@@ -200,3 +211,30 @@ def test_regions_table_reads_back(case):
     for got, want in zip(back, regions):
         assert got.mean == pytest.approx(want.mean) and got.volume_mm3 == pytest.approx(want.volume_mm3)
         np.testing.assert_allclose(got.centroid_ras, want.centroid_ras)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
+def test_library_written_heatmap_and_regions_match(scene, tmp_path, suffix):
+    """The app's conventions end to end without a server: the heatmap written by ``spmamba.volume.save_volume``
+    (NIfTI, or NRRD in LPS) on an oblique grid and its regions from ``spmamba.scoring.find_regions`` (voxel indices
+    of that array, RAS centroids from its affine) are matched to the segments made here, and agree with them."""
+    scoring = pytest.importorskip("spmamba.scoring")
+    volume_io = pytest.importorskip("spmamba.volume")
+    _, heat_ijk = testing.synthetic_arrays()
+    c, s_ = np.cos(0.3), np.sin(0.3)
+    affine = np.array([[-1.5 * c, 2.0 * s_, 0, 12.0], [1.5 * s_, 2.0 * c, 0, -7.0], [0, 0, 2.5, 30.0], [0, 0, 0, 1]])
+    image_path, heat_path = tmp_path / f"img{suffix}", tmp_path / f"heat{suffix}"
+    volume_io.save_volume(heat_ijk * 0 + 1.0, affine, image_path)
+    volume_io.save_volume(heat_ijk, affine, heat_path)
+    logic = AnomalyLogic()
+    reference = logic.load_volume(str(image_path), name="img")
+    server = scoring.find_regions(heat_ijk, 0.55, affine)
+    result = DetectionResult(params={"pixel_threshold": 0.55, "regions": server, "n_regions": len(server)},
+                             heatmap_path=str(heat_path))
+    heat = logic.show_heatmap(reference, str(heat_path), result=result)
+    _, _, regions = logic.make_regions(heat)
+    assert logic.regions_source == "server", logic.regions_note
+    local = logic.compute_regions(heat, 0.55)[1]
+    assert [r.n_voxels for r in regions] == [r.n_voxels for r in local] == [32, 18, 1]
+    for got, mine in zip(regions, local):
+        np.testing.assert_allclose(got.centroid_ras, mine.centroid_ras, atol=1e-3)  # same world position

@@ -636,8 +636,9 @@ class AnomalyLogic:
         wanted = [r for r in info["regions"] if isinstance(r, dict)
                   and int(_to_float(r.get("n_voxels"), 0)) >= max(1, int(min_voxels))]
         matched: Dict[int, Dict[str, Any]] = {}
+        tolerance_mm = max(1e-3, 0.05 * min(abs(x) for x in heat.GetSpacing()))
         for r in wanted:
-            local = _match_region(labels, regions, r)
+            local = _match_region(regions, r, tolerance_mm)
             if local is None or local.label in matched:
                 self.regions_note = ("the server's regions do not match the heatmap: regions computed from the "
                                      "heatmap")
@@ -867,34 +868,30 @@ def _xyz(value: Any) -> Optional[Tuple[float, float, float]]:
     return None
 
 
-def _match_region(labels: np.ndarray, regions: Sequence[Region], server: Dict[str, Any]) -> Optional[Region]:
-    """The computed region that is the server's ``server`` region: same voxel count, same voxel centroid, found
-    through the server's peak voxel or centroid ([i, j, k] of the heatmap file), else by its centroid alone."""
+def _match_region(regions: Sequence[Region], server: Dict[str, Any], tolerance_mm: float) -> Optional[Region]:
+    """The computed region that is the server's ``server`` region: the same voxel count and the same centroid, in
+    RAS (``centroid_ras``, within ``tolerance_mm``).  Voxel indices are compared only when the server sends no RAS
+    centroid: the server's [i, j, k] are its array's, and Slicer may order a file's axes differently (it flips the
+    slice axis of a NIfTI file with a left-handed affine, for example)."""
     n = int(_to_float(server.get("n_voxels"), -1))
-    centroid = _xyz(server.get("centroid_voxel"))
-    candidates: List[int] = []
-    for key in ("peak_voxel", "centroid_voxel"):
-        ijk = _xyz(server.get(key))
-        if ijk is None:
-            continue
-        i, j, k = (int(round(v)) for v in ijk)
-        if 0 <= k < labels.shape[0] and 0 <= j < labels.shape[1] and 0 <= i < labels.shape[2] and labels[k, j, i]:
-            candidates.append(int(labels[k, j, i]))
-    if centroid is not None:
-        candidates += [r.label for r in regions if r.n_voxels == n]
-    by_label = {r.label: r for r in regions}
-    for label in candidates:
-        region = by_label.get(label)
-        if region is None or region.n_voxels != n:
-            continue
-        if centroid is None or max(abs(a - b) for a, b in zip(region.centroid_ijk, centroid)) <= 1e-2:
+    same_size = [r for r in regions if r.n_voxels == n]
+    ras = _xyz(server.get("centroid_ras"))
+    if ras is not None:
+        best = min(same_size, key=lambda r: float(np.linalg.norm(np.subtract(r.centroid_ras, ras))), default=None)
+        if best is not None and float(np.linalg.norm(np.subtract(best.centroid_ras, ras))) <= tolerance_mm:
+            return best
+        return None
+    ijk = _xyz(server.get("centroid_voxel"))
+    for region in same_size:
+        if ijk is not None and max(abs(a - b) for a, b in zip(region.centroid_ijk, ijk)) <= 1e-2:
             return region
     return None
 
 
 def _region_from_server(label: int, server: Dict[str, Any], local: Region, ijk_to_ras: np.ndarray) -> Region:
-    """A table row from the server's region (its numbers), numbered ``label``; the computed one fills gaps."""
-    c_ijk = _xyz(server.get("centroid_voxel")) or local.centroid_ijk
+    """A table row from the server's region (its numbers), numbered ``label``; the matched computed region gives the
+    voxel centroid in this volume's IJK (and the RAS centroid when the server sent none)."""
+    c_ijk = local.centroid_ijk
     c_ras = _xyz(server.get("centroid_ras"))
     if c_ras is None:
         c_ras = tuple(float(x) for x in (ijk_to_ras @ np.append(np.asarray(c_ijk), 1.0))[:3])
