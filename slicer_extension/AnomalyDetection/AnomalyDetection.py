@@ -623,6 +623,8 @@ class AnomalyDetectionTest(ScriptedLoadableModuleTest):
         self.test_HeatmapOverlay()
         self.setUp()
         self.test_Regions()
+        self.setUp()
+        self.test_ParameterNode()
         url = os.environ.get("ANOMALY_DETECTION_TEST_SERVER")
         if url:
             self.setUp()
@@ -667,6 +669,24 @@ class AnomalyDetectionTest(ScriptedLoadableModuleTest):
             self.assertAlmostEqual(region.volume_mm3, want["volume_mm3"], places=3)
         logic.jump_to(regions[0].centroid_ras)
         self.delayDisplay("Regions passed")
+
+    def test_ParameterNode(self):
+        self.delayDisplay("Parameter node")
+        logic, reference, path = self._case()
+        heat = logic.show_heatmap(reference, path, threshold=0.5)
+        node = logic.getParameterNode()
+        self.assertEqual(node.GetNodeReference("Heatmap"), heat)
+        self.assertEqual(node.GetNodeReference("InputVolume"), reference)
+        node.SetParameter("Threshold", "0.65")
+        node.SetParameter("Opacity", "0.3")
+        node.SetParameter("Method", "spmamba")
+        logic.apply_parameters()
+        self.assertAlmostEqual(heat.GetDisplayNode().GetWindowLevelMin(), 0.65, places=5)
+        for i in range(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+            composite = slicer.mrmlScene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+            self.assertAlmostEqual(composite.GetForegroundOpacity(), 0.3, places=5)
+        self.assertEqual(logic.method, "spmamba")
+        self.delayDisplay("Parameter node passed")
 
     def test_Server(self, url):
         self.delayDisplay(f"Server {url}")

@@ -352,3 +352,33 @@ def test_task_runner_keeps_caller_free_and_delivers_on_poll():
     assert thread_of_callback == [caller]
     assert not runner.busy()
     runner.shutdown()
+
+
+def test_logic_runs_the_chosen_method_and_trains_its_trainer(fake, tmp_path):
+    """Detect posts to /infer/{method}; training goes to the method's trainer (the app's 'spmamba' when the method
+    has none of its own), and its progress is read from that trainer's stats."""
+    from AnomalyDetectionLib.logic import AnomalyLogic, DetectionJob
+
+    heat = b"\x1f\x8b bytes"
+    answer = (b"--B\r\nContent-Disposition: form-data; name=\"params\"\r\n\r\n{\"score\": 1}\r\n--B\r\n"
+              b"Content-Disposition: form-data; name=\"image\"; filename=\"h.nii.gz\"\r\n\r\n" + heat + b"\r\n--B--\r\n")
+    fake.routes[("POST", "/infer/voxel_baseline")] = (200, "multipart/form-data; boundary=B", answer, 0)
+    info = {"models": {"spmamba": {"type": "others", "labels": []},
+                       "voxel_baseline": {"type": "others", "labels": [], "model_version": "b1"}},
+            "trainers": {"spmamba": {}},
+            "train_stats": {"spmamba": {"epoch": 1, "total_epochs": 4, "status": "RUNNING"}}}
+    fake.routes[("GET", "/info/")] = _json(info)
+    fake.routes[("POST", "/train/spmamba")] = _json({"id": "t1", "status": "RUNNING"})
+    fake.routes[("GET", "/train/")] = _json({"id": "t1", "status": "RUNNING"})
+    logic = AnomalyLogic(fake.url)
+    logic._method = "voxel_baseline"  # what set_method does, without a scene for the parameter node
+    job = DetectionJob("vtkMRMLScalarVolumeNode1", "case1", None, False, "case1", method="voxel_baseline")
+    result = logic.run_detection(job)
+    assert fake.requests[-1][1] == "/infer/voxel_baseline?image=case1" and open(result.heatmap_path, "rb").read() == heat
+    assert logic.train_task == "voxel_baseline"  # before Connect: the method itself
+    logic.connect()
+    assert logic.train_task == "spmamba"
+    logic.start_training({"max_epochs": 4})
+    assert ("POST", "/train/spmamba") in [(m, p) for m, p, _, _ in fake.requests]
+    progress = logic.training_progress()
+    assert progress.running and progress.percent == 25 and progress.model_version == "b1"
