@@ -361,7 +361,8 @@ def test_logic_runs_the_chosen_method_and_trains_its_trainer(fake, tmp_path):
 
     heat = b"\x1f\x8b bytes"
     answer = (b"--B\r\nContent-Disposition: form-data; name=\"params\"\r\n\r\n{\"score\": 1}\r\n--B\r\n"
-              b"Content-Disposition: form-data; name=\"image\"; filename=\"h.nii.gz\"\r\n\r\n" + heat + b"\r\n--B--\r\n")
+              b"Content-Disposition: form-data; name=\"image\"; filename=\"h.nii.gz\"\r\n\r\n"
+              + heat + b"\r\n--B--\r\n")
     fake.routes[("POST", "/infer/voxel_baseline")] = (200, "multipart/form-data; boundary=B", answer, 0)
     info = {"models": {"spmamba": {"type": "others", "labels": []},
                        "voxel_baseline": {"type": "others", "labels": [], "model_version": "b1"}},
@@ -374,7 +375,8 @@ def test_logic_runs_the_chosen_method_and_trains_its_trainer(fake, tmp_path):
     logic._method = "voxel_baseline"  # what set_method does, without a scene for the parameter node
     job = DetectionJob("vtkMRMLScalarVolumeNode1", "case1", None, False, "case1", method="voxel_baseline")
     result = logic.run_detection(job)
-    assert fake.requests[-1][1] == "/infer/voxel_baseline?image=case1" and open(result.heatmap_path, "rb").read() == heat
+    assert fake.requests[-1][1] == "/infer/voxel_baseline?image=case1"
+    assert open(result.heatmap_path, "rb").read() == heat
     assert logic.train_task == "voxel_baseline"  # before Connect: the method itself
     logic.connect()
     assert logic.train_task == "spmamba"
