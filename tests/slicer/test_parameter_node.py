@@ -165,3 +165,35 @@ def test_parameters_survive_scene_save_and_reload(scene, tmp_path):
     assert other.GetNumberOfNodesByClass("vtkMRMLScriptedModuleNode") == 1
     assert other.GetSingletonNode(MODULE_NAME, "vtkMRMLScriptedModuleNode") is before
     assert after.server_url == "http://savedhost:8000" and after.heatmap is not None
+
+
+def test_parameters_and_regions_survive_an_mrb(scene, tmp_path):
+    """A Slicer data bundle (.mrb: the .mrml and every node's data in one zip, what File -> Save offers by default).
+    slicer-core writes it (``WriteToMRB``); it is read back by unpacking it and connecting to its .mrml."""
+    logic = AnomalyLogic("mrbhost:8000")
+    logic.set_method("spmamba")
+    reference, result = _detected(logic, tmp_path)
+    heat = logic.show_heatmap(reference, result.heatmap_path, result=result)
+    logic.make_regions(heat)  # segmentation + table: no files yet, the bundle writes them
+    logic.set_threshold(heat, 0.65)
+    bundle = tmp_path / "case.mrb"
+    assert scene.WriteToMRB(str(bundle))
+
+    loaded = slicer.vtkMRMLScene()
+    slicer.mrmlScene = loaded
+    app_logic = slicer.vtkMRMLApplicationLogic()
+    app_logic.SetMRMLScene(loaded)
+    (tmp_path / "unpacked").mkdir()
+    mrml = app_logic.UnpackSlicerDataBundle(str(bundle), str(tmp_path / "unpacked"))
+    assert mrml
+    loaded.SetURL(mrml)
+    assert loaded.Connect()
+    fresh = AnomalyLogic()
+    p = fresh.parameters()
+    assert (p.server_url, p.method, p.threshold) == ("http://mrbhost:8000", "spmamba", 0.65)
+    assert p.heatmap.GetImageData().GetDimensions() == testing.SYNTHETIC_SHAPE_IJK
+    table = fresh.regions_table(p.input_volume)
+    assert [r.n_voxels for r in fresh.regions_from_table(table)] == [
+        r["n_voxels"] for r in testing.expected_regions(0.55)]
+    assert fresh.regions_from_table(table)[0].source == "server"
+    assert fresh.server_regions(p.heatmap)["pixel_threshold"] == 0.55
