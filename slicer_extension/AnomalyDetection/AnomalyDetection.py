@@ -81,6 +81,7 @@ class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._updatingGUIFromParameterNode = False
         self._shownHeatmapID = None  # heatmap whose regions the table widget shows
+        self._shownMethod = None  # method whose model version the panel shows
 
     # ----------------------------------------------------------------------------------------------- set-up
     def setup(self):
@@ -201,8 +202,9 @@ class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.methodComboBox.addItem(p.method)  # not connected yet: show the remembered method
                 index = self.ui.methodComboBox.findText(p.method)
             self.ui.methodComboBox.setCurrentIndex(index)
-            if self.summary is not None:
+            if self.summary is not None and p.method != self._shownMethod:  # another method: its model version
                 self.ui.modelVersionLabel.text = self.summary.model_version(p.method) or "(none yet)"
+            self._shownMethod = p.method
             self.ui.inputVolumeSelector.setCurrentNode(p.input_volume)
             self.ui.opacitySlider.value = p.opacity
             self.ui.minRegionVoxelsSpinBox.value = p.min_region_voxels
