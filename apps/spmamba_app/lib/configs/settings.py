@@ -64,7 +64,7 @@ class AppSettings:
     app_dir: str
     preset: str = "fast"
     device: str = "auto"
-    slice_axis: Optional[int] = None  # None = the model's own axis
+    slice_axis: Optional[int] = None  # training only: new models' slice axis (None = the library's, axial)
     encoder_weights: str = "none"
     unflagged_normal: bool = False
     model: Optional[str] = None  # a checkpoint made by `spmamba train`; None = only the app's model folder
@@ -115,11 +115,9 @@ def conf_keys() -> set:
 
 
 def library_presets() -> List[str]:
-    """The training presets ``spmamba`` offers (``spmamba.models.config.PRESETS``); empty if it cannot say."""
-    try:
-        from spmamba.models.config import PRESETS
-    except Exception:  # noqa: BLE001 - no library: training fails later with its own message
-        return []
+    """The training presets ``spmamba`` offers (``spmamba.models.config.PRESETS``)."""
+    from spmamba.models.config import PRESETS
+
     return sorted(PRESETS)
 
 
@@ -137,7 +135,7 @@ def parse_conf(app_dir: str, studies: str, conf: Optional[Dict[str, Any]]) -> Ap
         raise ConfError(f"--conf {key}: unknown setting{hint}; valid keys: {', '.join(own)}")
     preset = str(conf.get("preset", "fast")).strip() or "fast"
     presets = library_presets()
-    if presets and preset not in presets:
+    if preset not in presets:
         raise ConfError(f"--conf preset {preset!r}: unknown preset; choose one of {', '.join(presets)}")
     device = str(conf.get("device", "auto")).strip().lower() or "auto"
     if not (device in ("auto", "cpu") or device.startswith("cuda")):
