@@ -17,5 +17,6 @@ test-fast: install
 demo: install
 	$(VENV)/bin/spmamba demo
 
+# quick core benchmarks (selective scan, prototypes, model forward; docs/BENCHMARKS.md has the full commands)
 bench: install
-	$(PY) benchmarks/run_core.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_core.py --quick

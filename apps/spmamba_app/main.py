@@ -14,11 +14,13 @@ import tempfile
 import threading
 from typing import Any, Callable, Dict
 
+import spmamba
 from lib.activelearning import MostAnomalousUnreviewed, SuspectNormal
 from lib.configs import CURATION_KEY, CURATION_STATES, ConfError, parse_conf
-from lib.datastore import VOLUME_EXTENSIONS, CuratedDatastore
+from lib.datastore import CuratedDatastore
+from lib.detection import Detection
 from lib.errors import bad_request, check_id, conflict, not_found
-from lib.infers import AnomalyInfer, AnomalySegmentationInfer, Detection
+from lib.infers import AnomalyInfer, AnomalySegmentationInfer
 from lib.model_store import ModelStore
 from lib.scoring import AnomalyScoring
 from lib.trainers import AnomalyTrain
@@ -69,17 +71,13 @@ class SPMambaApp(MONAILabelApp):
                                        self.settings.keep_versions, self.settings.model)
         self.detection = Detection(self.settings, self.model_store)
         self._scoring_lock = threading.Lock()
-        try:
-            from spmamba import __version__ as lib_version
-        except Exception:  # noqa: BLE001
-            lib_version = "unknown"
         super().__init__(
             app_dir=app_dir,
             studies=studies,
             conf=conf,
             name="SP-Mamba anomaly detection",
             description="Unsupervised anomaly detection (SP-Mamba) trained on studies curated as normal",
-            version=str(lib_version),
+            version=spmamba.__version__,
             labels=None,
         )
         self._datastore.seed_curation(self.settings.seed_curation)
@@ -88,7 +86,6 @@ class SPMambaApp(MONAILabelApp):
     def init_datastore(self) -> Datastore:
         return CuratedDatastore(
             self.studies,
-            extensions=[f"*{e}" for e in VOLUME_EXTENSIONS],
             auto_reload=ml_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=ml_settings.MONAI_LABEL_DATASTORE_READ_ONLY,
         )
@@ -179,8 +176,7 @@ class SPMambaApp(MONAILabelApp):
         image = request.get("image")
         if isinstance(image, str):
             ds = datastore if datastore else self.datastore()
-            if hasattr(ds, "sync"):
-                ds.sync()
+            ds.sync()
             if image not in ds.list_images():
                 if os.path.isabs(image) and os.path.isfile(image):
                     real = os.path.realpath(image)
@@ -216,10 +212,8 @@ class SPMambaApp(MONAILabelApp):
     def score_in_background(self) -> str:
         """Start MONAI Label's scoring subprocess (low priority, see lib/scoring) unless one is queued or running.
         Returns ``running`` (one already is), ``started`` or ``unavailable`` (not in a server)."""
-        from monailabel.utils.async_tasks.utils import processes, tasks
-
         with self._scoring_lock:
-            if processes("scoring") or any(t.get("status") in ("SUBMITTED", "RUNNING") for t in tasks("scoring")):
+            if routes.task_running("scoring"):
                 return "running"
             if not self._server_mode:
                 return "unavailable"
@@ -229,12 +223,9 @@ class SPMambaApp(MONAILabelApp):
     def scoring_state(self) -> Dict[str, Any]:
         """``/info/`` -> ``spmamba.scoring``: is a background scoring queued or running, how many studies lack a
         score of the served model (``unscored``; None without a model)."""
-        from monailabel.utils.async_tasks.utils import processes, tasks
-
         from lib.scoring import cached_score
 
-        running = bool(processes("scoring")) or any(t.get("status") in ("SUBMITTED", "RUNNING")
-                                                    for t in tasks("scoring"))
+        running = routes.task_running("scoring")
         det = self.model_store.peek()
         unscored = None
         if det is not None:

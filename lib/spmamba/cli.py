@@ -1,6 +1,6 @@
 """The ``spmamba`` command: synth, train, detect, evaluate, serve, demo.
 
-The contract (docs/CLI.md, ARCHITECTURE.md "CLI") is stable: scripts and checks drive it. Everything scientific is
+The contract (docs/CLI.md, docs/ARCHITECTURE.md "CLI") is stable: scripts and checks drive it. Everything scientific is
 in the library; this module parses arguments, streams files, draws progress bars on stderr and turns the library's
 errors into one clear line on stderr and exit code 2 (0 = success, 2 = bad input / usage, 130 = interrupted).
 ``serve`` and ``demo`` end with Ctrl-C (or SIGTERM / SIGHUP) by design: the server and its children are stopped
@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-IMAGE_EXTS = (".nii.gz", ".nii", ".nrrd", ".nhdr")
+from spmamba.atomic import json_default, write_json
+
 EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 2, 130
 
 
@@ -34,16 +35,9 @@ def _eprint(*args) -> None:
 
 
 def _is_image(p: Path) -> bool:
-    return p.name.lower().endswith(IMAGE_EXTS) and not p.name.startswith(".")
+    from spmamba.volume import is_volume_file
 
-
-def volume_id(path: str | os.PathLike) -> str:
-    """The id of a volume file: its name without the image extension (``case-0001.nii.gz`` -> ``case-0001``)."""
-    name = Path(path).name
-    for e in IMAGE_EXTS:
-        if name.lower().endswith(e):
-            return name[: -len(e)]
-    return name
+    return is_volume_file(p) and not p.name.startswith(".")
 
 
 def _list_folder(folder: Path) -> tuple[list[Path], list[Path]]:
@@ -81,6 +75,8 @@ def iter_inputs(inputs: Sequence[str]) -> Iterator[Path]:
 
 def _check_inputs(inputs: Sequence[str]) -> int:
     """Check every input exists and ids are unique, without reading any volume; return the file count."""
+    from spmamba.volume import volume_id
+
     seen: dict[str, Path] = {}
     n = 0
     for p in iter_inputs(inputs):
@@ -373,6 +369,8 @@ def save_mosaic(image, heatmap, pixel_threshold: float, path: str | os.PathLike,
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from spmamba.scoring import abnormal_voxels
+
     img = np.moveaxis(np.asarray(image, dtype=np.float32), axis, -1)
     hm = np.moveaxis(np.asarray(heatmap, dtype=np.float32), axis, -1)
     nz = np.nonzero(np.any(img != 0, axis=(0, 1)))[0]
@@ -403,10 +401,11 @@ def save_mosaic(image, heatmap, pixel_threshold: float, path: str | os.PathLike,
         # faint heatmap over the brain, strong where the model calls a voxel abnormal, contour at the threshold
         ax.imshow(np.ma.masked_where(~inside | (h < hlo), h), cmap="inferno", origin="lower", alpha=0.3,
                   vmin=hlo, vmax=hhi, interpolation="nearest")
-        if np.isfinite(pixel_threshold) and (h >= pixel_threshold).any():
-            ax.imshow(np.ma.masked_less(h, pixel_threshold), cmap="inferno", origin="lower", alpha=0.8, vmin=hlo,
+        abnormal = abnormal_voxels(h, pixel_threshold)
+        if np.isfinite(pixel_threshold) and abnormal.any():
+            ax.imshow(np.ma.masked_where(~abnormal, h), cmap="inferno", origin="lower", alpha=0.8, vmin=hlo,
                       vmax=hhi, interpolation="nearest")
-            ax.contour(h >= pixel_threshold, levels=[0.5], colors="cyan", linewidths=0.8, origin="lower")
+            ax.contour(abnormal, levels=[0.5], colors="cyan", linewidths=0.8, origin="lower")
         ax.set_title(f"slice {k}" + (" (peak)" if k == peak else ""), fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -422,12 +421,6 @@ def _to_ras(array, affine):
     return nib.orientations.apply_orientation(array, ornt)
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def cmd_detect(args: argparse.Namespace) -> int:
     n_files = _check_inputs(args.inputs)
     model = Path(args.model)
@@ -437,22 +430,17 @@ def cmd_detect(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise CLIError(f"{out}: exists and is not a folder")
     from spmamba.detector import Detector
-    from spmamba.volume import VolumeError, load_volume, save_volume
+    from spmamba.results import DetectOutputWriter, overlay_path
+    from spmamba.volume import VolumeError, load_volume, volume_id
 
-    out.mkdir(parents=True, exist_ok=True)
     detector = Detector.load(str(model), device=args.device)
-    pixel_threshold = None
     failed: list[tuple[str, str]] = []
     aligned: dict[str, dict] = {}  # models with alignment: per volume, how it was aligned
     n_done = n_abnormal = 0
     t0 = time.time()
-    scores_path = out / "scores.csv"
     bar = None if args.quiet else _tqdm(total=n_files, desc="detect", unit="vol")
     try:
-        with open(scores_path, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["id", "score", "threshold", "abnormal"])
-            fh.flush()
+        with DetectOutputWriter(out) as output:
             for path in iter_inputs(args.inputs):
                 sid = volume_id(path)
                 try:
@@ -464,18 +452,14 @@ def cmd_detect(args: argparse.Namespace) -> int:
                     if bar is not None:
                         bar.update(1)
                     continue
-                save_volume(res.heatmap, vol.affine, str(out / f"{sid}_anomaly.nii.gz"))
-                if getattr(res, "alignment", None):
+                output.add(sid, res.heatmap, vol.affine, res.score, res.threshold, res.abnormal)
+                if res.alignment:
                     aligned[sid] = {k: res.alignment[k] for k in ("similarity", "scales", "seconds", "matrix_ras")}
-                pixel_threshold = float(res.pixel_threshold)
-                writer.writerow([sid, f"{float(res.score):.6g}", f"{float(res.threshold):.6g}",
-                                 int(bool(res.abnormal))])
-                fh.flush()
                 if args.png:
                     flag = "ABNORMAL" if res.abnormal else "normal"
                     img_ras, heat_ras = _to_ras(vol.array, vol.affine), _to_ras(res.heatmap, vol.affine)
-                    save_mosaic(img_ras, heat_ras, float(res.pixel_threshold), out / f"{sid}_overlay.png",
-                                axis=int(getattr(res, "slice_axis", 2)),
+                    save_mosaic(img_ras, heat_ras, float(res.pixel_threshold), overlay_path(out, sid),
+                                axis=int(res.slice_axis),
                                 title=f"{sid}: score {float(res.score):.4g} (threshold {float(res.threshold):.4g}) "
                                       f"{flag}")
                 n_done += 1
@@ -484,33 +468,21 @@ def cmd_detect(args: argparse.Namespace) -> int:
                     bar.set_postfix_str(f"{sid} {'ABN' if res.abnormal else 'ok'}", refresh=False)
                     bar.update(1)
                 del vol, res
+            alignment = detector.alignment
+            output.finish(model=str(model), version=detector.version,
+                          pixel_threshold=float(detector.calibration.pixel_threshold), n_inputs=n_files,
+                          n_done=n_done, failed=failed, seconds=time.time() - t0,
+                          alignment=None if alignment is None else {
+                              "method": "affine", "reference": alignment.reference.name,
+                              "metric_floor": alignment.metric_floor, "volumes": aligned})
     finally:
         if bar is not None:
             bar.close()
-    meta = {"model": str(model), "version": getattr(detector, "version", None),
-            "pixel_threshold": pixel_threshold if pixel_threshold is not None else _pixel_threshold(detector),
-            "n_inputs": n_files, "n_done": n_done, "n_failed": len(failed),
-            "failed": [{"path": p, "error": e} for p, e in failed], "seconds": round(time.time() - t0, 2)}
-    alignment = getattr(detector, "alignment", None)
-    if alignment is not None:
-        meta["alignment"] = {"method": "affine", "reference": alignment.reference.name,
-                             "metric_floor": alignment.metric_floor, "volumes": aligned}
-    _write_json(out / "detect.json", meta)
     print(f"{n_done} volume(s) scored, {n_abnormal} abnormal; heatmaps and scores.csv in {out}"
           + (f" (each aligned to the model's {alignment.reference.name} reference first)" if alignment else "")
           + (f"; {len(failed)} input(s) could not be read" + (" or aligned" if alignment else "") + " (see above)"
              if failed else ""))
     return EXIT_BAD_INPUT if failed else EXIT_OK
-
-
-def _pixel_threshold(detector) -> float | None:
-    for name in ("pixel_threshold",):
-        v = getattr(detector, name, None)
-        if isinstance(v, (int, float)):
-            return float(v)
-    cal = getattr(detector, "calibration", None)
-    v = cal.get("pixel_threshold") if isinstance(cal, dict) else getattr(cal, "pixel_threshold", None)
-    return float(v) if isinstance(v, (int, float)) else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -537,26 +509,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             bar.close()
     json_path = Path(args.json) if args.json else Path(args.pred) / "metrics.json"
     if str(json_path) == "-":
-        print(json.dumps(result, indent=2, default=_json_default))
+        print(json.dumps(result, indent=2, default=json_default))
         return EXIT_OK
     print(format_table(result))
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = json_path.with_name(f".{json_path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=_json_default))
-    os.replace(tmp, json_path)
+    write_json(json_path, result)
     print(f"(JSON: {json_path})")
     return EXIT_OK
-
-
-def _json_default(o):
-    try:
-        import numpy as np
-
-        if isinstance(o, np.generic):
-            return o.item()
-    except ImportError:  # pragma: no cover
-        pass
-    return str(o)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -712,6 +670,8 @@ def _report_served(tag: str, url: str, studies: Path, requested_model: Path | No
         lines.append(f"[{tag}] no model yet: detection answers 409 until there is one. Train one with "
                      "`spmamba train --normal DIR --out model.pt` and serve it with --model model.pt, or mark studies "
                      "normal and train from the Slicer module")
+    from spmamba.volume import volume_id
+
     ids = sorted(volume_id(p) for p in studies.iterdir() if p.is_file() and _is_image(p)) if studies.is_dir() else []
     lines += next_steps(url, ids[0] if ids else "STUDY_ID")
     _eprint("\n".join(lines))
@@ -857,6 +817,7 @@ def prepare_demo(demo_dir: str | os.PathLike, *, n_train: int = 20, n_test: int 
     """Make ``demo_dir`` (synth data, skipped if present) and ``demo_dir/studies`` (all volumes, with a
     curation.csv marking the training normals as normal); return the studies folder."""
     from spmamba.data.synthetic import make_dataset
+    from spmamba.volume import volume_id
 
     d = Path(demo_dir)
     labels = d / "test" / "labels.csv"
@@ -910,11 +871,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
                        "run gives a better model)" if limit else ""))
             s = train_model(str(train_dir), str(model), config=args.config, epochs=args.epochs, device=args.device,
                             time_limit_min=limit, quiet=args.quiet, origin=DEMO_MADE_BY)
-            _provenance_path(model).write_text(json.dumps({
+            write_json(_provenance_path(model), {
                 "made_by": DEMO_MADE_BY, "settings": settings, "data": digest, "model_sha256": _sha256(model),
                 "version": s.get("version"), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "seconds": s.get("seconds"), "stopped_early": bool(s.get("stopped_early")),
-                "spmamba": _version()}, indent=2) + "\n")
+                "spmamba": _version()})
             if s.get("stopped_early"):  # Ctrl-C during the demo's training means: stop the demo
                 _eprint(f"[demo] stopped: the model trained so far is in {model} (calibrated; the next `spmamba "
                         f"demo` trains again). Serve it with: spmamba serve --studies {studies} --model {model}")
@@ -1076,16 +1037,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    errs: list[type[BaseException]] = [CLIError]
-    for mod, name in (("spmamba.volume", "VolumeError"), ("spmamba.train", "TrainingDataError"),
-                      ("spmamba.checkpoint", "CheckpointError"), ("spmamba.metrics", "EvaluationError")):
-        try:
-            m = __import__(mod, fromlist=[name])
-            errs.append(getattr(m, name))
-        except Exception:  # noqa: BLE001 - a missing optional part must not break the CLI
-            continue
-    return tuple(errs)
+def _library_input_errors() -> tuple[type[BaseException], ...]:
+    """The library's errors for unusable input (each message names the file and the problem)."""
+    from spmamba.checkpoint import CheckpointError
+    from spmamba.metrics import EvaluationError
+    from spmamba.train import TrainingDataError
+    from spmamba.volume import VolumeError
+
+    return VolumeError, TrainingDataError, CheckpointError, EvaluationError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1104,7 +1063,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pass
         return EXIT_OK
     except Exception as exc:  # noqa: BLE001
-        if isinstance(exc, _known_errors()):
+        if isinstance(exc, CLIError) or isinstance(exc, _library_input_errors()):
             _eprint(f"spmamba {args.command}: error: {exc}")
             return EXIT_BAD_INPUT
         if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):

@@ -23,7 +23,6 @@ doubled). For AUPRO, each ground-truth region keeps at most ``region_quantiles``
 from __future__ import annotations
 
 import csv
-import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -33,6 +32,10 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
+from spmamba.results import ResultsError, heatmap_path, parse_abnormal, read_detect_meta, read_scores
+from spmamba.scoring import abnormal_voxels
+from spmamba.volume import VOLUME_SUFFIXES, VolumeError, is_volume_file, load_volume, volume_id
 
 __all__ = [
     "image_metrics",
@@ -273,14 +276,15 @@ def _surface_distances(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float
 
 def lesion_metrics(heatmap: np.ndarray, mask: np.ndarray, threshold: float,
                    spacing: Sequence[float] = (1.0, 1.0, 1.0), min_region_voxels: int = 1) -> dict:
-    """Lesion-level counts and distances for one volume at ``threshold`` (predicted = heatmap >= threshold).
+    """Lesion-level counts and distances for one volume at ``threshold`` (predicted = the abnormal voxels,
+    ``spmamba.scoring.abnormal_voxels``: heatmap >= threshold).
 
     Predicted components smaller than ``min_region_voxels`` are dropped. Returns counts (``n_gt``,
     ``n_gt_detected``, ``n_pred``, ``n_pred_true``), ``dice`` and, when both prediction and ground truth are
     non-empty, ``hd99_mm`` and ``msd_mm`` (otherwise NaN).
     """
     gt = np.asarray(mask) > 0
-    pred = np.asarray(heatmap) >= threshold
+    pred = abnormal_voxels(heatmap, threshold)
     if pred.shape != gt.shape:
         raise ValueError(f"heatmap shape {pred.shape} differs from mask shape {gt.shape}")
     plab, n_pred = ndimage.label(pred, structure=_CONNECTIVITY)
@@ -346,63 +350,13 @@ class LesionMetricAccumulator:
 # ----------------------------------------------------------------------------------------------------------------
 # Folder evaluation (what ``spmamba evaluate`` runs)
 # ----------------------------------------------------------------------------------------------------------------
-_EXTS = (".nii.gz", ".nii", ".nrrd", ".nhdr")
-
-
-def _strip_ext(name: str) -> str:
-    for e in _EXTS:
-        if name.lower().endswith(e):
-            return name[: -len(e)]
-    return name
-
-
 def _read(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(array, affine) of a volume; errors name the file."""
     try:
-        from spmamba.volume import VolumeError, load_volume
-    except ImportError:  # core not available: NIfTI only
-        load_volume = None  # type: ignore[assignment]
-        VolumeError = ValueError  # type: ignore[assignment,misc]
-    try:
-        if load_volume is not None:
-            v = load_volume(path)
-            return np.asarray(v.array), np.asarray(v.affine)
-        import nibabel as nib
-
-        img = nib.load(str(path))
-        return np.asarray(img.dataobj, dtype=np.float32), img.affine
+        v = load_volume(path)
     except VolumeError as exc:
         raise EvaluationError(str(exc)) from exc
-    except Exception as exc:  # noqa: BLE001 - any reader failure is a bad input
-        raise EvaluationError(f"{path}: cannot read it as a volume ({exc})") from exc
-
-
-def _read_scores(path: Path) -> dict[str, dict]:
-    if not path.exists():
-        raise EvaluationError(f"{path}: not found (run `spmamba detect ... --out {path.parent}` first)")
-    rows: dict[str, dict] = {}
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        need = {"id", "score"}
-        if reader.fieldnames is None or not need <= set(reader.fieldnames):
-            raise EvaluationError(f"{path}: needs columns id,score (found {reader.fieldnames})")
-        for i, r in enumerate(reader, start=2):
-            try:
-                rows[r["id"]] = {"score": float(r["score"]),
-                                 "threshold": float(r["threshold"]) if r.get("threshold") not in (None, "") else None,
-                                 "abnormal": _as_bool(r["abnormal"]) if r.get("abnormal") not in (None, "") else None}
-            except ValueError as exc:
-                raise EvaluationError(f"{path}, line {i}: {exc}") from exc
-    return rows
-
-
-def _as_bool(v: str) -> bool:
-    t = str(v).strip().lower()
-    if t in ("1", "true", "yes", "abnormal", "1.0"):
-        return True
-    if t in ("0", "false", "no", "normal", "0.0"):
-        return False
-    raise ValueError(f"cannot read {v!r} as abnormal 0/1")
+    return v.array, v.affine
 
 
 def _read_labels(path: Path) -> dict[str, bool]:
@@ -415,7 +369,7 @@ def _read_labels(path: Path) -> dict[str, bool]:
         out = {}
         for i, r in enumerate(reader, start=2):
             try:
-                out[_strip_ext(r["id"])] = _as_bool(r["abnormal"])
+                out[volume_id(r["id"])] = parse_abnormal(r["abnormal"])
             except ValueError as exc:
                 raise EvaluationError(f"{path}, line {i}: {exc}") from exc
     return out
@@ -426,9 +380,9 @@ def _index_masks(masks_dir: Path) -> dict[str, Path]:
         raise EvaluationError(f"{masks_dir}: masks folder not found")
     out: dict[str, Path] = {}
     for p in sorted(masks_dir.iterdir()):
-        if p.name.startswith(".") or not p.name.lower().endswith(_EXTS):
+        if p.name.startswith(".") or not is_volume_file(p):
             continue
-        sid = _strip_ext(p.name)
+        sid = volume_id(p)
         for suffix in ("_mask", "_seg", "_label"):
             if sid.endswith(suffix) and sid[: -len(suffix)]:
                 out.setdefault(sid[: -len(suffix)], p)
@@ -460,20 +414,17 @@ def evaluate_folder(pred_dir: str | Path, masks_dir: str | Path, labels_csv: str
     pred_dir, masks_dir = Path(pred_dir), Path(masks_dir)
     if not pred_dir.is_dir():
         raise EvaluationError(f"{pred_dir}: prediction folder not found")
-    scores = _read_scores(pred_dir / "scores.csv")
+    try:
+        scores = read_scores(pred_dir)
+        detect_meta = read_detect_meta(pred_dir)
+    except ResultsError as exc:
+        raise EvaluationError(str(exc)) from exc
     if not scores:
         raise EvaluationError(f"{pred_dir / 'scores.csv'}: has no rows")
     masks = _index_masks(masks_dir)
     labels = _read_labels(Path(labels_csv)) if labels_csv else None
     warn: list[str] = []
     source = "argument"
-    detect_meta = {}
-    meta_path = pred_dir / "detect.json"
-    if meta_path.exists():
-        try:
-            detect_meta = json.loads(meta_path.read_text())
-        except ValueError as exc:
-            raise EvaluationError(f"{meta_path}: not valid JSON ({exc})") from exc
     if threshold is None and detect_meta.get("pixel_threshold") is not None:
         threshold, source = float(detect_meta["pixel_threshold"]), "model (detect.json pixel_threshold)"
 
@@ -481,7 +432,7 @@ def evaluate_folder(pred_dir: str | Path, masks_dir: str | Path, labels_csv: str
     y_img, s_img, dec = [], [], []
     plan: list[tuple[str, Path, Path | None]] = []
     for sid in ids:
-        hm = pred_dir / f"{sid}_anomaly.nii.gz"
+        hm = heatmap_path(pred_dir, sid)
         mpath = masks.get(sid)
         if labels is not None:
             if sid not in labels:
@@ -583,7 +534,7 @@ def evaluate_folder(pred_dir: str | Path, masks_dir: str | Path, labels_csv: str
 
 
 def _find_image(images_dir: Path, sid: str) -> Path:
-    for e in _EXTS:
+    for e in VOLUME_SUFFIXES:
         p = images_dir / f"{sid}{e}"
         if p.exists():
             return p

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from monai.networks.layers import GaussianFilter
 
 __all__ = [
+    "abnormal_voxels",
     "feature_distance_map",
     "gaussian_blur",
     "contrast_term",
@@ -113,9 +114,17 @@ def calibrate_threshold(normal_values: np.ndarray, false_positive_rate: float) -
     return float(np.quantile(v, 1.0 - false_positive_rate, method="higher"))
 
 
+def abnormal_voxels(heatmap: np.ndarray, threshold: float) -> np.ndarray:
+    """The one rule for what a heatmap calls abnormal: voxels **at or above** the calibrated pixel threshold
+    (``heatmap >= threshold``), as a bool array of the heatmap's shape. Regions (:func:`find_regions`), the app's
+    label map, the CLI's overlays and the lesion metrics (``spmamba.metrics``) all use it."""
+    return np.asarray(heatmap) >= threshold
+
+
 def find_regions(heatmap: np.ndarray, threshold: float, affine: Optional[np.ndarray] = None,
                  min_voxels: int = 1, max_regions: int = 20) -> list[dict]:
-    """Connected regions (26-connectivity) of ``heatmap > threshold``, strongest peak first.
+    """Connected regions (26-connectivity) of the abnormal voxels (:func:`abnormal_voxels`: ``heatmap >= threshold``),
+    strongest peak first.
 
     Each region: label (1-based, in the returned order), n_voxels, volume_mm3, peak, mean,
     peak_voxel, centroid_voxel [i, j, k] and centroid_ras [x, y, z] (affine applied; identity if None).
@@ -127,7 +136,7 @@ def find_regions(heatmap: np.ndarray, threshold: float, affine: Optional[np.ndar
         hm = hm[..., None]
     aff = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
     voxel_mm3 = float(abs(np.linalg.det(aff[:3, :3])))
-    mask = hm > threshold
+    mask = abnormal_voxels(hm, threshold)
     labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
     if n == 0:
         return []

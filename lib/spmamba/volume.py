@@ -6,8 +6,6 @@ axis 2 is axial whatever the file's orientation; the heatmap is mapped back to t
 from __future__ import annotations
 
 import gzip
-import os
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +17,15 @@ import torch
 import torch.nn.functional as F
 from nibabel import orientations
 
+from spmamba.atomic import atomic_path
+
 __all__ = [
-    "VolumeError", "Volume", "load_volume", "validate_array", "save_volume", "volume_id", "is_volume_file",
-    "VOLUME_SUFFIXES", "SliceGeometry", "CanonicalVolume", "to_canonical", "normalise_intensity",
+    "VolumeError", "Volume", "load_volume", "validate_array", "save_volume", "volume_id", "volume_suffix",
+    "is_volume_file", "VOLUME_SUFFIXES", "SliceGeometry", "CanonicalVolume", "to_canonical", "normalise_intensity",
     "slices_to_batch", "batch_to_slices", "SLICE_AXES",
 ]
 
+#: the volume files the library reads (``.nhdr``: a detached NRRD header beside its data file), longest first
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr")
 MAX_VOXELS = 1024 ** 3 // 2  # 512 M voxels (2 GB as float32): beyond this a header is treated as absurd
 MAX_SIDE = 8192
@@ -49,16 +50,23 @@ class Volume:
 
 
 def volume_id(path: Union[str, Path]) -> str:
-    """File name without the volume suffix: 'sub-01.nii.gz' -> 'sub-01'."""
+    """The id of a volume: its file name without the volume suffix ('a/sub-01.nii.gz' -> 'sub-01', any case of the
+    suffix); a name without one is returned whole ('case.01' stays 'case.01'). The one rule for the CLI's output
+    names, ``evaluate``'s matching of masks and labels, and the app's study ids."""
     name = Path(path).name
-    for suf in VOLUME_SUFFIXES:
-        if name.lower().endswith(suf):
-            return name[: -len(suf)]
-    return Path(name).stem
+    suffix = volume_suffix(name)
+    return name[: -len(suffix)] if suffix else name
+
+
+def volume_suffix(path: Union[str, Path]) -> Optional[str]:
+    """The volume suffix of a file name as written in ``VOLUME_SUFFIXES`` ('.nii.gz' for 'A.NII.GZ'), or None."""
+    low = Path(path).name.lower()
+    return next((suf for suf in VOLUME_SUFFIXES if low.endswith(suf)), None)
 
 
 def is_volume_file(path: Union[str, Path]) -> bool:
-    return str(path).lower().endswith(VOLUME_SUFFIXES)
+    """Whether the file name ends in one of ``VOLUME_SUFFIXES`` (any case)."""
+    return volume_suffix(path) is not None
 
 
 def validate_array(array: np.ndarray, name: str = "array") -> np.ndarray:
@@ -165,48 +173,32 @@ def load_volume(path: Union[str, Path], name: Optional[str] = None) -> Volume:
     raise VolumeError(f"{name}: unsupported file type; give a .nii, .nii.gz or .nrrd volume")
 
 
-def _atomic_target(path: Path, suffix: str) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    return tmp
-
-
-def save_volume(array: np.ndarray, affine: np.ndarray, path: Union[str, Path]) -> Path:
-    """Write float32 NIfTI (.nii/.nii.gz) or NRRD (.nrrd, LPS space) atomically (temp file + rename)."""
+def save_volume(array: np.ndarray, affine: np.ndarray, path: Union[str, Path], dtype=np.float32) -> Path:
+    """Write a NIfTI (.nii/.nii.gz) or NRRD (.nrrd, LPS space and gzip, as 3D Slicer writes and expects) volume
+    atomically (temporary file + rename). Voxels are stored as ``dtype``: float32 for heatmaps, ``np.uint8`` for
+    label maps."""
     path = Path(path)
     low = path.name.lower()
-    arr = np.asarray(array, dtype=np.float32)
+    arr = np.ascontiguousarray(array, dtype=dtype)
     affine = np.asarray(affine, dtype=np.float64)
     if low.endswith((".nii.gz", ".nii")):
-        suffix = ".nii.gz" if low.endswith(".gz") else ".nii"
-        tmp = _atomic_target(path, suffix)
         img = nib.Nifti1Image(arr, affine)
         img.set_qform(affine, code=1)
         img.set_sform(affine, code=1)
         img.header.set_xyzt_units("mm")
-        try:
-            nib.save(img, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(path, suffix=".nii.gz" if low.endswith(".gz") else ".nii") as tmp:
+            nib.save(img, str(tmp))
     elif low.endswith(".nrrd"):
         import nrrd
 
         lps = _LPS @ affine
-        header = {
-            "type": "float", "dimension": arr.ndim, "space": "left-posterior-superior",
+        header = {  # pynrrd sets the voxel type from the array
+            "dimension": arr.ndim, "space": "left-posterior-superior",
             "space directions": lps[:3, :3].T.tolist(), "space origin": lps[:3, 3].tolist(),
             "kinds": ["domain"] * arr.ndim, "encoding": "gzip",
         }
-        tmp = _atomic_target(path, ".nrrd")
-        try:
-            nrrd.write(tmp, arr, header)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(path, suffix=".nrrd") as tmp:
+            nrrd.write(str(tmp), arr, header)
     else:
         raise VolumeError(f"{path}: cannot write this file type; use .nii.gz, .nii or .nrrd")
     return path

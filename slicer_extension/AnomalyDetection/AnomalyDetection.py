@@ -5,6 +5,9 @@ Standard scripted-module pattern:
 * ``AnomalyDetection``        module description;
 * ``AnomalyDetectionWidget``  Qt only and thin: reads widgets, calls the Logic, shows results;
                               every server call runs in a worker thread (``TaskRunner``) polled by a QTimer;
+                              the module's state (server URL, method, threshold, opacity, input volume,
+                              heatmap) lives in the Logic's parameter node, as in the scripted-module template
+                              (updateGUIFromParameterNode / updateParameterNodeFromGUI);
 * ``AnomalyDetectionLogic``   the module logic (MRML + server client) from ``AnomalyDetectionLib`` - no Qt;
 * ``AnomalyDetectionTest``    runs inside Slicer (Developer mode -> Reload and Test, or ctest).
 """
@@ -24,8 +27,15 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from AnomalyDetectionLib.client import CURATION_STATES, DEFAULT_URL, UNREVIEWED, ServerError, train_progress
-from AnomalyDetectionLib.logic import AnomalyLogic
+from AnomalyDetectionLib.client import (
+    CURATION_STATES,
+    DEFAULT_MODEL,
+    DEFAULT_URL,
+    UNREVIEWED,
+    ServerError,
+    train_progress,
+)
+from AnomalyDetectionLib.logic import REF_HEATMAP, AnomalyLogic
 from AnomalyDetectionLib.tasks import TaskRunner
 
 SETTINGS_URL_KEY = "AnomalyDetection/ServerURL"
@@ -65,11 +75,13 @@ class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self.runner = None
         self.summary = None
-        self.heatmap = None
         self.regionsTable = None
         self.lastVersion = ""
         self.versions = None  # ModelVersions shown in versionsComboBox
-        self._updatingGUI = False
+        self._parameterNode = None
+        self._updatingGUIFromParameterNode = False
+        self._shownHeatmapID = None  # heatmap whose regions the table widget shows
+        self._shownMethod = None  # method whose model version the panel shows
 
     # ----------------------------------------------------------------------------------------------- set-up
     def setup(self):
@@ -97,11 +109,13 @@ class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.connectButton.connect("clicked(bool)", self.onConnect)
         self.ui.serverUrlLineEdit.connect("returnPressed()", self.onConnect)
-        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
-        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
+        self.ui.serverUrlLineEdit.connect("editingFinished()", self.updateParameterNodeFromGUI)
+        self.ui.methodComboBox.connect("currentIndexChanged(int)", self.onMethodChanged)
+        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputVolumeChanged)
         self.ui.detectButton.connect("clicked(bool)", self.onDetect)
         self.ui.opacitySlider.connect("valueChanged(double)", self.onOpacityChanged)
         self.ui.thresholdSlider.connect("valueChanged(double)", self.onThresholdChanged)
+        self.ui.minRegionVoxelsSpinBox.connect("valueChanged(int)", self.onMinRegionVoxelsChanged)
         self.ui.regionsButton.connect("clicked(bool)", self.onRegions)
         self.ui.regionsTableWidget.connect("cellClicked(int,int)", self.onRegionClicked)
         self.ui.markNormalButton.connect("clicked(bool)", lambda: self.onMark("normal"))
@@ -114,6 +128,9 @@ class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.rollbackButton.connect("clicked(bool)", self.onRollback)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
+        self.initializeParameterNode()
         self.updateButtons()
 
     def cleanup(self):
@@ -124,13 +141,96 @@ class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.runner is not None:
             self.runner.shutdown()
 
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        # stop following the node while the module is hidden (the template's rule); enter() picks it up again
+        self.setParameterNode(None)
+
     def onSceneStartClose(self, caller, event):
-        self.heatmap = None
+        self.setParameterNode(None)
         self.regionsTable = None
+        self._shownHeatmapID = None
         self.ui.regionsTableWidget.setRowCount(0)
         self.ui.scoreLabel.text = "-"
         self.ui.verdictLabel.text = "-"
         self.updateButtons()
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def onSceneEndImport(self, caller, event):
+        # a loaded scene brings its own parameter node values (URL, method, threshold, heatmap ...)
+        self._shownHeatmapID = None
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    # ----------------------------------------------------------------------------------------------- parameter node
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+        p = self.logic.parameters()
+        if p.input_volume is None:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first is not None and first.GetAttribute("AnomalyDetection.Role") is None:
+                self.logic.set_parameters(input_volume=first)
+
+    def setParameterNode(self, parameterNode):
+        if self._parameterNode is not None:
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self._parameterNode = parameterNode
+        if self._parameterNode is not None:
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self.updateGUIFromParameterNode()
+
+    def currentHeatmap(self):
+        heat = self._parameterNode.GetNodeReference(REF_HEATMAP) if self._parameterNode is not None else None
+        return heat if heat is not None and heat.GetImageData() is not None else None
+
+    def updateGUIFromParameterNode(self, caller=None, event=None):
+        """Show the parameter node's values, then let the Logic apply them (URL, method, threshold, opacity)."""
+        if self._parameterNode is None or self._updatingGUIFromParameterNode:
+            return
+        self._updatingGUIFromParameterNode = True
+        try:
+            p = self.logic.parameters()
+            if not self.ui.serverUrlLineEdit.hasFocus():
+                self.ui.serverUrlLineEdit.text = p.server_url
+            index = self.ui.methodComboBox.findText(p.method)
+            if index < 0 and p.method:
+                self.ui.methodComboBox.addItem(p.method)  # not connected yet: show the remembered method
+                index = self.ui.methodComboBox.findText(p.method)
+            self.ui.methodComboBox.setCurrentIndex(index)
+            if self.summary is not None and p.method != self._shownMethod:  # another method: its model version
+                self.ui.modelVersionLabel.text = self.summary.model_version(p.method) or "(none yet)"
+            self._shownMethod = p.method
+            self.ui.inputVolumeSelector.setCurrentNode(p.input_volume)
+            self.ui.opacitySlider.value = p.opacity
+            self.ui.minRegionVoxelsSpinBox.value = p.min_region_voxels
+            heat = self.currentHeatmap()
+            if heat is not None:
+                lo, hi = self.logic.heatmap_range(heat)
+                threshold = p.threshold if p.threshold is not None else lo
+                self.ui.thresholdSlider.minimum = min(lo, threshold)
+                self.ui.thresholdSlider.maximum = max(hi, threshold)
+                self.ui.thresholdSlider.singleStep = max((hi - lo) / 1000.0, 1e-6)
+                self.ui.thresholdSlider.value = threshold
+            if heat is None or heat.GetID() != self._shownHeatmapID:
+                self._shownHeatmapID = heat.GetID() if heat is not None else None
+                self.showRegionsFromScene(heat)
+        finally:
+            self._updatingGUIFromParameterNode = False
+        self.logic.apply_parameters()  # may write the node again (same values): converges at once
+        self.updateButtons()
+
+    def updateParameterNodeFromGUI(self, caller=None, event=None):
+        """Server URL typed by the user (the other widgets write their own parameter when they change)."""
+        if self._parameterNode is None or self._updatingGUIFromParameterNode:
+            return
+        url = self.ui.serverUrlLineEdit.text.strip()
+        if url:
+            self.logic.set_parameters(server_url=url)
 
     # ----------------------------------------------------------------------------------------------- helpers
     def setStatus(self, text, error=False):
@@ -165,10 +265,12 @@ class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return self.ui.inputVolumeSelector.currentNode()
 
     def updateButtons(self, *unused):
+        if self.runner is None:
+            return
         volume = self.currentVolume()
         self.ui.connectButton.enabled = not (self.runner and self.runner.busy("connect"))
         self.ui.detectButton.enabled = volume is not None and not self.runner.busy("detect")
-        hasHeat = self.heatmap is not None and slicer.mrmlScene.IsNodePresent(self.heatmap)
+        hasHeat = self.currentHeatmap() is not None
         self.ui.regionsButton.enabled = hasHeat
         self.ui.thresholdSlider.enabled = hasHeat
         hasStudy = volume is not None and bool(self.logic.image_id_of(volume))
@@ -183,9 +285,9 @@ class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def applyServerUrl(self):
         url = self.ui.serverUrlLineEdit.text.strip() or DEFAULT_URL
-        self.logic.set_server_url(url)
+        self.logic.set_server_url(url)  # -> the parameter node (saved with the scene)
         self.ui.serverUrlLineEdit.text = self.logic.server_url
-        qt.QSettings().setValue(SETTINGS_URL_KEY, self.logic.server_url)
+        qt.QSettings().setValue(SETTINGS_URL_KEY, self.logic.server_url)  # the default of a new scene
 
     # ----------------------------------------------------------------------------------------------- server
     def onConnect(self, *unused):
@@ -194,34 +296,41 @@ class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def showSummary(self, summary):
         self.summary = summary
-        self._updatingGUI = True
-        current = self.ui.modelComboBox.currentText
-        self.ui.modelComboBox.clear()
-        for name in summary.models:
-            self.ui.modelComboBox.addItem(name)
-        if current in summary.models:
-            self.ui.modelComboBox.setCurrentIndex(summary.models.index(current))
-        elif self.logic.model in summary.models:
-            self.ui.modelComboBox.setCurrentIndex(summary.models.index(self.logic.model))
-        strategy = self.ui.strategyComboBox.currentText
-        self.ui.strategyComboBox.clear()
-        for name in summary.strategies:
-            self.ui.strategyComboBox.addItem(name)
-        if strategy in summary.strategies:
-            self.ui.strategyComboBox.setCurrentIndex(summary.strategies.index(strategy))
-        self._updatingGUI = False
-        self.onModelChanged()
-        version = summary.model_version(self.logic.model)
+        wanted = self.logic.parameters().method
+        self._updatingGUIFromParameterNode = True
+        try:
+            self.ui.methodComboBox.clear()
+            for i, name in enumerate(summary.models):
+                self.ui.methodComboBox.addItem(name)
+                self.ui.methodComboBox.setItemData(i, summary.description(name) or name, qt.Qt.ToolTipRole)
+            strategy = self.ui.strategyComboBox.currentText
+            self.ui.strategyComboBox.clear()
+            for name in summary.strategies:
+                self.ui.strategyComboBox.addItem(name)
+            if strategy in summary.strategies:
+                self.ui.strategyComboBox.setCurrentIndex(summary.strategies.index(strategy))
+        finally:
+            self._updatingGUIFromParameterNode = False
+        missing = ""
+        method = wanted
+        if summary.models and wanted not in summary.models:
+            method = DEFAULT_MODEL if DEFAULT_MODEL in summary.models else summary.models[0]
+            missing = f" This server has no method '{wanted}'; using '{method}'."
+        self.logic.set_method(method)
+        self.updateGUIFromParameterNode()  # selects the method in the combo box
+        version = summary.model_version(self.logic.method)
         self.lastVersion = version
         self.ui.modelVersionLabel.text = version or "(none yet)"
-        percent, text = train_progress(summary.train_stats, self.logic.model)
+        percent, text = train_progress(summary.train_stats, self.logic.train_task)
         self.ui.serverInfoLabel.text = (
-            f"{summary.name} {summary.version}: models {', '.join(summary.models) or 'none'}; "
-            f"strategies {', '.join(summary.strategies) or 'none'}; training: {text}"
+            f"{summary.name} {summary.version}: methods {', '.join(summary.models) or 'none'}; "
+            f"strategies {', '.join(summary.strategies) or 'none'}; training ({self.logic.train_task}): {text}"
         )
         if not summary.models:
-            self.setStatus("Connected, but the server has no anomaly model yet: curate normal studies and train.",
-                           error=True)
+            self.setStatus("Connected, but the server has no anomaly method (no infer task returns a heatmap): "
+                           "check the app.", error=True)
+        elif missing:
+            self.setStatus(f"Connected to {self.logic.server_url}.{missing}", error=True)
         elif not version:
             self.setStatus("Connected. No trained model yet: mark normal studies in Curate, then Start training.")
         else:
@@ -230,13 +339,21 @@ class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.onRefreshVersions()
         self.run("train-poll", "Checking training state ...", self.logic.training_progress, onDone=self.showTraining)
 
-    def onModelChanged(self, *unused):
-        if self._updatingGUI:
+    def onMethodChanged(self, *unused):
+        if self._parameterNode is None or self._updatingGUIFromParameterNode:
             return
-        if self.ui.modelComboBox.currentText:
-            self.logic.model = self.ui.modelComboBox.currentText
-        if self.summary is not None:
-            self.ui.modelVersionLabel.text = self.summary.model_version(self.logic.model) or "(none yet)"
+        if self.ui.methodComboBox.currentText:
+            self.logic.set_method(self.ui.methodComboBox.currentText)  # -> parameter node -> GUI
+
+    def onInputVolumeChanged(self, node):
+        if self._parameterNode is None or self._updatingGUIFromParameterNode:
+            self.updateButtons()
+            return
+        # the threshold slider follows the heatmap of the chosen volume (none yet: the slider is disabled)
+        heat = self.logic.find_heatmap(node) if node is not None else None
+        threshold = heat.GetAttribute("AnomalyDetection.displayThreshold") if heat is not None else None
+        self.logic.set_parameters(input_volume=node, heatmap=heat,
+                                  threshold=float(threshold) if threshold else None)
 
     # ----------------------------------------------------------------------------------------------- detect
     def onDetect(self, *unused):
@@ -257,17 +374,9 @@ class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not slicer.mrmlScene.IsNodePresent(volume):
             self.setStatus("The input volume was closed before the result arrived.", error=True)
             return
-        heat = self.logic.show_heatmap(volume, result.heatmap_path, result=result,
-                                       opacity=self.ui.opacitySlider.value)
-        self.heatmap = heat
-        lo, hi = self.logic.heatmap_range(heat)
-        threshold = float(heat.GetAttribute("AnomalyDetection.displayThreshold"))
-        self._updatingGUI = True
-        self.ui.thresholdSlider.minimum = min(lo, threshold)
-        self.ui.thresholdSlider.maximum = max(hi, threshold)
-        self.ui.thresholdSlider.singleStep = max((hi - lo) / 1000.0, 1e-6)
-        self.ui.thresholdSlider.value = threshold
-        self._updatingGUI = False
+        # the Logic writes input, heatmap and threshold (the server's pixel threshold) into the parameter node,
+        # whose Modified event sets the slider range and value (updateGUIFromParameterNode)
+        self.logic.show_heatmap(volume, result.heatmap_path, result=result)
         score = "-" if result.score is None else f"{result.score:.4g}"
         if result.threshold is not None:
             score += f"  (threshold {result.threshold:.4g})"
@@ -278,39 +387,68 @@ class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if result.model_version:
             self.ui.modelVersionLabel.text = result.model_version
         self.ui.regionsTableWidget.setRowCount(0)
+        self.regionsTable = None
         warning = getattr(self.logic, "geometry_warning", "")
         aligned = f"{result.alignment_text[0].upper()}{result.alignment_text[1:]}. " if result.alignment_text else ""
         self.setStatus(f"{volume.GetName()}: {verdict} (score {score}). {aligned}{warning}".strip(),
                        error=bool(warning))
 
+    # each widget writes only its own parameter (so moving the opacity never rounds the server's threshold)
     def onOpacityChanged(self, value):
-        self.logic.set_opacity(value)
+        if self._parameterNode is None or self._updatingGUIFromParameterNode:
+            return
+        self.logic.set_parameters(opacity=value)
 
     def onThresholdChanged(self, value):
-        if self._updatingGUI or self.heatmap is None:
+        if self._parameterNode is None or self._updatingGUIFromParameterNode or self.currentHeatmap() is None:
             return
-        self.logic.set_threshold(self.heatmap, value)
+        self.logic.set_parameters(threshold=value)
+
+    def onMinRegionVoxelsChanged(self, value):
+        if self._parameterNode is None or self._updatingGUIFromParameterNode:
+            return
+        self.logic.set_parameters(min_region_voxels=value)
 
     def onRegions(self, *unused):
-        if self.heatmap is None:
+        heat = self.currentHeatmap()
+        if heat is None:
             return
+        p = self.logic.parameters()
         try:
-            seg, table, regions = self.logic.make_regions(
-                self.heatmap, self.ui.thresholdSlider.value, self.ui.minRegionVoxelsSpinBox.value)
+            # threshold None: the heatmap's display threshold, i.e. the parameter node's (exact, not the slider's
+            # rounded value), so the server's regions are used while it is the server's pixel threshold
+            seg, table, regions = self.logic.make_regions(heat, None, p.min_region_voxels)
         except Exception as e:  # noqa: BLE001
             self.showError(e)
             return
         self.regionsTable = table
+        self.fillRegionsTable(regions)
+        threshold = float(heat.GetAttribute("AnomalyDetection.displayThreshold") or 0.0)
+        source = {"server": "the server's regions", "server+heatmap": "the server's regions, completed here"}.get(
+            self.logic.regions_source, "computed from the heatmap")
+        note = f" ({self.logic.regions_note})" if self.logic.regions_note else ""
+        self.setStatus(f"{len(regions)} region(s) at or above {threshold:.4g}, {source}{note}"
+                       + ("; click a row to jump there." if regions else "."))
+
+    def fillRegionsTable(self, regions):
         widget = self.ui.regionsTableWidget
         widget.setRowCount(len(regions))
         for row, r in enumerate(regions):
             values = (str(r.label), str(r.n_voxels), f"{r.volume_mm3:.1f}", f"{r.peak:.4g}", f"{r.mean:.4g}") + tuple(
                 f"{x:.1f}" for x in r.centroid_ras)
             for col, text in enumerate(values):
-                widget.setItem(row, col, qt.QTableWidgetItem(text))
+                item = qt.QTableWidgetItem(text)
+                item.setToolTip("from the server" if r.source == "server" else "computed from the heatmap")
+                widget.setItem(row, col, item)
         widget.resizeColumnsToContents()
-        self.setStatus(f"{len(regions)} region(s) at threshold {self.ui.thresholdSlider.value:.4g}"
-                       + ("; click a row to jump there." if regions else "."))
+
+    def showRegionsFromScene(self, heat):
+        """The regions table of ``heat``'s volume as saved with the scene (none: an empty table)."""
+        reference = slicer.mrmlScene.GetNodeByID(heat.GetAttribute("AnomalyDetection.ReferenceNodeID") or "") \
+            if heat is not None else None
+        table = self.logic.regions_table(reference) if reference is not None else None
+        self.regionsTable = table
+        self.fillRegionsTable(self.logic.regions_from_table(table) if table is not None else [])
 
     def onRegionClicked(self, row, column):
         if self.regionsTable is None or not slicer.mrmlScene.IsNodePresent(self.regionsTable):
@@ -463,6 +601,11 @@ class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 class AnomalyDetectionLogic(ScriptedLoadableModuleLogic, AnomalyLogic):
     """The module logic: everything lives in ``AnomalyDetectionLib.logic.AnomalyLogic`` (no Qt there)."""
 
+    # the Qt-free parameter node of AnomalyLogic, not ScriptedLoadableModuleLogic's (same singleton tag, but ours
+    # fills our defaults and is what the headless tests check)
+    getParameterNode = AnomalyLogic.getParameterNode
+    setDefaultParameters = AnomalyLogic.setDefaultParameters
+
     def __init__(self, server_url=DEFAULT_URL):
         ScriptedLoadableModuleLogic.__init__(self)
         AnomalyLogic.__init__(self, server_url)
@@ -482,6 +625,8 @@ class AnomalyDetectionTest(ScriptedLoadableModuleTest):
         self.test_HeatmapOverlay()
         self.setUp()
         self.test_Regions()
+        self.setUp()
+        self.test_ParameterNode()
         url = os.environ.get("ANOMALY_DETECTION_TEST_SERVER")
         if url:
             self.setUp()
@@ -526,6 +671,24 @@ class AnomalyDetectionTest(ScriptedLoadableModuleTest):
             self.assertAlmostEqual(region.volume_mm3, want["volume_mm3"], places=3)
         logic.jump_to(regions[0].centroid_ras)
         self.delayDisplay("Regions passed")
+
+    def test_ParameterNode(self):
+        self.delayDisplay("Parameter node")
+        logic, reference, path = self._case()
+        heat = logic.show_heatmap(reference, path, threshold=0.5)
+        node = logic.getParameterNode()
+        self.assertEqual(node.GetNodeReference("Heatmap"), heat)
+        self.assertEqual(node.GetNodeReference("InputVolume"), reference)
+        node.SetParameter("Threshold", "0.65")
+        node.SetParameter("Opacity", "0.3")
+        node.SetParameter("Method", "spmamba")
+        logic.apply_parameters()
+        self.assertAlmostEqual(heat.GetDisplayNode().GetWindowLevelMin(), 0.65, places=5)
+        for i in range(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+            composite = slicer.mrmlScene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+            self.assertAlmostEqual(composite.GetForegroundOpacity(), 0.3, places=5)
+        self.assertEqual(logic.method, "spmamba")
+        self.delayDisplay("Parameter node passed")
 
     def test_Server(self, url):
         self.delayDisplay(f"Server {url}")

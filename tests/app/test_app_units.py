@@ -97,3 +97,59 @@ def test_curation_csv_seeds_only_unset_states(applib, tmp_path, tiny_data):
     assert ds.training_studies(False) == ["s1"]
     assert ds.training_studies(True) == ["s1", "s2"]
     assert ds.curation("s0") == "excluded"
+
+
+def test_datastore_lists_every_volume_the_library_reads_with_its_ids(applib, tmp_path, tiny_data):
+    """One list of volume suffixes and one id rule (spmamba.volume): a detached-header NRRD study is listed too."""
+    import shutil
+
+    import nrrd
+    from spmamba.volume import load_volume
+
+    shutil.copy(tiny_data["normal"][0], tmp_path / "sub-1.v2.nii.gz")
+    nrrd.write(str(tmp_path / "head.nhdr"), load_volume(tiny_data["normal"][1]).array)  # + head.raw.gz beside it
+    ds = applib[1].CuratedDatastore(str(tmp_path), auto_reload=False)
+    assert sorted(ds.list_images()) == ["head", "sub-1.v2"]
+    assert ds.get_image_uri("head").endswith("head.nhdr")
+    assert load_volume(ds.get_image_uri("head")).array.shape == load_volume(tiny_data["normal"][1]).array.shape
+
+
+def test_routes_are_module_level_endpoints_put_in_front_once(applib):
+    from fastapi import FastAPI
+
+    routes = applib[2]
+    app = FastAPI()
+    routes.install(app)
+    routes.install(app)  # installing again replaces, never duplicates
+    names = [r.name for r in app.router.routes if r.name.startswith(routes.ROUTE_PREFIX)]
+    assert sorted(names) == sorted(endpoint.__name__ for _, endpoint, _, _ in routes.ROUTES)
+    assert all(getattr(routes, endpoint.__name__) is endpoint for _, endpoint, _, _ in routes.ROUTES)
+    assert [r.name for r in app.router.routes[: len(names)]] == names  # ahead of every stock route
+
+
+def test_slice_axis_is_a_training_setting(applib, tmp_path, tiny_data, tiny_model, monkeypatch):
+    """--conf slice_axis sets the axis new models are trained on; detection always uses the served model's."""
+    import spmamba.train
+    from lib.detection import Detection
+    from lib.model_store import ModelStore
+    from lib.trainers import AnomalyTrain
+
+    settings = applib[0].parse_conf(str(tmp_path), str(tmp_path / "studies"),
+                                    {"slice_axis": "sagittal", "model": str(tiny_model)})
+    assert settings.slice_axis == 0
+    detection = Detection(settings, ModelStore(settings.published_model, settings.model, "cpu"))
+    volume, result, detector, _ = detection.run(str(tiny_data["normal"][0]))
+    assert result.slice_axis == detector.preprocessing.slice_axis == 2
+
+    seen = {}
+
+    def fake_train_detector(images, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("not training in a unit test")
+
+    monkeypatch.setattr(spmamba.train, "train_detector", fake_train_detector)
+    task = AnomalyTrain(settings)
+    monkeypatch.setattr(task, "precheck", lambda request, datastore: [str(p) for p in tiny_data["normal"][:2]])
+    with pytest.raises(RuntimeError, match="not training"):
+        task({}, datastore=None)
+    assert seen["preprocessing"].slice_axis == 0

@@ -11,7 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from spmamba.cli import main, volume_id
+from spmamba.cli import main
+from spmamba.volume import volume_id
 
 
 def _save(arr, path, spacing=2.0):

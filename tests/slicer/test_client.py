@@ -11,6 +11,7 @@ import pytest
 
 from AnomalyDetectionLib.client import (
     AnomalyClient,
+    DetectionResult,
     ServerError,
     decode_multipart,
     encode_multipart,
@@ -117,6 +118,44 @@ def test_summarize_info_and_progress():
     # version from the last training's stats when the app has no other place for it
     s2 = summarize_info({"models": {"m": {}}, "train_stats": {"m": {"model_version": "v9"}}})
     assert s2.model_version("m") == "v9"
+
+
+def test_methods_are_the_infer_tasks_that_return_a_heatmap():
+    """The rule of is_heatmap_method: a declared output decides; else type 'others' without labels."""
+    info = {
+        "models": {
+            # what the SP-Mamba app's /info/ says (plus its own fields: model, model_version, result_extensions)
+            "spmamba": {"type": "others", "labels": [], "dimension": 3, "description": "SP-Mamba heatmap",
+                        "config": {"result_extension": ".nii.gz"}, "model": {"ready": True, "version": "v1"},
+                        "model_version": "v1", "result_extensions": [".nii.gz", ".nii", ".nrrd"]},
+            "spmamba_seg": {"type": "segmentation", "labels": {"anomaly": 1}, "model_version": "v1"},
+            "voxel_baseline": {"type": "others", "labels": [], "description": "voxel-wise z-score baseline",
+                               "model_version": "b7"},
+            "declared": {"type": "segmentation", "labels": {"x": 1}, "output": "heatmap"},
+            "declared_label": {"type": "others", "labels": [], "output": "label"},
+            "deepedit": {"type": "deepedit", "labels": {"spleen": 1}},
+            "classifier": {"type": "classification", "labels": []},
+            "enum_str": {"type": "InferType.OTHERS", "labels": []},
+        },
+        "trainers": {"spmamba": {}},
+    }
+    s = summarize_info(info)
+    assert s.models == ["spmamba", "voxel_baseline", "declared", "enum_str"]
+    assert s.description("voxel_baseline") == "voxel-wise z-score baseline"
+    assert s.model_version("voxel_baseline") == "b7" and s.model_version("spmamba") == "v1"
+    # a method without a trainer of its own is trained by the app's anomaly trainer
+    assert s.train_task("spmamba") == "spmamba" and s.train_task("voxel_baseline") == "spmamba"
+    assert summarize_info({"models": {"m": {}}}).train_task("m") == "m"  # no trainers listed: the method itself
+    assert summarize_info({"models": {"seg": {"type": "segmentation"}}}).models == []  # never a label model
+
+
+def test_detection_result_regions():
+    regions = [{"label": 1, "n_voxels": 3, "centroid_ras": [0, 0, 0]}]
+    r = DetectionResult(params={"regions": regions, "n_regions": 4}, heatmap_path=None)
+    assert r.regions == regions and r.n_regions == 4
+    assert DetectionResult(params={"regions": regions}, heatmap_path=None).n_regions == 1
+    assert DetectionResult(params={}, heatmap_path=None).regions is None
+    assert DetectionResult(params={}, heatmap_path=None).n_regions is None
 
 
 def test_server_down_says_what_to_do():
@@ -313,3 +352,35 @@ def test_task_runner_keeps_caller_free_and_delivers_on_poll():
     assert thread_of_callback == [caller]
     assert not runner.busy()
     runner.shutdown()
+
+
+def test_logic_runs_the_chosen_method_and_trains_its_trainer(fake, tmp_path):
+    """Detect posts to /infer/{method}; training goes to the method's trainer (the app's 'spmamba' when the method
+    has none of its own), and its progress is read from that trainer's stats."""
+    from AnomalyDetectionLib.logic import AnomalyLogic, DetectionJob
+
+    heat = b"\x1f\x8b bytes"
+    answer = (b"--B\r\nContent-Disposition: form-data; name=\"params\"\r\n\r\n{\"score\": 1}\r\n--B\r\n"
+              b"Content-Disposition: form-data; name=\"image\"; filename=\"h.nii.gz\"\r\n\r\n"
+              + heat + b"\r\n--B--\r\n")
+    fake.routes[("POST", "/infer/voxel_baseline")] = (200, "multipart/form-data; boundary=B", answer, 0)
+    info = {"models": {"spmamba": {"type": "others", "labels": []},
+                       "voxel_baseline": {"type": "others", "labels": [], "model_version": "b1"}},
+            "trainers": {"spmamba": {}},
+            "train_stats": {"spmamba": {"epoch": 1, "total_epochs": 4, "status": "RUNNING"}}}
+    fake.routes[("GET", "/info/")] = _json(info)
+    fake.routes[("POST", "/train/spmamba")] = _json({"id": "t1", "status": "RUNNING"})
+    fake.routes[("GET", "/train/")] = _json({"id": "t1", "status": "RUNNING"})
+    logic = AnomalyLogic(fake.url)
+    logic._method = "voxel_baseline"  # what set_method does, without a scene for the parameter node
+    job = DetectionJob("vtkMRMLScalarVolumeNode1", "case1", None, False, "case1", method="voxel_baseline")
+    result = logic.run_detection(job)
+    assert fake.requests[-1][1] == "/infer/voxel_baseline?image=case1"
+    assert open(result.heatmap_path, "rb").read() == heat
+    assert logic.train_task == "voxel_baseline"  # before Connect: the method itself
+    logic.connect()
+    assert logic.train_task == "spmamba"
+    logic.start_training({"max_epochs": 4})
+    assert ("POST", "/train/spmamba") in [(m, p) for m, p, _, _ in fake.requests]
+    progress = logic.training_progress()
+    assert progress.running and progress.percent == 25 and progress.model_version == "b1"

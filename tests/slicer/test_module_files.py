@@ -65,6 +65,8 @@ def test_ui_names_are_unique_and_classes_known():
 def test_ui_widget_kinds_match_their_use():
     widgets = _ui_widgets()
     assert widgets["inputVolumeSelector"] == "qMRMLNodeComboBox"
+    assert widgets["methodComboBox"] == "QComboBox"  # the anomaly method (infer task), kept in the parameter node
+    assert "modelComboBox" not in widgets
     assert widgets["thresholdSlider"] == widgets["opacitySlider"] == "ctkSliderWidget"
     assert widgets["trainingProgressBar"] == "QProgressBar"
     assert widgets["statusLabel"] == "QLabel"
@@ -93,7 +95,7 @@ def test_logic_and_client_have_no_qt_and_no_spmamba(filename):
     forbidden = {n for n in names if n.split(".")[0] in ("qt", "ctk", "PythonQt", "spmamba", "PyQt5", "PySide2",
                                                         "requests", "httpx", "torch", "monai", "monailabel")}
     assert not forbidden, f"{filename} imports {forbidden}"
-    assert names <= {"__future__", "os", "re", "json", "mimetypes", "socket", "tempfile", "urllib.error",
+    assert names <= {"__future__", "os", "re", "json", "math", "mimetypes", "socket", "tempfile", "urllib.error",
                      "urllib.parse", "urllib.request", "uuid", "dataclasses", "typing", "concurrent.futures",
                      "threading", "time", "numpy", "slicer", "vtk", "vtk.util"}, names
     source = open(path).read()

@@ -154,6 +154,10 @@ def test_train_publish_detect_and_overlay(server, scene, tmp_path):
     assert heat.GetDisplayNode().GetLowerThreshold() == pytest.approx(result.pixel_threshold, rel=1e-5, abs=1e-6)
     seg, table, regions = logic.make_regions(heat, result.pixel_threshold)
     assert seg.GetSegmentation().GetNumberOfSegments() == len(regions) == table.GetNumberOfRows()
+    if result.regions is not None:  # the app's regions are used: matched to the segments made here, none missing
+        assert logic.regions_source in ("server", "server+heatmap"), logic.regions_note
+        assert len(regions) == result.n_regions
+        assert [r.n_voxels for r in regions[:len(result.regions)]] == [r["n_voxels"] for r in result.regions]
 
     # a local volume sent as a file (not added to the studies)
     from AnomalyDetectionLib import testing

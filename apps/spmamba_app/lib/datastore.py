@@ -2,6 +2,8 @@
 
 Differences from MONAI Label's ``LocalDatastore`` (0.8.5):
 
+* the studies are the files the library reads (``spmamba.volume.VOLUME_SUFFIXES``: ``.nii.gz``, ``.nii``, ``.nrrd``,
+  ``.nhdr``) and a study's id is ``spmamba.volume.volume_id`` of its file name;
 * uploads are validated *before* they are added: the id must be a safe file name (no ``../x``), the file must be a
   readable 3-D volume (``spmamba.volume.load_volume``: truncated, 4-D, 1-D, NaN/Inf, absurd header sizes and non-images
   are refused with a 4xx naming the problem), and it is copied into place with a temporary file + rename;
@@ -18,34 +20,27 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
+from spmamba.atomic import atomic_path, write_text
+from spmamba.volume import VOLUME_SUFFIXES, volume_id, volume_suffix
 
 from .configs import CURATION_KEY, CURATION_STATES
+from .detection import read_volume
 from .errors import check_id, not_found, unprocessable, unsupported
 
 logger = logging.getLogger(__name__)
 
-VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
 UNREVIEWED = ("", "none", "unreviewed", None)
 
 
-def volume_extension(filename: str) -> Optional[str]:
-    lower = filename.lower()
-    for ext in VOLUME_EXTENSIONS:
-        if lower.endswith(ext):
-            return ext
-    return None
-
-
 def require_volume_name(filename: Optional[str]) -> str:
-    """The volume extension of an upload's file name, or a 415 naming the client's file (the one message for
+    """The volume suffix of an upload's file name, or a 415 naming the client's file (the one message for
     ``POST /infer`` and ``PUT /datastore/image``)."""
-    ext = volume_extension(filename or "")
+    ext = volume_suffix(filename or "")
     if ext is None:
         raise unsupported(
             f"unsupported file type {os.path.basename(filename or '')!r}: upload a .nii, .nii.gz or .nrrd volume"
@@ -55,8 +50,6 @@ def require_volume_name(filename: Optional[str]) -> str:
 
 def validate_volume_file(path: str, shown_name: str) -> None:
     """Raise a 422 naming the problem unless ``path`` is a readable volume (the library decides what readable is)."""
-    from .infers.anomaly import read_volume
-
     read_volume(path, shown_name)
 
 
@@ -76,6 +69,7 @@ def normalise_curation(value: Any) -> Optional[str]:
 
 class CuratedDatastore(LocalDatastore):
     def __init__(self, *args, **kwargs):
+        kwargs.setdefault("extensions", [f"*{e}" for e in VOLUME_SUFFIXES])
         super().__init__(*args, **kwargs)
         handler = getattr(self, "_handler", None)
         if handler is not None:
@@ -83,11 +77,18 @@ class CuratedDatastore(LocalDatastore):
             handler.on_moved = self._on_moved_event
 
     # ------------------------------------------------------------------ file I/O
+    def _to_id(self, file: str) -> Tuple[str, str]:
+        """(id, extension) of a study or label file: the library's ``volume_id`` and the rest of the name."""
+        if volume_suffix(file) is None:
+            return super()._to_id(file)
+        sid = volume_id(file)
+        return sid, os.path.basename(file)[len(sid):]
+
     def _on_moved_event(self, event):
         dest = getattr(event, "dest_path", None)
         if dest == self._datastore_config_path:
             self._init_from_datastore_file()
-        elif dest and volume_extension(dest) and os.path.dirname(dest) == os.path.realpath(self._datastore.image_path()):
+        elif dest and volume_suffix(dest) and os.path.dirname(dest) == os.path.realpath(self._datastore.image_path()):
             self.refresh()  # a volume moved into the studies folder
 
     def _reload_unlocked(self) -> None:
@@ -105,17 +106,7 @@ class CuratedDatastore(LocalDatastore):
 
     def _write_unlocked(self) -> None:
         data = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
-        fd, tmp = tempfile.mkstemp(prefix=".datastore_v2.", suffix=".tmp", dir=self._datastore_path)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._datastore_config_path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_text(self._datastore_config_path, data, fsync=True)
         self._config_ts = os.stat(self._datastore_config_path).st_mtime
 
     def _update_datastore_file(self, lock=True):  # parent hook: make every write atomic
@@ -139,7 +130,7 @@ class CuratedDatastore(LocalDatastore):
     def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
         ext = require_volume_name(image_filename)
         if not image_id:
-            image_id = os.path.basename(image_filename)[: -len(ext)]
+            image_id = volume_id(image_filename)
         check_id(image_id)
         info = dict(image_info or {})
         if CURATION_KEY in info:
@@ -151,26 +142,19 @@ class CuratedDatastore(LocalDatastore):
         validate_volume_file(image_filename, f"{image_id}{ext}")
 
         name = image_id + ext
-        dest = os.path.join(self._datastore.image_path(), name)
-        fd, tmp = tempfile.mkstemp(prefix=".upload.", suffix=".part", dir=self._datastore.image_path())
-        os.close(fd)
-        try:
-            shutil.copyfile(image_filename, tmp)
-            with FileLock(self._lock_file):
-                self._reload_unlocked()
-                old = self._datastore.objects.get(image_id)
-                os.replace(tmp, dest)
-                if old is not None and old.image.ext != ext:
-                    stale = os.path.join(self._datastore.image_path(), image_id + old.image.ext)
-                    if os.path.exists(stale):
-                        os.unlink(stale)
-                info["ts"] = int(time.time())
-                info["name"] = name
-                self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext))
-                self._write_unlocked()
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(os.path.join(self._datastore.image_path(), name), suffix=".part") as tmp:
+            shutil.copyfile(image_filename, tmp)  # copied in full before it appears under its name
+        with FileLock(self._lock_file):
+            self._reload_unlocked()
+            old = self._datastore.objects.get(image_id)
+            if old is not None and old.image.ext != ext:
+                stale = os.path.join(self._datastore.image_path(), image_id + old.image.ext)
+                if os.path.exists(stale):
+                    os.unlink(stale)
+            info["ts"] = int(time.time())
+            info["name"] = name
+            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext))
+            self._write_unlocked()
         logger.info(f"Added image {image_id} ({name})")
         return image_id
 
@@ -219,7 +203,7 @@ class CuratedDatastore(LocalDatastore):
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: Dict[str, Any]) -> str:
         self._require(image_id)
         check_id(label_tag, "label tag")
-        if volume_extension(label_filename) is None:
+        if volume_suffix(label_filename) is None:
             raise unsupported("unsupported label file type: upload a .nii, .nii.gz or .nrrd label")
         validate_volume_file(label_filename, f"label for {image_id}")
         return super().save_label(image_id, label_filename, label_tag, label_info)

@@ -13,6 +13,7 @@ import threading
 from typing import Any, List, Optional, Tuple
 
 from .errors import NO_MODEL_MSG, HTTPException, conflict
+from .versions import served_path
 
 logger = logging.getLogger(__name__)
 
@@ -30,15 +31,7 @@ class ModelStore:
         return [p for p in (self.explicit, self.published) if p]
 
     def current_path(self) -> Optional[str]:
-        best, best_mtime = None, -1
-        for path in self.candidates():
-            try:
-                mtime = os.stat(path).st_mtime_ns
-            except OSError:
-                continue
-            if mtime > best_mtime:
-                best, best_mtime = path, mtime
-        return best
+        return served_path(self.published, self.explicit)
 
     def available(self) -> bool:
         return self.current_path() is not None
@@ -84,12 +77,10 @@ class ModelStore:
         det = self.peek()
         if det is None:
             return {"ready": False, "version": None, "path": self.current_path()}
-        meta = getattr(det, "meta", {}) or {}
-        cfg = getattr(det, "config", None)
         return {
             "ready": True,
             "version": det.version,
             "path": self._key[0] if self._key else None,
-            "preset": getattr(cfg, "name", None) if cfg is not None else None,
-            "created": meta.get("created"),
+            "preset": det.config.name,
+            "created": det.meta.get("created"),
         }

@@ -25,7 +25,8 @@ Two routes are the app's own (no stock equivalent): ``GET /model/versions`` (the
 for rollback; any user) and ``POST /model/rollback?version=V`` (admin, like training: 404 for a version not kept,
 409 while a training runs). They are registered before MONAI Label's ``/model/{model}`` download route.
 
-The stock handlers do the rest, so the REST surface is unchanged for stock clients.
+The stock handlers do the rest, so the REST surface is unchanged for stock clients. The endpoints are plain
+module-level functions; :func:`install` only puts them in front of the stock routes.
 """
 
 
@@ -40,6 +41,18 @@ import time
 from typing import Optional
 
 from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, UploadFile
+from monailabel.config import settings
+from monailabel.endpoints import datastore as ep_datastore
+from monailabel.endpoints import infer as ep_infer
+from monailabel.endpoints import info as ep_info
+from monailabel.endpoints import scoring as ep_scoring
+from monailabel.endpoints import train as ep_train
+from monailabel.endpoints.user.auth import RBAC, User
+from monailabel.interfaces.utils.app import app_instance
+from monailabel.utils.async_tasks.utils import processes, tasks
+
+from .datastore import require_volume_name
+from .errors import bad_request, check_id, not_found
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +68,11 @@ def upload_suffix(filename) -> str:
     return suffix or ".nii.gz"
 
 
+def task_running(kind: str) -> bool:
+    """Whether a MONAI Label task of ``kind`` (``train``, ``scoring``) runs or is submitted and not yet started."""
+    return bool(processes(kind)) or any(t.get("status") in ("SUBMITTED", "RUNNING") for t in tasks(kind))
+
+
 def _remove(path: str) -> None:
     try:
         os.unlink(path)
@@ -62,253 +80,241 @@ def _remove(path: str) -> None:
         pass
 
 
-def install(fastapi_app) -> None:
-    from monailabel.config import settings
-    from monailabel.endpoints import infer as ep_infer
-    from monailabel.endpoints import train as ep_train
-    from monailabel.endpoints.user.auth import RBAC, User
-    from monailabel.interfaces.utils.app import app_instance
-    from monailabel.utils.async_tasks.utils import processes, tasks
+def spmamba_infer(
+    background_tasks: BackgroundTasks,
+    model: str,
+    image: str = "",
+    session_id: str = "",
+    params: str = Form("{}"),
+    file: UploadFile = File(None),
+    label: UploadFile = File(None),
+    output: Optional[ep_infer.ResultType] = None,
+    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
+):
+    instance = app_instance()
+    if model not in instance._infers:
+        raise not_found(f"no inference model {model!r}; available: {', '.join(sorted(instance._infers))}")
+    try:
+        p = json.loads(params) if params else {}
+    except ValueError as e:
+        raise bad_request(f"params is not valid JSON: {e}") from e
+    if not isinstance(p, dict):
+        raise bad_request("params must be a JSON object")
+    for key in ("image", "model"):
+        if key in p:
+            raise bad_request(f"params may not set {key!r}: use the URL (?image=ID) or upload a file")
+    if file:
+        if file.filename:
+            require_volume_name(file.filename)  # 415 naming the client's file, as PUT /datastore/image
+        # keep the upload ourselves so error messages can name the client's file, not a temporary one
+        suffix = upload_suffix(file.filename)
+        fd, tmp = tempfile.mkstemp(prefix="tmp_upload_", suffix=suffix)
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(file.file, out)
+        background_tasks.add_task(_remove, tmp)
+        p["upload_name"] = os.path.basename(file.filename or "upload" + suffix)
+        image, file = tmp, None
+    elif not session_id:
+        if not image:
+            raise bad_request("no input: give ?image=ID of a datastore study or upload a file")
+        check_id(image)
+        ds = instance.datastore()
+        ds.sync()
+        if image not in ds.list_images():
+            raise not_found(f"image {image!r} not found in the datastore")
+    return ep_infer.run_inference(background_tasks, model, image, session_id, json.dumps(p), file, label, output)
 
-    from .datastore import require_volume_name
-    from .errors import bad_request, check_id, not_found
 
-    api = settings.MONAI_LABEL_API_STR
+def spmamba_train(
+    model: str,
+    params: Optional[dict] = None,
+    run_sync: Optional[bool] = False,
+    enqueue: Optional[bool] = False,
+    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN)),
+):
+    instance = app_instance()
+    task = instance._trainers.get(model)
+    if task is None:
+        raise not_found(f"no training task {model!r}; available: {', '.join(sorted(instance._trainers))}")
+    if task_running("train") and not enqueue:  # the stock check misses a task submitted but not yet started
+        raise HTTPException(status_code=429, detail="a training is already running (DELETE /train/ stops it)")
+    task.precheck({"model": model, **(params or {})}, instance.datastore())
+    warning = task.preset_warning({"model": model, **(params or {})})
+    res = ep_train.run_model(model, params, run_sync, enqueue)
+    if warning and isinstance(res, dict):
+        res = {**res, "warning": warning}  # forced: the weaker model will replace the served one
+    return res
 
-    def spmamba_infer(
-        background_tasks: BackgroundTasks,
-        model: str,
-        image: str = "",
-        session_id: str = "",
-        params: str = Form("{}"),
-        file: UploadFile = File(None),
-        label: UploadFile = File(None),
-        output: Optional[ep_infer.ResultType] = None,
-        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
-    ):
-        instance = app_instance()
-        if model not in instance._infers:
-            raise not_found(f"no inference model {model!r}; available: {', '.join(sorted(instance._infers))}")
-        try:
-            p = json.loads(params) if params else {}
-        except ValueError as e:
-            raise bad_request(f"params is not valid JSON: {e}") from e
-        if not isinstance(p, dict):
-            raise bad_request("params must be a JSON object")
-        for key in ("image", "model"):
-            if key in p:
-                raise bad_request(f"params may not set {key!r}: use the URL (?image=ID) or upload a file")
-        if file:
-            if file.filename:
-                require_volume_name(file.filename)  # 415 naming the client's file, as PUT /datastore/image
-            # keep the upload ourselves so error messages can name the client's file, not a temporary one
-            suffix = upload_suffix(file.filename)
-            fd, tmp = tempfile.mkstemp(prefix="tmp_upload_", suffix=suffix)
-            with os.fdopen(fd, "wb") as out:
-                shutil.copyfileobj(file.file, out)
-            background_tasks.add_task(_remove, tmp)
-            p["upload_name"] = os.path.basename(file.filename or "upload" + suffix)
-            image, file = tmp, None
-        elif not session_id:
-            if not image:
-                raise bad_request("no input: give ?image=ID of a datastore study or upload a file")
-            check_id(image)
-            ds = instance.datastore()
-            if hasattr(ds, "sync"):
-                ds.sync()
-            if image not in ds.list_images():
-                raise not_found(f"image {image!r} not found in the datastore")
-        return ep_infer.run_inference(background_tasks, model, image, session_id, json.dumps(p), file, label, output)
 
-    def spmamba_train(
-        model: str,
-        params: Optional[dict] = None,
-        run_sync: Optional[bool] = False,
-        enqueue: Optional[bool] = False,
-        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN)),
-    ):
-        instance = app_instance()
-        task = instance._trainers.get(model)
-        if task is None:
-            raise not_found(f"no training task {model!r}; available: {', '.join(sorted(instance._trainers))}")
-        if hasattr(task, "precheck"):
-            busy = len(processes("train")) or any(t.get("status") in ("SUBMITTED", "RUNNING") for t in tasks("train"))
-            if busy and not enqueue:  # the stock check misses a task submitted but not yet started
-                raise HTTPException(status_code=429, detail="a training is already running (DELETE /train/ stops it)")
-            task.precheck({"model": model, **(params or {})}, instance.datastore())
-        warning = task.preset_warning({"model": model, **(params or {})}) if hasattr(task, "preset_warning") else None
-        res = ep_train.run_model(model, params, run_sync, enqueue)
-        if warning and isinstance(res, dict):
-            res = {**res, "warning": warning}  # forced: the weaker model will replace the served one
-        return res
+def _clear_stop_request(s) -> None:
+    if os.path.exists(s.stop_path):
+        _remove(s.stop_path)
 
-    def _clear_stop_request(s) -> None:
-        if s is not None and os.path.exists(s.stop_path):
-            _remove(s.stop_path)
 
-    def spmamba_train_stop(user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
-        instance = app_instance()
-        s = getattr(instance, "settings", None)
-        running = dict(processes("train"))
-        if not running or s is None or s.stop_grace_s <= 0:
-            res = ep_train.stop()
-            _clear_stop_request(s)
-            return res
-        task_id = next(iter(running))
-        trainer = instance._trainers.get(s.method)
-
-        def stats() -> dict:
-            return (trainer.stats() if hasattr(trainer, "stats") else {}) or {}
-
-        t0 = time.time()
-        with open(s.stop_path, "w") as f:
-            f.write(str(t0))
-        hard = t0 + max(s.stop_max_s, s.stop_grace_s)
-        finishing = False  # the training left its optimisation loop: calibrating or publishing what it has
-        while task_id in processes("train"):
-            now = time.time()
-            finishing = finishing or stats().get("phase") in FINISHING_PHASES
-            if now >= hard or (not finishing and now >= t0 + s.stop_grace_s):
-                break
-            time.sleep(0.2)
-        waited = round(time.time() - t0, 1)
-        if task_id not in processes("train"):
-            st = stats()
-            _clear_stop_request(s)
-            task = next((t for t in tasks("train") if t["id"] == task_id), None)
-            if task is None:
-                return {"id": task_id, "status": "STOPPED"}
-            task["status"] = "STOPPED"
-            if st.get("status") == "DONE":
-                task["model_version"] = st.get("model_version")
-                task["calibration_volumes"] = st.get("calibration_volumes")
-                task["stopped"] = (
-                    f"graceful after {waited} s: the model trained so far was calibrated (on "
-                    f"{st.get('calibration_volumes')} of {st.get('held_out_volumes')} held-out volumes) and published "
-                    f"as version {st.get('model_version')}"
-                )
-            else:
-                task["stopped"] = f"graceful after {waited} s: {st.get('detail') or 'nothing was published'}"
-            logger.info(f"Training {task_id} stopped: {task['stopped']}")
-            return task
+def spmamba_train_stop(user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+    instance = app_instance()
+    s = instance.settings
+    running = dict(processes("train"))
+    if not running or s.stop_grace_s <= 0:
         res = ep_train.stop()
         _clear_stop_request(s)
-        why = (f"did not finish calibrating and publishing within stop_max_s ({s.stop_max_s} s)" if finishing
-               else f"did not end its training step within stop_grace_s ({s.stop_grace_s} s)")
-        if isinstance(res, dict):
-            res["stopped"] = f"killed after {waited} s: the training {why}; the served model is unchanged"
-        logger.warning(f"Training {task_id} killed after {waited} s: it {why}")
         return res
+    task_id = next(iter(running))
+    trainer = instance._trainers.get(s.method)
 
-    from monailabel.endpoints import datastore as ep_datastore
+    def stats() -> dict:
+        return trainer.stats()
 
-    def _json_object(text: str, field: str) -> dict:
-        try:
-            value = json.loads(text) if text else {}
-        except ValueError as e:
-            raise bad_request(f"{field} is not valid JSON: {e}") from e
-        if not isinstance(value, dict):
-            raise bad_request(f"{field} must be a JSON object")
-        return value
+    t0 = time.time()
+    with open(s.stop_path, "w") as f:
+        f.write(str(t0))
+    hard = t0 + max(s.stop_max_s, s.stop_grace_s)
+    finishing = False  # the training left its optimisation loop: calibrating or publishing what it has
+    while task_id in processes("train"):
+        now = time.time()
+        finishing = finishing or stats().get("phase") in FINISHING_PHASES
+        if now >= hard or (not finishing and now >= t0 + s.stop_grace_s):
+            break
+        time.sleep(0.2)
+    waited = round(time.time() - t0, 1)
+    if task_id not in processes("train"):
+        st = stats()
+        _clear_stop_request(s)
+        task = next((t for t in tasks("train") if t["id"] == task_id), None)
+        if task is None:
+            return {"id": task_id, "status": "STOPPED"}
+        task["status"] = "STOPPED"
+        if st.get("status") == "DONE":
+            task["model_version"] = st.get("model_version")
+            task["calibration_volumes"] = st.get("calibration_volumes")
+            task["stopped"] = (
+                f"graceful after {waited} s: the model trained so far was calibrated (on "
+                f"{st.get('calibration_volumes')} of {st.get('held_out_volumes')} held-out volumes) and published "
+                f"as version {st.get('model_version')}"
+            )
+        else:
+            task["stopped"] = f"graceful after {waited} s: {st.get('detail') or 'nothing was published'}"
+        logger.info(f"Training {task_id} stopped: {task['stopped']}")
+        return task
+    res = ep_train.stop()
+    _clear_stop_request(s)
+    why = (f"did not finish calibrating and publishing within stop_max_s ({s.stop_max_s} s)" if finishing
+           else f"did not end its training step within stop_grace_s ({s.stop_grace_s} s)")
+    if isinstance(res, dict):
+        res["stopped"] = f"killed after {waited} s: the training {why}; the served model is unchanged"
+    logger.warning(f"Training {task_id} killed after {waited} s: it {why}")
+    return res
 
-    def spmamba_add_image(
-        background_tasks: BackgroundTasks,
-        image: Optional[str] = None,
-        params: str = Form("{}"),
-        file: UploadFile = File(...),
-        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
-    ):
-        _json_object(params, "params")
-        if image is not None:
-            check_id(image)
-        if file is not None and file.filename:
-            require_volume_name(file.filename)  # the stock handler would hand the datastore a temporary name
-        return ep_datastore.add_image(background_tasks, image, params, file, user.username)
 
-    def spmamba_put_image_info(
-        image: str,
-        info: str = Form("{}"),
-        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
-    ):
-        _json_object(info, "info")
+def _json_object(text: str, field: str) -> dict:
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError as e:
+        raise bad_request(f"{field} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise bad_request(f"{field} must be a JSON object")
+    return value
+
+
+def spmamba_add_image(
+    background_tasks: BackgroundTasks,
+    image: Optional[str] = None,
+    params: str = Form("{}"),
+    file: UploadFile = File(...),
+    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
+):
+    _json_object(params, "params")
+    if image is not None:
         check_id(image)
-        return ep_datastore.update_image_info(image, info, user.username)
+    if file is not None and file.filename:
+        require_volume_name(file.filename)  # the stock handler would hand the datastore a temporary name
+    return ep_datastore.add_image(background_tasks, image, params, file, user.username)
 
-    def _training_running() -> bool:
-        return bool(processes("train")) or any(t.get("status") in ("SUBMITTED", "RUNNING") for t in tasks("train"))
 
-    def spmamba_model_versions(user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
-        instance = app_instance()
-        if not hasattr(instance, "model_versions"):
-            raise not_found("this app keeps no model versions")
-        return instance.model_versions()
+def spmamba_put_image_info(
+    image: str,
+    info: str = Form("{}"),
+    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
+):
+    _json_object(info, "info")
+    check_id(image)
+    return ep_datastore.update_image_info(image, info, user.username)
 
-    def spmamba_model_rollback(version: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
-        instance = app_instance()
-        if not hasattr(instance, "rollback_model"):
-            raise not_found("this app keeps no model versions")
-        check_id(version, "model version")
-        if _training_running():
-            raise HTTPException(status_code=409, detail="a training is running and will publish a new model: "
-                                                        "stop it (DELETE /train/) or wait, then roll back")
-        return instance.rollback_model(version)
 
-    from monailabel.endpoints import info as ep_info
-    from monailabel.endpoints import scoring as ep_scoring
+def spmamba_model_versions(user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+    return app_instance().model_versions()
 
-    def spmamba_info(user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
-        return ep_info.app_info()
 
-    def spmamba_activelearning(
-        strategy: str,
-        params: Optional[dict] = None,
-        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
-    ):
-        instance = app_instance()
-        params = params if params is not None else {}
-        result = instance.next_sample({**params, "strategy": strategy})  # 404 unknown; never scores here
-        if not result or not result.get("id"):
-            return result or {}
-        image_id = result["id"]
-        ds = instance.datastore()
-        image_info = ds.get_image_info(image_id)
-        strategy_info = dict(image_info.get("strategy") or {})  # as the stock handler: who was sent what, when
-        strategy_info[strategy] = {"ts": int(time.time()), "client_id": params.get("client_id", user.username)}
-        try:
-            ds.update_image_info(image_id, {"strategy": strategy_info})
-        except Exception:  # noqa: BLE001
-            logger.warning(f"Failed to update image info for {image_id}")
-        result.update(image_info)
-        return result
+def spmamba_model_rollback(version: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+    instance = app_instance()
+    check_id(version, "model version")
+    if task_running("train"):
+        raise HTTPException(status_code=409, detail="a training is running and will publish a new model: "
+                                                    "stop it (DELETE /train/) or wait, then roll back")
+    return instance.rollback_model(version)
 
-    def spmamba_scoring(
-        method: str,
-        params: Optional[dict] = None,
-        run_sync: Optional[bool] = False,
-        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
-    ):
-        instance = app_instance()
-        if method not in instance._scoring_methods:
-            raise not_found(f"no scoring method {method!r}; available: {', '.join(sorted(instance._scoring_methods))}")
-        return ep_scoring.run_method(method, params, run_sync)
 
+def spmamba_info(user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+    return ep_info.app_info()
+
+
+def spmamba_activelearning(
+    strategy: str,
+    params: Optional[dict] = None,
+    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
+):
+    instance = app_instance()
+    params = params if params is not None else {}
+    result = instance.next_sample({**params, "strategy": strategy})  # 404 unknown; never scores here
+    if not result or not result.get("id"):
+        return result or {}
+    image_id = result["id"]
+    ds = instance.datastore()
+    image_info = ds.get_image_info(image_id)
+    strategy_info = dict(image_info.get("strategy") or {})  # as the stock handler: who was sent what, when
+    strategy_info[strategy] = {"ts": int(time.time()), "client_id": params.get("client_id", user.username)}
+    try:
+        ds.update_image_info(image_id, {"strategy": strategy_info})
+    except Exception:  # noqa: BLE001
+        logger.warning(f"Failed to update image info for {image_id}")
+    result.update(image_info)
+    return result
+
+
+def spmamba_scoring(
+    method: str,
+    params: Optional[dict] = None,
+    run_sync: Optional[bool] = False,
+    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
+):
+    instance = app_instance()
+    if method not in instance._scoring_methods:
+        raise not_found(f"no scoring method {method!r}; available: {', '.join(sorted(instance._scoring_methods))}")
+    return ep_scoring.run_method(method, params, run_sync)
+
+
+#: (path under MONAI Label's API prefix, endpoint, methods, summary), put in front of the stock routes in this order
+ROUTES = [
+    ("/infer/{model}", spmamba_infer, ["POST"], "Run inference (validated, runs in the thread pool)"),
+    ("/train/{model}", spmamba_train, ["POST"], "Run training (checks the curated normals first)"),
+    ("/train/", spmamba_train_stop, ["DELETE"], "Stop training (graceful, then kill)"),
+    ("/datastore/image", spmamba_add_image, ["PUT"], "Upload a new image (validated before it is stored)"),
+    ("/datastore/image/info", spmamba_put_image_info, ["PUT"], "Update image info (curation state)"),
+    ("/model/versions", spmamba_model_versions, ["GET"], "Served model and the kept versions"),
+    ("/model/rollback", spmamba_model_rollback, ["POST"], "Serve a kept model version again"),
+    ("/info/", spmamba_info, ["GET"], "App info (thread pool: answers while others work)"),
+    ("/activelearning/{strategy}", spmamba_activelearning, ["POST"], "Next study to review (never waits for scoring)"),
+    ("/scoring/{method}", spmamba_scoring, ["POST"], "Score every study (background unless run_sync)"),
+]
+
+
+def install(fastapi_app) -> None:
+    """Put :data:`ROUTES` in front of MONAI Label's stock routes (replacing any installed before)."""
+    api = settings.MONAI_LABEL_API_STR
     router = fastapi_app.router
     router.routes[:] = [r for r in router.routes if not getattr(r, "name", "").startswith(ROUTE_PREFIX)]
-    added = [
-        (api + "/infer/{model}", spmamba_infer, ["POST"], "Run inference (validated, runs in the thread pool)"),
-        (api + "/train/{model}", spmamba_train, ["POST"], "Run training (checks the curated normals first)"),
-        (api + "/train/", spmamba_train_stop, ["DELETE"], "Stop training (graceful, then kill)"),
-        (api + "/datastore/image", spmamba_add_image, ["PUT"], "Upload a new image (validated before it is stored)"),
-        (api + "/datastore/image/info", spmamba_put_image_info, ["PUT"], "Update image info (curation state)"),
-        (api + "/model/versions", spmamba_model_versions, ["GET"], "Served model and the kept versions"),
-        (api + "/model/rollback", spmamba_model_rollback, ["POST"], "Serve a kept model version again"),
-        (api + "/info/", spmamba_info, ["GET"], "App info (thread pool: answers while others work)"),
-        (api + "/activelearning/{strategy}", spmamba_activelearning, ["POST"], "Next study to review (never waits "
-                                                                                 "for scoring)"),
-        (api + "/scoring/{method}", spmamba_scoring, ["POST"], "Score every study (background unless run_sync)"),
-    ]
-    for path, endpoint, methods, summary in added:
-        router.add_api_route(path, endpoint, methods=methods, name=endpoint.__name__, summary=summary)
+    for path, endpoint, methods, summary in ROUTES:
+        router.add_api_route(api + path, endpoint, methods=methods, name=endpoint.__name__, summary=summary)
         router.routes.insert(0, router.routes.pop())
     fastapi_app.openapi_schema = None
     logger.info("SP-Mamba app: validating routes installed for /infer/{model}, /train/{model}, DELETE /train/")

@@ -26,10 +26,11 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 from typing import Any, Dict, Iterator, List, Optional
+
+from spmamba.atomic import atomic_path, write_json
 
 try:  # POSIX: an advisory lock shared by the server and the training subprocess
     import fcntl
@@ -194,15 +195,7 @@ class VersionHistory:
 
     def _write(self, index: Dict[str, Any]) -> None:
         index["log"] = index.get("log", [])[-LOG_LENGTH:]
-        fd, tmp = tempfile.mkstemp(prefix=".index.", suffix=".tmp", dir=self.dir)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(index, f, indent=2, default=str)
-            os.replace(tmp, self.index_path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_json(self.index_path, index)
 
     def file_of(self, version: str) -> str:
         if not _SAFE_VERSION.match(version or ""):
@@ -227,14 +220,11 @@ class VersionHistory:
             logger.warning(f"Not keeping {path}: unusable version id {version!r}")
             return None
         if not os.path.exists(dst):
-            tmp = dst + ".part"
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            if copy:
-                shutil.copyfile(path, tmp)
-            else:
-                _link_or_copy(path, tmp)
-            os.replace(tmp, dst)
+            with atomic_path(dst, suffix=".part") as tmp:
+                if copy:
+                    shutil.copyfile(path, tmp)
+                else:
+                    _link_or_copy(path, tmp)
         entry = self._find(index, version)
         if entry is None:
             try:
@@ -294,14 +284,7 @@ class VersionHistory:
                         self._keep_file(path, info, index, source, now, copy=source == "conf model")
                     except OSError as e:  # the history is a convenience: never fail the publish for it
                         logger.warning(f"Could not keep {path} in the version history: {e}")
-            fd, tmp = tempfile.mkstemp(prefix=".spmamba.", suffix=".pt.part", dir=self.model_dir)
-            os.close(fd)
-            try:
-                detector.save(tmp)
-                os.replace(tmp, self.published)  # atomic publish: readers see the old or the new file
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            detector.save(self.published)  # atomic (spmamba.checkpoint): readers see the old or the new file
             self._newer_than_explicit(self.published)
             info = describe_meta({
                 "version": detector.version,
@@ -364,16 +347,9 @@ class VersionHistory:
             if found and found != version:
                 raise CheckpointError(f"{src} now holds version {found}, not {version} (overwritten in place?)")
             now = time.time()
-            fd, tmp = tempfile.mkstemp(prefix=".spmamba.rollback.", suffix=".pt.part", dir=self.model_dir)
-            os.close(fd)
-            os.unlink(tmp)
-            try:
+            with atomic_path(self.published, suffix=".part") as tmp:
                 _link_or_copy(src, tmp)
                 os.utime(tmp, (now, now))  # newest: the model store serves it from the next request on
-                os.replace(tmp, self.published)
-            finally:
-                if os.path.exists(tmp):  # rename(2) leaves both names when they are links to one file
-                    os.unlink(tmp)
             self._newer_than_explicit(self.published)
             entry["last_served_ts"] = now
             index["log"].append({"ts": _iso(now), "action": "rollback", "version": version, "previous": current})

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -34,6 +33,8 @@ from typing import Callable, Sequence
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+from spmamba.atomic import atomic_path
 
 __all__ = [
     "LESION_FAMILIES",
@@ -455,15 +456,8 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
-    fd, tmp = tempfile.mkstemp(suffix=".nii.gz", dir=str(path.parent), prefix=".tmp-")
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path, suffix=".nii.gz") as tmp:
+        nib.save(img, str(tmp))
 
 
 def make_dataset(out_dir: str | os.PathLike, n_train: int = 24, n_test: int = 32, seed: int = 0,
@@ -541,11 +535,9 @@ def make_dataset(out_dir: str | os.PathLike, n_train: int = 24, n_test: int = 32
             bar.close()
 
     labels = out / "test" / "labels.csv"
-    tmp = labels.with_name(".labels.csv.tmp")
-    with open(tmp, "w", newline="") as fh:
+    with atomic_path(labels) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["id", "abnormal", "family", "lesion_voxels", "n_lesions"])
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, labels)
     return {"out_dir": str(out), "n_train": n_train, "n_test": n_test, "n_abnormal": n_abn, "seed": int(seed),
             "spacing": float(spacing), "shape": list(tpl.shape), "families": list(families)}

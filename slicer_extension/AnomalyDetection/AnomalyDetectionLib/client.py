@@ -115,6 +115,25 @@ class DetectionResult:
                 return str(self.params[key])
         return None
 
+    @property
+    def regions(self) -> Optional[List[Dict[str, Any]]]:
+        """The server's regions of ``heatmap > pixel_threshold`` (``label``, ``n_voxels``, ``volume_mm3``, ``peak``,
+        ``mean``, ``centroid_voxel`` [i, j, k], ``centroid_ras``; strongest peak first), or None when the server
+        sends none (an older app, or a method without regions)."""
+        regions = self.params.get("regions")
+        if not isinstance(regions, list):
+            return None
+        return [r for r in regions if isinstance(r, dict)]
+
+    @property
+    def n_regions(self) -> Optional[int]:
+        """How many regions the server found in all (its list may hold only the strongest ``top_regions``)."""
+        n = self.params.get("n_regions")
+        if isinstance(n, (int, float)) and not isinstance(n, bool):
+            return int(n)
+        regions = self.regions
+        return None if regions is None else len(regions)
+
 
 def _first_number(d: Dict[str, Any], keys: Tuple[str, ...]) -> Optional[float]:
     for k in keys:
@@ -603,9 +622,40 @@ def normalize_url(url: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # reading /info/
 # ----------------------------------------------------------------------------------------------------------------
+#: Values of an infer task's declared output (``output`` / ``result`` in its ``/info/`` entry) that mean "a float
+#: heatmap"; any other declared value (``label``, ``segmentation`` ...) means the task is not an anomaly method.
+HEATMAP_OUTPUTS = ("heatmap",)
+
+
+def is_heatmap_method(entry: Any) -> bool:
+    """Does an infer task of ``GET /info/`` (``info["models"][name]``) return a float heatmap, i.e. is it an anomaly
+    *method* the module can run?
+
+    1. If the entry declares its output (``"output"`` or ``"result"``, a string), that decides: ``heatmap``
+       (see :data:`HEATMAP_OUTPUTS`) -> yes, anything else -> no.
+    2. Otherwise MONAI Label's own fields decide: type ``others`` (MONAI Label's type for results that are not label
+       maps; a missing type counts as ``others``) **and** no labels -> yes. A ``segmentation`` (``spmamba_seg``),
+       ``deepgrow``, ``deepedit``, ``scribbles``, ``classification``, ``detection`` or ``annotation`` task, or any
+       task that names labels, returns a label map (or no image) -> no.
+    """
+    if not isinstance(entry, dict):
+        return False
+    for key in ("output", "result"):
+        declared = entry.get(key)
+        if isinstance(declared, str) and declared.strip():
+            return declared.strip().lower() in HEATMAP_OUTPUTS
+    kind = str(entry.get("type") or "others").strip().lower()
+    kind = kind.rsplit(".", 1)[-1]  # "InferType.OTHERS" (an enum's str()) -> "others"
+    return kind == "others" and not entry.get("labels")
+
+
 @dataclass
 class ServerSummary:
-    """What the Connect button shows, read from ``GET /info/``."""
+    """What the Connect button shows, read from ``GET /info/``.
+
+    ``models`` lists the anomaly *methods*: the infer tasks that return a float heatmap (:func:`is_heatmap_method`),
+    in the server's order; ``methods`` holds their ``/info/`` entries (description, version ...).
+    """
 
     name: str = ""
     version: str = ""
@@ -614,22 +664,33 @@ class ServerSummary:
     strategies: List[str] = field(default_factory=list)
     trainers: List[str] = field(default_factory=list)
     train_stats: Dict[str, Any] = field(default_factory=dict)
+    methods: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
     def model_version(self, model: str) -> str:
         return self.model_versions.get(model, "")
 
+    def description(self, method: str) -> str:
+        entry = self.methods.get(method) or {}
+        return str(entry.get("description") or "")
+
+    def train_task(self, method: str) -> str:
+        """The trainer that trains ``method``: the trainer of the same name, else ``spmamba`` (the app's anomaly
+        trainer), else the server's first trainer; ``method`` itself when the server lists no trainers."""
+        if method in self.trainers or not self.trainers:
+            return method
+        return DEFAULT_MODEL if DEFAULT_MODEL in self.trainers else self.trainers[0]
+
 
 def summarize_info(info: Dict[str, Any]) -> ServerSummary:
-    """Extract the heatmap models (segmentation-type models are left out when others exist) with their version,
-    strategies, trainers and train stats.
+    """Extract the anomaly methods (infer tasks that return a heatmap, see :func:`is_heatmap_method`) with their
+    version, strategies, trainers and train stats.
 
     The model version is read from the model's own entry (``version`` / ``model_version``), else from the app's
     extra section (``info["spmamba"]["model"]["version"]``, what the SP-Mamba app publishes), else from the last
     training's stats (``train_stats[model]["model_version"]``).
     """
     models = info.get("models") or {}
-    heat_models = [m for m, v in models.items() if not (isinstance(v, dict) and v.get("type") == "segmentation")]
-    names = heat_models or list(models)
+    names = [m for m, v in models.items() if is_heatmap_method(v)]
     app_model = ((info.get("spmamba") or {}).get("model") or {}) if isinstance(info.get("spmamba"), dict) else {}
     app_version = app_model.get("version") if isinstance(app_model, dict) else None
     train_stats = info.get("train_stats") or {}
@@ -650,6 +711,7 @@ def summarize_info(info: Dict[str, Any]) -> ServerSummary:
         strategies=list(strategies),
         trainers=list(trainers),
         train_stats=train_stats,
+        methods={name: dict(models[name]) for name in names},
     )
 
 

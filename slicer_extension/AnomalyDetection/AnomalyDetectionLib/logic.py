@@ -8,9 +8,21 @@ Slicer and headless with ``slicer-core`` from PyPI.  Methods fall in two groups:
 * **remote methods** (``run_detection``, ``fetch_next_case``, ``training_progress`` ...) only talk to the server and
   write files, so the Widget runs them in a worker thread (``TaskRunner``) and feeds their results to the MRML
   methods when they finish.
+
+The module's state (server URL, method, threshold, opacity, smallest region, input volume, heatmap) lives in a
+parameter node, a ``vtkMRMLScriptedModuleNode`` singleton of the scene (``getParameterNode``), as in Slicer's
+scripted-module template: it is saved with the scene, restored when the scene is loaded, and scriptable
+(``SetParameter`` + ``apply_parameters``).
+
+One rule says which voxels are anomalous: ``heatmap >= threshold`` (at or above), compared in the heatmap's own type
+as numpy does when it compares a float32 map with a Python float; the library's rule
+(``spmamba.scoring.abnormal_voxels``, used by ``find_regions`` and the app's ``spmamba_seg`` label).  The overlay
+shows exactly those voxels (every voxel below the threshold is transparent) and the regions are made of them.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import tempfile
@@ -29,6 +41,7 @@ from .client import (
     ServerError,
     ServerSummary,
     describe_version,
+    normalize_url,
     summarize_info,
     train_progress,
 )
@@ -44,6 +57,19 @@ HEAT_COLOR_NODE_IDS = (
 ATTR_IMAGE_ID = "AnomalyDetection.ImageId"  # datastore id of the study a volume came from / was uploaded as
 ATTR_REFERENCE_ID = "AnomalyDetection.ReferenceNodeID"  # on heatmap / regions nodes: the volume they belong to
 ATTR_ROLE = "AnomalyDetection.Role"  # "heatmap", "regions", "regionsTable"
+
+ATTR_SERVER_REGIONS = "AnomalyDetection.serverRegions"  # on a heatmap: the server's regions (JSON), if it sent any
+
+#: The module's parameter node: a vtkMRMLScriptedModuleNode singleton (tag = module name) saved with the scene.
+MODULE_NAME = "AnomalyDetection"
+PARAM_SERVER_URL = "ServerURL"
+PARAM_METHOD = "Method"  # infer task that makes the heatmap ("spmamba", ...)
+PARAM_THRESHOLD = "Threshold"  # display / regions threshold of the current heatmap ('' before the first one)
+PARAM_OPACITY = "Opacity"
+PARAM_MIN_REGION_VOXELS = "MinRegionVoxels"
+REF_INPUT_VOLUME = "InputVolume"
+REF_HEATMAP = "Heatmap"
+DEFAULT_OPACITY = 0.5
 
 REGION_COLORS = (
     (0.95, 0.2, 0.15), (0.2, 0.6, 1.0), (0.3, 0.85, 0.3), (1.0, 0.8, 0.1), (0.8, 0.3, 0.9),
@@ -62,6 +88,20 @@ class Region:
     mean: float
     centroid_ijk: Tuple[float, float, float]
     centroid_ras: Tuple[float, float, float]
+    source: str = "heatmap"  # "server": the row is the server's (infer JSON "regions"); "heatmap": computed here
+
+
+@dataclass
+class ModuleParameters:
+    """The parameter node read into Python values (see ``AnomalyLogic.parameters``)."""
+
+    server_url: str
+    method: str
+    threshold: Optional[float]
+    opacity: float
+    min_region_voxels: int
+    input_volume: Any = None
+    heatmap: Any = None
 
 
 @dataclass
@@ -73,6 +113,7 @@ class DetectionJob:
     file_path: Optional[str]
     add_to_studies: bool
     upload_name: str
+    method: str = ""  # the infer task to run (the Logic's method when the job was prepared)
 
 
 @dataclass
@@ -125,15 +166,19 @@ class ModelVersions:
 class AnomalyLogic:
     """Heatmap overlay, regions, curation and training, for one server URL.
 
-    :param server_url: MONAI Label server (the Widget remembers it in the application settings)
-    :param model: the app's anomaly model name
+    :param server_url: MONAI Label server (default of a new scene's parameter node; the Widget passes the URL it
+        remembers in the application settings)
+    :param model: the anomaly method, i.e. the app's infer task that returns the heatmap (``spmamba``)
     """
 
     def __init__(self, server_url: str = "http://127.0.0.1:8000", model: str = DEFAULT_MODEL, timeout: float = 10.0):
-        self.model = model
+        self._method = model or DEFAULT_MODEL
         self.timeout = timeout
         self.client = AnomalyClient(server_url, timeout=timeout)
         self.work_dir = tempfile.mkdtemp(prefix="AnomalyDetection_")
+        self.summary: Optional[ServerSummary] = None  # the last GET /info/ (Connect)
+        self.regions_source = ""  # how the last make_regions made its rows: "server", "server+heatmap", "heatmap"
+        self.regions_note = ""  # why the server's regions were not used ('' when they were, or there were none)
 
     # ============================================================================================ settings
     @property
@@ -141,16 +186,135 @@ class AnomalyLogic:
         return slicer.mrmlScene
 
     def set_server_url(self, url: str) -> None:
-        self.client = AnomalyClient(url, timeout=self.timeout)
+        """(main) Talk to ``url`` from now on; remembered in the parameter node."""
+        if normalize_url(url) != getattr(getattr(self, "client", None), "url", None):
+            self.client = AnomalyClient(url, timeout=self.timeout)
+        self._write_parameter(PARAM_SERVER_URL, self.client.url)
 
     @property
     def server_url(self) -> str:
         return self.client.url
 
+    @property
+    def method(self) -> str:
+        """The anomaly method: the app's infer task run by Detect (``POST /infer/{method}``)."""
+        return self._method
+
+    def set_method(self, method: str) -> None:
+        """(main) Run ``method`` from now on; remembered in the parameter node."""
+        if method:
+            self._method = str(method)
+            self._write_parameter(PARAM_METHOD, self._method)
+
+    # ``model`` is the older name of ``method`` (the infer task); kept for scripts.
+    model = property(lambda self: self._method, lambda self, value: self.set_method(value))
+
+    @property
+    def train_task(self) -> str:
+        """The trainer for the current method (see ``ServerSummary.train_task``); the method itself before Connect."""
+        return self.summary.train_task(self._method) if self.summary is not None else self._method
+
+    # ============================================================================================ parameter node
+    def getParameterNode(self):
+        """(main) The module's parameter node in the current scene, created with defaults when missing.
+
+        A ``vtkMRMLScriptedModuleNode`` singleton (tag ``AnomalyDetection``), as Slicer's scripted-module template
+        makes: saved with the scene (.mrml / .mrb) and restored when the scene is loaded. Parameters (strings):
+        ``ServerURL``, ``Method``, ``Threshold``, ``Opacity``, ``MinRegionVoxels``; node references ``InputVolume``
+        and ``Heatmap``.
+        """
+        node = self.scene.GetSingletonNode(MODULE_NAME, "vtkMRMLScriptedModuleNode")
+        if node is None:
+            node = self.scene.CreateNodeByClass("vtkMRMLScriptedModuleNode")
+            node.UnRegister(None)  # the scene holds the reference
+            node.SetSingletonTag(MODULE_NAME)
+            node.SetModuleName(MODULE_NAME)
+            node.SetName(MODULE_NAME)
+            self.setDefaultParameters(node)
+            node = self.scene.AddNode(node)
+        else:
+            self.setDefaultParameters(node)  # a node reset by a scene close, or saved by an older module
+        return node
+
+    def setDefaultParameters(self, node) -> None:
+        """Fill the parameters that are missing (never overwrites a value)."""
+        defaults = ((PARAM_SERVER_URL, self.server_url), (PARAM_METHOD, self._method),
+                    (PARAM_OPACITY, repr(DEFAULT_OPACITY)), (PARAM_MIN_REGION_VOXELS, "1"))
+        missing = [(k, v) for k, v in defaults if not node.GetParameter(k)]
+        if missing:
+            was = node.StartModify()
+            for key, value in missing:
+                node.SetParameter(key, value)
+            node.EndModify(was)
+
+    def parameters(self) -> ModuleParameters:
+        """(main) The parameter node's values."""
+        node = self.getParameterNode()
+        return ModuleParameters(
+            server_url=node.GetParameter(PARAM_SERVER_URL) or self.server_url,
+            method=node.GetParameter(PARAM_METHOD) or self._method,
+            threshold=_to_float(node.GetParameter(PARAM_THRESHOLD), None),
+            opacity=_to_float(node.GetParameter(PARAM_OPACITY), DEFAULT_OPACITY),
+            min_region_voxels=max(1, int(_to_float(node.GetParameter(PARAM_MIN_REGION_VOXELS), 1))),
+            input_volume=node.GetNodeReference(REF_INPUT_VOLUME),
+            heatmap=node.GetNodeReference(REF_HEATMAP),
+        )
+
+    def set_parameters(self, **values: Any) -> None:
+        """(main) Write several parameters at once (one Modified event): ``server_url``, ``method``, ``threshold``,
+        ``opacity``, ``min_region_voxels``, ``input_volume`` / ``heatmap`` (a node or None). Scripts call
+        ``apply_parameters`` afterwards (the module's panel does it when the node changes)."""
+        keys = {"server_url": PARAM_SERVER_URL, "method": PARAM_METHOD, "threshold": PARAM_THRESHOLD,
+                "opacity": PARAM_OPACITY, "min_region_voxels": PARAM_MIN_REGION_VOXELS}
+        refs = {"input_volume": REF_INPUT_VOLUME, "heatmap": REF_HEATMAP}
+        unknown = set(values) - set(keys) - set(refs)
+        if unknown:
+            raise TypeError(f"unknown parameters {sorted(unknown)}")
+        node = self.getParameterNode()
+        was = node.StartModify()
+        try:
+            for name, value in values.items():
+                if name in refs:
+                    node.SetNodeReferenceID(refs[name], value.GetID() if value is not None else None)
+                elif name == "server_url":
+                    node.SetParameter(keys[name], normalize_url(str(value)))
+                elif name in ("threshold", "opacity"):
+                    node.SetParameter(keys[name], "" if value is None else repr(float(value)))
+                elif name == "min_region_voxels":
+                    node.SetParameter(keys[name], str(max(1, int(value))))
+                else:
+                    node.SetParameter(keys[name], str(value))
+        finally:
+            node.EndModify(was)
+
+    def apply_parameters(self) -> ModuleParameters:
+        """(main) Make the module follow its parameter node: server URL and method for the next calls, threshold
+        on the heatmap's display, opacity in the slice views. Run after a scene load or after a script changed the
+        node (the panel runs it whenever the node changes)."""
+        p = self.parameters()
+        if normalize_url(p.server_url) != self.client.url:
+            self.client = AnomalyClient(p.server_url, timeout=self.timeout)
+        if p.method:
+            self._method = p.method
+        heat = p.heatmap
+        if heat is not None and heat.GetImageData() is not None and heat.GetDisplayNode() is not None:
+            if p.threshold is not None:
+                self.set_threshold(heat, p.threshold)
+        self.set_opacity(p.opacity)
+        return p
+
+    def _write_parameter(self, name: str, value: str) -> None:
+        if getattr(slicer, "mrmlScene", None) is None:
+            return
+        self.getParameterNode().SetParameter(name, value)
+
     # ============================================================================================ remote: info
     def connect(self) -> ServerSummary:
-        """(worker) ``GET /info/`` -> models, model versions, strategies, training state."""
-        return summarize_info(self.client.info())
+        """(worker) ``GET /info/`` -> methods (infer tasks that return a heatmap), model versions, strategies,
+        trainers, training state. Remembered for ``train_task``."""
+        summary = summarize_info(self.client.info())
+        self.summary = summary
+        return summary
 
     # ============================================================================================ MRML: volumes
     def load_volume(self, path: str, name: Optional[str] = None, image_id: Optional[str] = None):
@@ -196,7 +360,8 @@ class AnomalyLogic:
         if not image_id:
             safe = _safe_id(volume.GetName())
             file_path = self.write_volume(volume, os.path.join(tempfile.mkdtemp(dir=self.work_dir), safe + ".nrrd"))
-        return DetectionJob(volume.GetID(), image_id, file_path, add_to_studies, _safe_id(volume.GetName()))
+        return DetectionJob(volume.GetID(), image_id, file_path, add_to_studies, _safe_id(volume.GetName()),
+                            method=self._method)
 
     def run_detection(self, job: DetectionJob) -> DetectionResult:
         """(worker) Upload the volume if needed, run ``POST /infer/{model}`` and download the heatmap."""
@@ -204,10 +369,11 @@ class AnomalyLogic:
         if not image_id and job.add_to_studies:
             image_id = self.client.upload_image(job.file_path, image_id=job.upload_name)
         out_dir = tempfile.mkdtemp(dir=self.work_dir)
+        method = job.method or self._method
         if image_id:
-            result = self.client.detect(image_id=image_id, model=self.model, out_dir=out_dir)
+            result = self.client.detect(image_id=image_id, model=method, out_dir=out_dir)
         else:
-            result = self.client.detect(file_path=job.file_path, model=self.model, out_dir=out_dir)
+            result = self.client.detect(file_path=job.file_path, model=method, out_dir=out_dir)
         result.image_id = image_id
         return result
 
@@ -233,15 +399,17 @@ class AnomalyLogic:
         reference,
         heatmap_path: str,
         threshold: Optional[float] = None,
-        opacity: float = 0.5,
+        opacity: Optional[float] = None,
         result: Optional[DetectionResult] = None,
     ):
         """(main) Load ``heatmap_path`` as the foreground overlay of ``reference`` with a heat colour map.
 
         The heatmap must be on the reference's voxel grid; when it is (within 1e-3 mm) its geometry is copied
-        exactly from the reference so the overlay cannot drift.  Below ``threshold`` (default: the result's
+        exactly from the reference so the overlay cannot drift.  At or below ``threshold`` (default: the result's
         calibrated pixel threshold, else the 99th percentile) voxels are transparent; window/level spans
-        threshold..max.  Replaces an earlier heatmap of the same reference.
+        threshold..max.  ``opacity`` defaults to the parameter node's.  Replaces an earlier heatmap of the same
+        reference.  The server's regions (``result.regions``) are kept on the heatmap node for ``make_regions``.
+        The parameter node then names this input volume and heatmap, with the threshold and opacity used.
         """
         old = self.find_heatmap(reference)
         if old is not None:
@@ -261,13 +429,20 @@ class AnomalyLogic:
                                ("model_version", result.model_version), ("alignment", result.alignment_text)):
                 if value not in (None, ""):
                     heat.SetAttribute(f"AnomalyDetection.{key}", str(value))
+            if result.regions is not None and result.pixel_threshold is not None:
+                heat.SetAttribute(ATTR_SERVER_REGIONS, json.dumps({
+                    "pixel_threshold": result.pixel_threshold, "n_regions": result.n_regions,
+                    "regions": result.regions}))
             if result.image_id and not self.image_id_of(reference):
                 reference.SetAttribute(ATTR_IMAGE_ID, result.image_id)
+        if opacity is None:
+            opacity = self.parameters().opacity
         display = heat.GetDisplayNode()
         display.SetAndObserveColorNodeID(self.heat_color_node_id())
         display.SetInterpolate(True)
+        self.set_parameters(input_volume=reference, heatmap=heat, threshold=float(threshold), opacity=opacity)
         self.set_threshold(heat, threshold)
-        slicer.util.setSliceViewerLayers(background=reference, foreground=heat, foregroundOpacity=opacity)
+        slicer.util.setSliceViewerLayers(background=reference, foreground=heat, foregroundOpacity=float(opacity))
         return heat
 
     def heatmap_range(self, heat) -> Tuple[float, float]:
@@ -279,22 +454,30 @@ class AnomalyLogic:
         return float(np.percentile(arr, 99.0)) if arr.size else 0.0
 
     def set_threshold(self, heat, threshold: float) -> None:
-        """(main) Voxels below ``threshold`` become transparent; colours span threshold..max."""
+        """(main) Voxels below ``threshold`` become transparent (the module's rule: anomalous = ``heatmap >=
+        threshold``, see :func:`at_or_above`); colours span threshold..max.  The parameter node follows when ``heat``
+        is its heatmap."""
         lo, hi = self.heatmap_range(heat)
         threshold = float(threshold)
         top = max(hi, threshold + 1e-6)
+        # the display shows lower <= v <= upper, compared in the heatmap's own type: lower = the threshold in that type
+        lower = display_lower_bound(threshold, _scalar_dtype(heat))
         display = heat.GetDisplayNode()
         with slicer.util.NodeModify(display):
             display.AutoWindowLevelOff()
             display.SetWindowLevelMinMax(threshold, top)
             display.AutoThresholdOff()
             display.SetApplyThreshold(True)
-            display.SetThreshold(threshold, top + abs(top) * 1e-3 + 1e-6)
+            display.SetThreshold(lower, max(top + abs(top) * 1e-3 + 1e-6, lower))
         heat.SetAttribute("AnomalyDetection.displayThreshold", repr(threshold))
+        node = self.scene.GetSingletonNode(MODULE_NAME, "vtkMRMLScriptedModuleNode") if self.scene is not None else None
+        if node is not None and node.GetNodeReferenceID(REF_HEATMAP) == heat.GetID():
+            node.SetParameter(PARAM_THRESHOLD, repr(threshold))
 
     def set_opacity(self, opacity: float) -> None:
-        """(main) Foreground (heatmap) opacity in every slice view."""
+        """(main) Foreground (heatmap) opacity in every slice view; the parameter node follows."""
         slicer.util.setSliceViewerLayers(foregroundOpacity=float(opacity))
+        self._write_parameter(PARAM_OPACITY, repr(float(opacity)))
 
     def _snap_to_reference(self, heat, reference) -> str:
         """Copy the reference's geometry onto ``heat`` when both share the grid; return a warning otherwise."""
@@ -317,25 +500,28 @@ class AnomalyLogic:
 
     # ============================================================================================ regions
     def compute_regions(self, heat, threshold: float, min_voxels: int = 1) -> Tuple[np.ndarray, List[Region]]:
-        """(main) Connected regions (26-neighbourhood) of ``heatmap >= threshold`` with at least ``min_voxels``.
+        """(main) Connected regions (26-neighbourhood) of ``heatmap >= threshold`` (:func:`at_or_above`, the
+        library's rule) with at least ``min_voxels``.
 
         Returns a label array shaped like ``arrayFromVolume(heat)`` (K, J, I), labels 1..N ordered by peak
         (highest first), and one :class:`Region` per label.
         """
+        from vtk.util import numpy_support
+
         arr = slicer.util.arrayFromVolume(heat)
+        mask = np.ascontiguousarray(at_or_above(arr, threshold).astype(np.uint8))
         image = vtk.vtkImageData()
-        image.DeepCopy(heat.GetImageData())
+        image.CopyStructure(heat.GetImageData())
+        image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(mask.ravel(), deep=True))
         conn = vtk.vtkImageConnectivityFilter()
         conn.SetInputData(image)
-        conn.SetScalarRange(float(threshold), float(max(arr.max(), threshold)) + 1.0)
+        conn.SetScalarRange(1.0, 1.0)
         conn.SetExtractionModeToAllRegions()
         conn.SetLabelModeToSizeRank()
         conn.SetLabelScalarTypeToInt()
         conn.SetSizeRange(max(1, int(min_voxels)), 2 ** 62)
         conn.Update()
         out = conn.GetOutput()
-        from vtk.util import numpy_support
-
         labels = numpy_support.vtk_to_numpy(out.GetPointData().GetScalars()).reshape(arr.shape).astype(np.int32)
         n = int(labels.max()) if labels.size else 0
         if n == 0:
@@ -369,6 +555,13 @@ class AnomalyLogic:
     def make_regions(self, heat, threshold: Optional[float] = None, min_voxels: int = 1):
         """(main) Thresholded heatmap -> a Segmentation (one segment per region) and a table of regions.
 
+        ``threshold`` defaults to the heatmap's display threshold.  The segments are always made from the heatmap's
+        voxels above the threshold.  When the server sent its regions with the heatmap and ``threshold`` is its
+        ``pixel_threshold`` (the same after rounding to the heatmap's type), the table rows (voxels, volume, peak,
+        mean, centroids) are the server's, each matched to its segment (``Region.source == "server"``; regions the
+        server left out of its ``top_regions`` list are computed here).  Otherwise, or when the server's regions do
+        not match the heatmap, everything is computed from the heatmap (``regions_note`` says why).
+
         Returns ``(segmentation_node, table_node, regions)``; replaces earlier regions of the same reference.
         """
         if threshold is None:
@@ -376,6 +569,7 @@ class AnomalyLogic:
         reference = self.scene.GetNodeByID(heat.GetAttribute(ATTR_REFERENCE_ID) or "") or heat
         self.remove_regions(reference)
         labels, regions = self.compute_regions(heat, threshold, min_voxels)
+        labels, regions = self._use_server_regions(heat, labels, regions, float(threshold), min_voxels)
         base = reference.GetName()
 
         seg = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{base} anomaly regions")
@@ -405,8 +599,68 @@ class AnomalyLogic:
         table = self.scene.AddNewNodeByClass("vtkMRMLTableNode", f"{base} anomaly regions table")
         table.SetAttribute(ATTR_REFERENCE_ID, reference.GetID())
         table.SetAttribute(ATTR_ROLE, "regionsTable")
+        table.SetAttribute("AnomalyDetection.regionsSource", self.regions_source)
+        table.SetAttribute("AnomalyDetection.regionsThreshold", repr(float(threshold)))
         self._fill_table(table, regions)
         return seg, table, regions
+
+    def server_regions(self, heat) -> Optional[Dict[str, Any]]:
+        """The server's regions stored on ``heat`` by ``show_heatmap``: ``{"pixel_threshold", "n_regions",
+        "regions"}``, or None."""
+        text = heat.GetAttribute(ATTR_SERVER_REGIONS) if heat is not None else None
+        if not text:
+            return None
+        try:
+            info = json.loads(text)
+        except ValueError:
+            return None
+        if not isinstance(info, dict) or not isinstance(info.get("regions"), list):
+            return None
+        if _to_float(info.get("pixel_threshold"), None) is None:
+            return None
+        return info
+
+    def _use_server_regions(self, heat, labels: np.ndarray, regions: List[Region], threshold: float,
+                            min_voxels: int) -> Tuple[np.ndarray, List[Region]]:
+        """Replace the computed rows by the server's where it sent them for this threshold (see make_regions)."""
+        self.regions_source, self.regions_note = "heatmap", ""
+        info = self.server_regions(heat)
+        if info is None:
+            return labels, regions
+        dtype = _scalar_dtype(heat)
+        server_t = float(info["pixel_threshold"])
+        if not same_threshold(threshold, server_t, dtype):
+            self.regions_note = (f"threshold {threshold:.4g} is not the server's {server_t:.4g}: regions computed "
+                                 "from the heatmap")
+            return labels, regions
+        wanted = [r for r in info["regions"] if isinstance(r, dict)
+                  and int(_to_float(r.get("n_voxels"), 0)) >= max(1, int(min_voxels))]
+        matched: Dict[int, Dict[str, Any]] = {}
+        tolerance_mm = max(1e-3, 0.05 * min(abs(x) for x in heat.GetSpacing()))
+        for r in wanted:
+            local = _match_region(regions, r, tolerance_mm)
+            if local is None or local.label in matched:
+                self.regions_note = ("the server's regions do not match the heatmap: regions computed from the "
+                                     "heatmap")
+                return labels, regions
+            matched[local.label] = r
+        m = vtk.vtkMatrix4x4()
+        heat.GetIJKToRASMatrix(m)
+        ijk_to_ras = slicer.util.arrayFromVTKMatrix(m)
+        by_label = {r.label: r for r in regions}
+        order = list(matched) + [r.label for r in regions if r.label not in matched]
+        remap = np.zeros(len(regions) + 1, np.int32)
+        out: List[Region] = []
+        for new, old in enumerate(order, start=1):
+            remap[old] = new
+            if old in matched:
+                out.append(_region_from_server(new, matched[old], by_label[old], ijk_to_ras))
+            else:
+                local = by_label[old]
+                out.append(Region(new, local.n_voxels, local.volume_mm3, local.peak, local.mean, local.centroid_ijk,
+                                  local.centroid_ras, "heatmap"))
+        self.regions_source = "server" if len(matched) == len(out) else "server+heatmap"
+        return remap[labels], out
 
     REGION_COLUMNS = ("Region", "Voxels", "Volume (mm3)", "Peak", "Mean", "R", "A", "S")
 
@@ -424,6 +678,27 @@ class AnomalyLogic:
         for col in columns:
             t.AddColumn(col)
         table.Modified()
+
+    def regions_table(self, reference):
+        """The regions table node made for ``reference`` (e.g. restored with a scene), or None."""
+        return self._find_by_role(reference, "regionsTable")
+
+    def regions_from_table(self, table) -> List[Region]:
+        """(main) The rows of a regions table node back as :class:`Region` (centroid_ijk unknown: NaN)."""
+        t = table.GetTable()
+        names = [t.GetColumnName(c) for c in range(t.GetNumberOfColumns())]
+        if not set(self.REGION_COLUMNS) <= set(names):
+            return []
+        source = table.GetAttribute("AnomalyDetection.regionsSource") or "heatmap"
+        out = []
+        for row in range(t.GetNumberOfRows()):
+            v = {c: t.GetValueByName(row, c) for c in self.REGION_COLUMNS}
+            out.append(Region(
+                label=v["Region"].ToInt(), n_voxels=v["Voxels"].ToInt(), volume_mm3=v["Volume (mm3)"].ToDouble(),
+                peak=v["Peak"].ToDouble(), mean=v["Mean"].ToDouble(), centroid_ijk=(math.nan,) * 3,
+                centroid_ras=(v["R"].ToDouble(), v["A"].ToDouble(), v["S"].ToDouble()),
+                source="server" if source.startswith("server") else "heatmap"))
+        return out
 
     @staticmethod
     def region_centroid_from_table(table, row: int) -> Tuple[float, float, float]:
@@ -490,8 +765,8 @@ class AnomalyLogic:
 
     # ============================================================================================ retrain
     def start_training(self, params: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-        """(worker) ``POST /train/{model}``: train on the studies marked normal."""
-        return self.client.start_training(self.model, params or {})
+        """(worker) ``POST /train/{train_task}``: train the current method's model on the studies marked normal."""
+        return self.client.start_training(self.train_task, params or {})
 
     def stop_training(self) -> Dict[str, Any]:
         """(worker) ``DELETE /train/``."""
@@ -503,13 +778,14 @@ class AnomalyLogic:
         status = self.client.training_status() or {}
         state = str(status.get("status", "")).upper()
         running = state == "RUNNING"
-        percent, text = train_progress(summary.train_stats, self.model)
+        task = self.train_task
+        percent, text = train_progress(summary.train_stats, task)
         if state and not running:
             text = f"{state.lower()}: {text}"
             if state == "DONE":
                 percent = 100
-        stats = summary.train_stats.get(self.model) if isinstance(summary.train_stats.get(self.model), dict) else {}
-        return TrainingProgress(running, percent, text, state, summary.model_version(self.model), summary,
+        stats = summary.train_stats.get(task) if isinstance(summary.train_stats.get(task), dict) else {}
+        return TrainingProgress(running, percent, text, state, summary.model_version(self._method), summary,
                                 warning=str(stats.get("warning") or ""))
 
     # ============================================================================================ model versions
@@ -532,6 +808,103 @@ class AnomalyLogic:
         if not version:
             raise ValueError("Choose a model version first.")
         return self.client.rollback(version)
+
+
+def at_or_above(values: np.ndarray, threshold: float) -> np.ndarray:
+    """The module's one rule for "anomalous": ``values >= threshold``, compared in the heatmap's own type.
+
+    That is the library's rule (``spmamba.scoring.abnormal_voxels``: ``heatmap >= threshold``, used by
+    ``find_regions`` and the app's ``spmamba_seg`` label): numpy compares a float32 heatmap with a Python float
+    threshold in float32.
+    """
+    values = np.asarray(values)
+    if np.issubdtype(values.dtype, np.floating):
+        return values >= values.dtype.type(threshold)
+    return values >= float(threshold)
+
+
+def display_lower_bound(threshold: float, dtype: Any = np.float32) -> float:
+    """The smallest value of ``dtype`` that :func:`at_or_above` counts as anomalous: the lower bound of the display's
+    inclusive threshold range, so the overlay shows exactly the voxels the regions are made of."""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.floating):
+        return float(dtype.type(threshold))
+    return float(math.ceil(float(threshold)))
+
+
+def same_threshold(a: float, b: float, dtype: Any = np.float32) -> bool:
+    """Do thresholds ``a`` and ``b`` select the same voxels of a heatmap of type ``dtype``?"""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.floating):
+        return bool(dtype.type(a) == dtype.type(b))
+    return math.ceil(float(a)) == math.ceil(float(b))
+
+
+def _scalar_dtype(volume) -> np.dtype:
+    image = volume.GetImageData() if volume is not None else None
+    if image is None:
+        return np.dtype(np.float32)
+    from vtk.util import numpy_support
+
+    return np.dtype(numpy_support.get_numpy_array_type(image.GetScalarType()))
+
+
+def _to_float(value: Any, default: Any) -> Any:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return default
+    return out if math.isfinite(out) else default
+
+
+def _xyz(value: Any) -> Optional[Tuple[float, float, float]]:
+    if isinstance(value, (list, tuple)) and len(value) == 3:
+        try:
+            out = tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            return None
+        if all(math.isfinite(v) for v in out):
+            return out  # type: ignore[return-value]
+    return None
+
+
+def _match_region(regions: Sequence[Region], server: Dict[str, Any], tolerance_mm: float) -> Optional[Region]:
+    """The computed region that is the server's ``server`` region: the same voxel count and the same centroid, in
+    RAS (``centroid_ras``, within ``tolerance_mm``).  Voxel indices are compared only when the server sends no RAS
+    centroid: the server's [i, j, k] are its array's, and Slicer may order a file's axes differently (it flips the
+    slice axis of a NIfTI file with a left-handed affine, for example)."""
+    n = int(_to_float(server.get("n_voxels"), -1))
+    same_size = [r for r in regions if r.n_voxels == n]
+    ras = _xyz(server.get("centroid_ras"))
+    if ras is not None:
+        best = min(same_size, key=lambda r: float(np.linalg.norm(np.subtract(r.centroid_ras, ras))), default=None)
+        if best is not None and float(np.linalg.norm(np.subtract(best.centroid_ras, ras))) <= tolerance_mm:
+            return best
+        return None
+    ijk = _xyz(server.get("centroid_voxel"))
+    for region in same_size:
+        if ijk is not None and max(abs(a - b) for a, b in zip(region.centroid_ijk, ijk)) <= 1e-2:
+            return region
+    return None
+
+
+def _region_from_server(label: int, server: Dict[str, Any], local: Region, ijk_to_ras: np.ndarray) -> Region:
+    """A table row from the server's region (its numbers), numbered ``label``; the matched computed region gives the
+    voxel centroid in this volume's IJK (and the RAS centroid when the server sent none)."""
+    c_ijk = local.centroid_ijk
+    c_ras = _xyz(server.get("centroid_ras"))
+    if c_ras is None:
+        c_ras = tuple(float(x) for x in (ijk_to_ras @ np.append(np.asarray(c_ijk), 1.0))[:3])
+    return Region(
+        label=label,
+        n_voxels=int(_to_float(server.get("n_voxels"), local.n_voxels)),
+        volume_mm3=float(_to_float(server.get("volume_mm3"), local.volume_mm3)),
+        peak=float(_to_float(server.get("peak"), local.peak)),
+        mean=float(_to_float(server.get("mean"), local.mean)),
+        centroid_ijk=tuple(c_ijk),  # type: ignore[arg-type]
+        centroid_ras=tuple(c_ras),  # type: ignore[arg-type]
+        source="server",
+    )
 
 
 def _stem(path: str) -> str:

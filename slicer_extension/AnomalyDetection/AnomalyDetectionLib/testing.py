@@ -32,15 +32,22 @@ def synthetic_arrays(seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def expected_regions(threshold: float) -> List[Dict[str, float]]:
-    """Regions the Logic must find at ``threshold`` (sorted by peak, highest first)."""
+    """Regions the Logic must find at ``threshold`` (sorted by peak, highest first): blobs whose float32 value is
+    at or above the threshold rounded to float32 (the library's rule, ``heatmap >= threshold``).
+
+    Each region also carries what the SP-Mamba app sends in its infer JSON: ``label``, ``mean``, ``peak_voxel`` and
+    ``centroid_voxel`` ([i, j, k]).
+    """
     voxel = float(np.prod(SYNTHETIC_SPACING))
     out = []
     for i0, i1, j0, j1, k0, k1, v in sorted(SYNTHETIC_BLOBS, key=lambda b: -b[6]):
-        if v >= threshold:
+        if np.float32(v) >= np.float32(threshold):
             n = (i1 - i0) * (j1 - j0) * (k1 - k0)
             centroid_ijk = ((i0 + i1 - 1) / 2.0, (j0 + j1 - 1) / 2.0, (k0 + k1 - 1) / 2.0)
             ras = tuple(o + s * c for o, s, c in zip(SYNTHETIC_ORIGIN, SYNTHETIC_SPACING, centroid_ijk))
-            out.append({"n_voxels": n, "volume_mm3": n * voxel, "peak": v, "centroid_ras": ras})
+            out.append({"label": len(out) + 1, "n_voxels": n, "volume_mm3": n * voxel, "peak": v,
+                        "mean": float(np.float32(v)), "peak_voxel": [i0, j0, k0],
+                        "centroid_voxel": list(centroid_ijk), "centroid_ras": ras})
     return out
 
 

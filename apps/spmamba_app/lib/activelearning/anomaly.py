@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Optional
 
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from ..infers.anomaly import Detection
+from ..detection import Detection
 from ..scoring.anomaly import cached_score, score_study
 
 logger = logging.getLogger(__name__)

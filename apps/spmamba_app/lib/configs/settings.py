@@ -65,7 +65,7 @@ class AppSettings:
     method: str = "spmamba"  # the anomaly-detection method the app trains and serves (spmamba.methods)
     preset: str = "fast"  # one of the method's presets; default: the method's default preset
     device: str = "auto"
-    slice_axis: Optional[int] = None  # None = the model's own axis
+    slice_axis: Optional[int] = None  # training only: new models' slice axis (None = the library's, axial)
     encoder_weights: str = "none"
     unflagged_normal: bool = False
     model: Optional[str] = None  # a checkpoint made by `spmamba train`; None = only the app's model folder
@@ -116,32 +116,24 @@ def conf_keys() -> set:
 
 
 def library_methods() -> List[str]:
-    """The methods ``spmamba`` knows (``spmamba.methods.method_names``); empty if it cannot say."""
-    try:
-        from spmamba.methods import method_names
-    except Exception:  # noqa: BLE001 - no library: training fails later with its own message
-        return []
+    """The methods ``spmamba`` knows (``spmamba.methods.method_names``)."""
+    from spmamba.methods import method_names
+
     return method_names()
 
 
 def library_presets(method: str = "spmamba") -> List[str]:
-    """The training presets ``spmamba`` offers for ``method`` (its ``PRESETS``); empty if it cannot say."""
-    try:
-        from spmamba.methods import get_method
+    """The training presets ``spmamba`` offers for ``method`` (a method of ``library_methods``: its ``PRESETS``)."""
+    from spmamba.methods import get_method
 
-        return sorted(get_method(method).PRESETS)
-    except Exception:  # noqa: BLE001 - no library (or no such method): refused elsewhere with its own message
-        return []
+    return sorted(get_method(method).PRESETS)
 
 
 def default_preset(method: str) -> str:
-    """The method's default preset ("fast" for SP-Mamba, or when the library cannot say)."""
-    try:
-        from spmamba.methods import get_method
+    """The method's default preset ("fast" for SP-Mamba)."""
+    from spmamba.methods import get_method
 
-        return get_method(method).default_preset
-    except Exception:  # noqa: BLE001
-        return "fast"
+    return get_method(method).default_preset
 
 
 def parse_conf(app_dir: str, studies: str, conf: Optional[Dict[str, Any]]) -> AppSettings:
@@ -158,11 +150,11 @@ def parse_conf(app_dir: str, studies: str, conf: Optional[Dict[str, Any]]) -> Ap
         raise ConfError(f"--conf {key}: unknown setting{hint}; valid keys: {', '.join(own)}")
     method = str(conf.get("method", "spmamba")).strip() or "spmamba"
     methods = library_methods()
-    if methods and method not in methods:
+    if method not in methods:
         raise ConfError(f"--conf method {method!r}: unknown method; choose one of {', '.join(methods)}")
     preset = str(conf.get("preset", "")).strip() or default_preset(method)
     presets = library_presets(method)
-    if presets and preset not in presets:
+    if preset not in presets:
         raise ConfError(f"--conf preset {preset!r}: unknown preset of method {method}; choose one of "
                         f"{', '.join(presets)}")
     device = str(conf.get("device", "auto")).strip().lower() or "auto"

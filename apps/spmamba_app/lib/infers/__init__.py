@@ -1,3 +1,3 @@
-from .anomaly import AnomalyInfer, AnomalySegmentationInfer, Detection
+from .anomaly import AnomalyInfer, AnomalySegmentationInfer
 
-__all__ = ["AnomalyInfer", "AnomalySegmentationInfer", "Detection"]
+__all__ = ["AnomalyInfer", "AnomalySegmentationInfer"]

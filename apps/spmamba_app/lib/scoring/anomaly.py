@@ -21,7 +21,7 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 
 from ..configs import CURATION_KEY, SCORE_KEY
-from ..infers.anomaly import Detection
+from ..detection import Detection
 
 logger = logging.getLogger(__name__)
 
@@ -92,9 +92,8 @@ class AnomalyScoring(ScoringMethod):
         start = time.time()
         summary: Dict[str, Any] = {"model_version": detector.version, "scored": 0, "cached": 0, "failed": 0}
         scores = {}
-        curation = getattr(datastore, "curation", lambda i: None)
         ranked_first = (None, "normal")  # the candidates of the active-learning strategies
-        for image_id in sorted(datastore.list_images(), key=lambda i: (curation(i) not in ranked_first, i)):
+        for image_id in sorted(datastore.list_images(), key=lambda i: (datastore.curation(i) not in ranked_first, i)):
             before = cached_score(datastore.get_image_info(image_id), detector.version)
             rec = score_study(self.detection, datastore, image_id, force=force)
             if "error" in rec:

@@ -21,11 +21,11 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from typing import Any, Dict, List, Optional
 
 from monailabel.interfaces.tasks.train import TrainTask
+from spmamba.atomic import write_json
 
 from ..configs import AppSettings
 from ..configs.settings import library_presets
@@ -33,19 +33,6 @@ from ..errors import bad_request, conflict
 from ..versions import VersionHistory, read_model_info, served_path, weaker_preset_message
 
 logger = logging.getLogger(__name__)
-
-
-def _write_json_atomic(path: str, data: Dict[str, Any]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".stats.", suffix=".tmp", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _pid_alive(pid: Any) -> bool:
@@ -98,7 +85,7 @@ class AnomalyTrain(TrainTask):
     def _params(self, request: Dict[str, Any]) -> Dict[str, Any]:
         preset = str(request.get("preset") or self.settings.preset)
         presets = library_presets(self.settings.method)
-        if presets and preset not in presets:
+        if preset not in presets:
             raise bad_request(f"unknown preset {preset!r} of method {self.settings.method}: choose one of "
                               f"{', '.join(presets)}")
         epochs = request.get("max_epochs", request.get("epochs")) or self.settings.epochs
@@ -169,13 +156,13 @@ class AnomalyTrain(TrainTask):
             images = self.precheck(request, datastore)
         except Exception as e:
             detail = getattr(e, "detail", None) or str(e)
-            _write_json_atomic(s.stats_path, {**stats, "status": "ERROR", "detail": detail, "pid": None})
+            write_json(s.stats_path, {**stats, "status": "ERROR", "detail": detail, "pid": None})
             raise RuntimeError(detail) from e
         stats.update({"preset": params["preset"], "n_studies": len(images), "total_epochs": params["epochs"]})
         warning = self.preset_warning(request)
         if warning:
             stats["warning"] = warning
-        _write_json_atomic(s.stats_path, stats)
+        write_json(s.stats_path, stats)
         last_write = [0.0]
 
         def progress(p: Dict[str, Any]) -> None:
@@ -199,7 +186,7 @@ class AnomalyTrain(TrainTask):
             now = time.time()
             if now - last_write[0] > 0.5 or p.get("phase") != "train":
                 last_write[0] = now
-                _write_json_atomic(s.stats_path, stats)
+                write_json(s.stats_path, stats)
             logger.info(f"progress: {json.dumps({k: stats.get(k) for k in ('phase', 'epoch', 'total_epochs', 'loss', 'val_score')})}")
 
         extra: Dict[str, Any] = {}
@@ -230,17 +217,17 @@ class AnomalyTrain(TrainTask):
                 stats.update({"status": "STOPPED", "phase": "stopped", "pid": None, "stopped_early": True,
                               "detail": "stopped before the first training step: the served model is unchanged",
                               "elapsed_s": round(time.time() - started, 1), "end_ts": int(time.time())})
-                _write_json_atomic(s.stats_path, stats)
+                write_json(s.stats_path, stats)
                 logger.info("Training stopped before its first step; nothing published")
                 return stats
             stats["phase"] = "publishing"
-            _write_json_atomic(s.stats_path, stats)
+            write_json(s.stats_path, stats)
             # atomic publish (rename over spmamba.pt); the replaced model is kept in <model_dir>/versions
             published = self.history().publish(detector, extra={"n_studies": len(images)})
         except Exception as e:
             stats.update({"status": "ERROR", "detail": f"{type(e).__name__}: {e}", "pid": None})
             stats["elapsed_s"] = round(time.time() - started, 1)
-            _write_json_atomic(s.stats_path, stats)
+            write_json(s.stats_path, stats)
             raise
         finally:
             stopped = os.path.exists(s.stop_path)
@@ -269,6 +256,6 @@ class AnomalyTrain(TrainTask):
                 "end_ts": int(time.time()),
             }
         )
-        _write_json_atomic(s.stats_path, stats)
+        write_json(s.stats_path, stats)
         logger.info(f"Published SP-Mamba model {detector.version} to {s.published_model}")
         return stats
