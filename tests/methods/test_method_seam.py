@@ -134,6 +134,20 @@ def test_toy_method_through_the_cli(toy_folder, tmp_path):
     assert "method toy" in describe_model(tmp_path / "m.pt")
 
 
+def test_voxelwise_through_the_cli(toy_folder, tmp_path):
+    from spmamba.cli import main
+
+    out = tmp_path / "vw.pt"
+    assert main(["train", "--method", "voxelwise", "--normal", str(toy_folder / "normal"), "--out", str(out),
+                 "-q"]) == 0
+    obj = load_checkpoint(out)
+    assert obj["method"] == "voxelwise" and obj["config"]["name"] == "default" and "training_state" not in obj
+    assert main(["detect", "--model", str(out), str(toy_folder / "test"), "--out", str(tmp_path / "pred"),
+                 "-q"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "pred" / "scores.csv")))
+    assert rows[0]["id"] == "a0" and rows[0]["abnormal"].lower() in ("true", "1")
+
+
 @pytest.mark.slow
 def test_toy_method_served_and_trained_by_a_real_app_server(toy_folder, tmp_path):
     import httpx
