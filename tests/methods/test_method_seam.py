@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from spmamba.baselines import VoxelwiseBaseline
 from spmamba.checkpoint import CheckpointError, load_checkpoint
