@@ -116,9 +116,11 @@ def calibrate_threshold(normal_values: np.ndarray, false_positive_rate: float) -
 
 def abnormal_voxels(heatmap: np.ndarray, threshold: float) -> np.ndarray:
     """The one rule for what a heatmap calls abnormal: voxels **at or above** the calibrated pixel threshold
-    (``heatmap >= threshold``), as a bool array of the heatmap's shape. Regions (:func:`find_regions`), the app's
+    (``heatmap >= threshold``, compared in the heatmap's own floating type, so a float32 heatmap read back from a
+    file gives the same voxels), as a bool array of the heatmap's shape. Regions (:func:`find_regions`), the app's
     label map, the CLI's overlays and the lesion metrics (``spmamba.metrics``) all use it."""
-    return np.asarray(heatmap) >= threshold
+    hm = np.asarray(heatmap)
+    return hm >= (hm.dtype.type(threshold) if np.issubdtype(hm.dtype, np.floating) else threshold)
 
 
 def find_regions(heatmap: np.ndarray, threshold: float, affine: Optional[np.ndarray] = None,

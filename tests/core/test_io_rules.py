@@ -64,6 +64,8 @@ def test_a_voxel_at_the_threshold_is_abnormal_everywhere():
     mask = np.zeros(hm.shape, np.uint8)
     mask[2:4, 2:4, 2:4] = 1
     assert abnormal_voxels(hm, 0.5).sum() == 8
+    # compared in the heatmap's type: float32(0.7) is below the float64 0.7, yet it is the threshold's value
+    assert abnormal_voxels(np.float32([0.7, 0.69]), np.float64(0.7)).tolist() == [True, False]
     assert [r["n_voxels"] for r in find_regions(hm, 0.5)] == [8]
     row = lesion_metrics(hm, mask, 0.5)
     assert row["pred_voxels"] == 8 and row["n_gt_detected"] == 1 and row["dice"] == 1.0

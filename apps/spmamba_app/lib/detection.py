@@ -12,6 +12,8 @@ import time
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
+from spmamba.scoring import find_regions
+from spmamba.volume import VolumeError, load_volume
 
 from .configs import AppSettings
 from .errors import bad_request, unprocessable
@@ -37,8 +39,6 @@ def rounded(x: Any, nd: int = 6) -> Any:
 
 def read_volume(path: str, shown_name: str):
     """``spmamba.volume.load_volume`` with every failure turned into a 422 that names ``shown_name``."""
-    from spmamba.volume import VolumeError, load_volume
-
     def named(msg: str) -> str:
         msg = msg.replace(path, shown_name).replace(os.path.basename(path), shown_name)
         return msg if shown_name in msg else f"{shown_name}: {msg}"
@@ -70,8 +70,6 @@ class Detection:
 
     def run(self, image: Any, shown_name: Optional[str] = None) -> Tuple[Any, Any, Any, Dict[str, float]]:
         """Read + detect. Returns ``(volume, result, detector, latencies)``."""
-        from spmamba.volume import VolumeError
-
         t0 = time.perf_counter()
         detector = self.store.get()  # 409 "train first" before reading anything
         volume = self.read(image, shown_name)
@@ -87,8 +85,6 @@ class Detection:
         return volume, result, detector, {"read": t1 - t0, "queue": t_wait - t1, "model": t2 - t_wait}
 
     def summary(self, volume: Any, result: Any, detector: Any) -> Tuple[Dict[str, Any], float]:
-        from spmamba.scoring import find_regions
-
         t0 = time.perf_counter()
         regions = find_regions(result.heatmap, result.pixel_threshold, volume.affine)
         top = regions[: self.settings.top_regions] if self.settings.top_regions else []

@@ -18,6 +18,8 @@ from typing import Any, Dict, Tuple, Union
 
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+from spmamba.scoring import abnormal_voxels
+from spmamba.volume import save_volume
 
 from ..detection import Detection, rounded
 from ..errors import bad_request
@@ -73,6 +75,18 @@ class _BaseAnomalyInfer(InferTask):
             raise
         return path, time.perf_counter() - t0
 
+    def _answer(self, request: Dict[str, Any], write_result, result: str) -> Tuple[str, Dict[str, Any]]:
+        """Detect, summarise, write the result file with ``write_result(volume, detection_result, path)``; returns
+        (path, JSON) with the latencies of each part."""
+        begin = time.perf_counter()
+        volume, res, detector, lat = self.detection.run(request.get("image"), request.get("upload_name"))
+        summary, t_regions = self.detection.summary(volume, res, detector)
+        path, t_write = self._write(request, lambda p: write_result(volume, res, p))
+        lat.update({"regions": t_regions, "write": t_write, "total": time.perf_counter() - begin})
+        summary["latencies"] = rounded(lat, 4)
+        summary["result"] = result
+        return path, summary
+
 
 class AnomalyInfer(_BaseAnomalyInfer):
     """``spmamba``: float32 heatmap on the input grid + volume score, threshold, verdict, slices, regions."""
@@ -86,15 +100,7 @@ class AnomalyInfer(_BaseAnomalyInfer):
         )
 
     def __call__(self, request) -> Tuple[Union[str, None], Dict]:
-        from spmamba.volume import save_volume
-
-        begin = time.perf_counter()
-        volume, result, detector, lat = self.detection.run(request.get("image"), request.get("upload_name"))
-        summary, t_regions = self.detection.summary(volume, result, detector)
-        path, t_write = self._write(request, lambda p: save_volume(result.heatmap, volume.affine, p))
-        lat.update({"regions": t_regions, "write": t_write, "total": time.perf_counter() - begin})
-        summary["latencies"] = rounded(lat, 4)
-        summary["result"] = "heatmap"
+        path, summary = self._answer(request, lambda v, r, p: save_volume(r.heatmap, v.affine, p), "heatmap")
         logger.info(
             f"spmamba: score={summary['score']:.4g} thr={summary['threshold']:.4g} {summary['verdict']} "
             f"model={summary['model_version']} latencies={summary['latencies']}"
@@ -115,16 +121,9 @@ class AnomalySegmentationInfer(_BaseAnomalyInfer):
         )
 
     def __call__(self, request) -> Tuple[Union[str, None], Dict]:
-        from spmamba.scoring import abnormal_voxels
-        from spmamba.volume import save_volume
+        def write_label(volume, res, path):
+            save_volume(abnormal_voxels(res.heatmap, res.pixel_threshold), volume.affine, path, dtype=np.uint8)
 
-        begin = time.perf_counter()
-        volume, result, detector, lat = self.detection.run(request.get("image"), request.get("upload_name"))
-        summary, t_regions = self.detection.summary(volume, result, detector)
-        mask = abnormal_voxels(result.heatmap, result.pixel_threshold)
-        path, t_write = self._write(request, lambda p: save_volume(mask, volume.affine, p, dtype=np.uint8))
-        lat.update({"regions": t_regions, "write": t_write, "total": time.perf_counter() - begin})
-        summary["latencies"] = rounded(lat, 4)
-        summary["result"] = "label"
+        path, summary = self._answer(request, write_label, "label")
         summary["label_names"] = {"anomaly": 1}
         return path, summary
