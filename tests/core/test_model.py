@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from spmamba.models import PRESETS, SPMamba, get_config, prototype_distance, prototype_distance_loop
+from spmamba.models.anomaly_maps import concentration_term, contrast_term, image_score
 from spmamba.models.mamba_decoder import PatchExpand, SS2D, _lss_split
-from spmamba.scoring import concentration_term, contrast_term, image_score
 
 
 @pytest.mark.parametrize("B,H,K,C,w", [(2, 4, 3, 8, 3), (1, 8, 5, 16, 3), (3, 5, 2, 4, 5)])

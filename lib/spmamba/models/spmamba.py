@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..methods.base import SliceModel
-from ..scoring import feature_distance_map, gaussian_blur, image_score
+from .anomaly_maps import feature_distance_map, gaussian_blur, image_score
 from .bottleneck import FusionBottleneck
 from .cnn_decoder import CNNDecoder
 from .config import PRESETS, SPMambaConfig, get_config
