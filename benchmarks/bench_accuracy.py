@@ -46,7 +46,7 @@ SPACING = 2.0
 
 
 def _load(path):
-    from spmamba.volume import load_volume
+    from spmamba.io import load_volume
     return load_volume(path)
 
 

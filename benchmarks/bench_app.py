@@ -13,7 +13,7 @@ each timed at the client (wall) and split with the server's own JSON ``latencies
 The first request after start-up (model load) is reported separately as *cold*. The model is an untrained one of the preset
 (latency does not depend on the weights; pass ``--model-fast/--model-paper`` to use real checkpoints).
 
-Writers: ``spmamba.volume.save_volume`` (what the app uses) against MONAI Label's ITK writer
+Writers: ``spmamba.io.save_volume`` (what the app uses) against MONAI Label's ITK writer
 (``monailabel.transform.writer.write_itk``, what its stock ``Writer`` uses), cold (first call in the process) and
 warm, for the brain heatmap and for a 32x32x16 volume.
 """
@@ -44,7 +44,7 @@ def _free_port() -> int:
 
 def make_data(work: Path, n_normal: int = 3):
     from spmamba.data.synthetic import make_abnormal, make_normal
-    from spmamba.volume import save_volume
+    from spmamba.io import save_volume
 
     work.mkdir(parents=True, exist_ok=True)
     brain = make_abnormal(seed=7, index=0, spacing=2.0)
@@ -145,7 +145,7 @@ aff = np.diag([2.0, 2.0, 2.0, 1.0])
 res = {}
 for name, shp in (("brain", shape), ("32x32x16", (32, 32, 16))):
     h = np.random.default_rng(0).random(shp, dtype=np.float32)
-    from spmamba.volume import save_volume
+    from spmamba.io import save_volume
     for ext in (".nii.gz", ".nrrd"):
         ts = []
         for i in range(repeats):

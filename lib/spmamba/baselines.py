@@ -19,7 +19,7 @@ from typing import Iterable, Optional
 import numpy as np
 from scipy import ndimage
 
-from .volume import normalise_intensity
+from .preprocessing import normalise_intensity
 
 __all__ = ["VoxelwiseStats", "VoxelwiseBaseline", "position_normalise", "topk_mean", "zscore_heatmap"]
 

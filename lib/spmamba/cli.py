@@ -35,7 +35,7 @@ def _eprint(*args) -> None:
 
 
 def _is_image(p: Path) -> bool:
-    from spmamba.volume import is_volume_file
+    from spmamba.io import is_volume_file
 
     return is_volume_file(p) and not p.name.startswith(".")
 
@@ -75,7 +75,7 @@ def iter_inputs(inputs: Sequence[str]) -> Iterator[Path]:
 
 def _check_inputs(inputs: Sequence[str]) -> int:
     """Check every input exists and ids are unique, without reading any volume; return the file count."""
-    from spmamba.volume import volume_id
+    from spmamba.io import volume_id
 
     seen: dict[str, Path] = {}
     n = 0
@@ -431,7 +431,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         raise CLIError(f"{out}: exists and is not a folder")
     from spmamba.detector import Detector
     from spmamba.results import DetectOutputWriter, overlay_path
-    from spmamba.volume import VolumeError, load_volume, volume_id
+    from spmamba.io import VolumeError, load_volume, volume_id
 
     detector = Detector.load(str(model), device=args.device)
     failed: list[tuple[str, str]] = []
@@ -670,7 +670,7 @@ def _report_served(tag: str, url: str, studies: Path, requested_model: Path | No
         lines.append(f"[{tag}] no model yet: detection answers 409 until there is one. Train one with "
                      "`spmamba train --normal DIR --out model.pt` and serve it with --model model.pt, or mark studies "
                      "normal and train from the Slicer module")
-    from spmamba.volume import volume_id
+    from spmamba.io import volume_id
 
     ids = sorted(volume_id(p) for p in studies.iterdir() if p.is_file() and _is_image(p)) if studies.is_dir() else []
     lines += next_steps(url, ids[0] if ids else "STUDY_ID")
@@ -817,7 +817,7 @@ def prepare_demo(demo_dir: str | os.PathLike, *, n_train: int = 20, n_test: int 
     """Make ``demo_dir`` (synth data, skipped if present) and ``demo_dir/studies`` (all volumes, with a
     curation.csv marking the training normals as normal); return the studies folder."""
     from spmamba.data.synthetic import make_dataset
-    from spmamba.volume import volume_id
+    from spmamba.io import volume_id
 
     d = Path(demo_dir)
     labels = d / "test" / "labels.csv"
@@ -1042,7 +1042,7 @@ def _library_input_errors() -> tuple[type[BaseException], ...]:
     from spmamba.checkpoint import CheckpointError
     from spmamba.metrics import EvaluationError
     from spmamba.train import TrainingDataError
-    from spmamba.volume import VolumeError
+    from spmamba.io import VolumeError
 
     return VolumeError, TrainingDataError, CheckpointError, EvaluationError
 

@@ -42,10 +42,11 @@ import torch
 from . import __version__
 from .baselines import VoxelwiseStats, position_normalise, topk_mean
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, weights_digest
+from .io import validate_array
 from .methods import DEFAULT_METHOD, SLICE, AnomalyModel, PreparedVolume, UnknownMethod, get_method
+from .preprocessing import batch_to_slices, normalise_intensity, slices_to_batch, to_canonical
 from .registration import AffineAligner
 from .scoring import aggregate_slice_scores, smooth_within_mask
-from .volume import batch_to_slices, normalise_intensity, slices_to_batch, to_canonical, validate_array
 
 __all__ = ["Detector", "DetectionResult", "Preprocessing", "Calibration", "resolve_device", "prepare_slices"]
 
@@ -66,7 +67,7 @@ class Preprocessing:
     min_foreground: float = 0.02  # a slice is scored when at least this share of it is foreground
     batch_size: int = 16
     # intensities are scaled so the foreground's 0.5..99.5 percentiles span [0, 1], then clipped to
-    # [0, intensity_max]: the headroom keeps lesions brighter than any normal tissue distinct (volume.normalise_intensity)
+    # [0, intensity_max]: the headroom keeps lesions brighter than any normal tissue distinct (preprocessing.normalise_intensity)
     intensity_max: float = 2.0
     # after the slices are assembled: 3-D Gaussian smoothing of the heatmap inside the foreground, sigma in mm
     # (scoring.smooth_within_mask; 0 = off, as published)

@@ -33,9 +33,9 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
+from spmamba.io import VOLUME_SUFFIXES, VolumeError, is_volume_file, load_volume, volume_id
 from spmamba.results import ResultsError, heatmap_path, parse_abnormal, read_detect_meta, read_scores
 from spmamba.scoring import abnormal_voxels
-from spmamba.volume import VOLUME_SUFFIXES, VolumeError, is_volume_file, load_volume, volume_id
 
 __all__ = [
     "image_metrics",

@@ -12,11 +12,11 @@ SimpleITK (a maintained ITK registration framework; no optimiser of our own) and
   (:meth:`AffineAligner.to_payload`). :meth:`AffineAligner.align` registers one volume and returns an
   :class:`Alignment`: the volume resampled onto the reference grid, the transform, the similarity and the scales.
   :meth:`Alignment.to_input` resamples a map from the reference grid back onto the input's own grid.
-- :class:`AlignmentError` (a :class:`~spmamba.volume.VolumeError`): a volume that cannot be aligned (empty or
+- :class:`AlignmentError` (a :class:`~spmamba.io.VolumeError`): a volume that cannot be aligned (empty or
   constant, a sheared voxel grid) or whose registration failed or diverged (similarity below the floor, absurd
   scale, reflection). Never silently used: the detector raises it, the CLI reports and skips that volume.
 
-Registration (deterministic): both images intensity-normalised (``volume.normalise_intensity``); centred
+Registration (deterministic): both images intensity-normalised (``preprocessing.normalise_intensity``); centred
 moments initialiser; 12-parameter affine (rotation, translation, scale, shear); Mattes mutual information with
 random sampling of a fixed fraction of the voxels inside the reference's (dilated) foreground, fixed seed;
 regular-step gradient descent with scales from physical shift; three resolutions (shrink 4/2/1, smoothing 2/1/0
@@ -45,7 +45,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from .volume import Volume, VolumeError, load_volume, normalise_intensity, to_canonical, validate_array
+from .io import Volume, VolumeError, load_volume, validate_array
+from .preprocessing import normalise_intensity, to_canonical
 
 __all__ = [
     "AlignmentError", "Reference", "Alignment", "AffineAligner", "ALIGN_METHODS", "REFERENCE_KINDS",

@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from spmamba.atomic import write_json
-from spmamba.volume import save_volume
+from spmamba.io import save_volume
 
 __all__ = ["SCORES_CSV", "DETECT_JSON", "SCORE_COLUMNS", "ResultsError", "heatmap_path", "overlay_path",
            "DetectOutputWriter", "read_scores", "read_detect_meta", "parse_abnormal"]

@@ -23,10 +23,11 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .detector import Calibration, Detector, Preprocessing, prepare_slices, resolve_device
+from .io import Volume, VolumeError, load_volume
 from .methods import DEFAULT_METHOD, PreparedVolume, get_method
+from .preprocessing import to_canonical
 from .registration import ALIGN_METHODS, AffineAligner, AlignmentError, calibrate_floor, make_reference
 from .scoring import calibrate_threshold
-from .volume import Volume, VolumeError, load_volume, to_canonical
 
 __all__ = ["train_detector", "TrainingDataError", "calibrate", "MIN_VOLUMES", "split_normals", "build_or_resume",
            "prepare_volumes", "publish"]

@@ -94,7 +94,7 @@ def load_bytes(data: bytes, suffix: str):
     """Load a NIfTI/NRRD result from bytes with the library's reader (returns spmamba Volume)."""
     import tempfile
 
-    from spmamba.volume import load_volume
+    from spmamba.io import load_volume
 
     fd, p = tempfile.mkstemp(suffix=suffix)
     with os.fdopen(fd, "wb") as f:

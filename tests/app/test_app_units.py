@@ -100,11 +100,11 @@ def test_curation_csv_seeds_only_unset_states(applib, tmp_path, tiny_data):
 
 
 def test_datastore_lists_every_volume_the_library_reads_with_its_ids(applib, tmp_path, tiny_data):
-    """One list of volume suffixes and one id rule (spmamba.volume): a detached-header NRRD study is listed too."""
+    """One list of volume suffixes and one id rule (spmamba.io): a detached-header NRRD study is listed too."""
     import shutil
 
     import nrrd
-    from spmamba.volume import load_volume
+    from spmamba.io import load_volume
 
     shutil.copy(tiny_data["normal"][0], tmp_path / "sub-1.v2.nii.gz")
     nrrd.write(str(tmp_path / "head.nhdr"), load_volume(tiny_data["normal"][1]).array)  # + head.raw.gz beside it

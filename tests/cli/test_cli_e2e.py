@@ -93,7 +93,7 @@ def test_detect_skips_bad_files_and_says_why(tiny_data: Path, trained: Path, tmp
 
 
 def test_detect_nrrd_keeps_grid(tiny_data: Path, trained: Path, tmp_path: Path, capsys):
-    from spmamba.volume import load_volume, save_volume
+    from spmamba.io import load_volume, save_volume
 
     v = load_volume(tiny_data / "test" / "images" / "case-0001.nii.gz")
     nrrd = tmp_path / "vol.nrrd"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from spmamba.cli import main
-from spmamba.volume import volume_id
+from spmamba.io import volume_id
 
 
 def _save(arr, path, spacing=2.0):

@@ -8,9 +8,9 @@ import pytest
 import SimpleITK as sitk
 
 from spmamba.checkpoint import read_checkpoint_meta, weights_digest
+from spmamba.io import Volume, VolumeError
 from spmamba.registration import (AffineAligner, AlignmentError, Reference, build_reference, calibrate_floor,
                                   from_sitk, mni152_reference, similarity, to_sitk)
-from spmamba.volume import Volume, VolumeError
 
 # Tolerance for a recovered transform, as the mean / largest displacement error (mm) over the reference's brain
 # voxels: the reference has 4 mm voxels, the input 3 mm; measured errors are about 0.25 / 0.5 mm.

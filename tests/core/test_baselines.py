@@ -79,7 +79,7 @@ def test_cnn_decoder_option_matches_encoder_levels_and_default_is_mamba():
 def test_detector_position_normalisation_round_trip(tmp_path):
     from spmamba.detector import Detector
     from spmamba.train import train_detector
-    from spmamba.volume import Volume
+    from spmamba.io import Volume
 
     rng = np.random.default_rng(0)
 

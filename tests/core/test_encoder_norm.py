@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from spmamba.detector import Preprocessing
+from spmamba.io import Volume
 from spmamba.models import SPMamba
 from spmamba.models.encoder import ResNetEncoder
+from spmamba.preprocessing import normalise_intensity
 from spmamba.train import train_detector
-from spmamba.volume import Volume, normalise_intensity
 
 
 def _uniform(value: float, size: int = 64) -> torch.Tensor:

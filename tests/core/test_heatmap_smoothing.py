@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from spmamba.detector import Preprocessing
+from spmamba.preprocessing import to_canonical
 from spmamba.scoring import smooth_within_mask
-from spmamba.volume import to_canonical
 
 
 def test_smoothing_only_averages_inside_the_mask():

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from spmamba.atomic import atomic_path, write_json, write_text
+from spmamba.io import VOLUME_SUFFIXES, is_volume_file, load_volume, save_volume, volume_id
 from spmamba.metrics import lesion_metrics
 from spmamba.results import (DetectOutputWriter, ResultsError, heatmap_path, read_detect_meta, read_scores)
 from spmamba.scoring import abnormal_voxels, find_regions
-from spmamba.volume import VOLUME_SUFFIXES, is_volume_file, load_volume, save_volume, volume_id
 
 
 def _names(folder):

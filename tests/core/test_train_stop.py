@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from spmamba.detector import Detector
+from spmamba.io import Volume
 from spmamba.train import calibrate, train_detector
-from spmamba.volume import Volume
 
 
 def _volumes(n, shape=(24, 28, 6), seed=0):

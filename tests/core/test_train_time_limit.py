@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from spmamba.detector import Detector, Preprocessing
+from spmamba.io import Volume
 from spmamba.models import SPMamba, get_config
 from spmamba.train import calibrate, train_detector
-from spmamba.volume import Volume
 
 
 def _volumes(n, shape=(24, 28, 6), seed=0):

@@ -7,9 +7,10 @@ import torch
 
 from spmamba.checkpoint import CheckpointError
 from spmamba.detector import Detector
+from spmamba.io import Volume, VolumeError, load_volume, save_volume, validate_array
+from spmamba.preprocessing import to_canonical
 from spmamba.scoring import find_regions
 from spmamba.train import TrainingDataError, train_detector
-from spmamba.volume import Volume, VolumeError, load_volume, save_volume, to_canonical, validate_array
 
 
 def _phantom(rng, shape=(24, 28, 6)):

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import torch
 
-from spmamba.volume import Volume
+from spmamba.io import Volume
 from spmamba.train import train_detector, calibrate
 from spmamba.detector import Detector
 rng = np.random.default_rng(0)

@@ -15,9 +15,9 @@ import pytest
 from spmamba.baselines import VoxelwiseBaseline
 from spmamba.checkpoint import CheckpointError, load_checkpoint
 from spmamba.detector import Detector
+from spmamba.io import Volume, save_volume
 from spmamba.methods import SLICE, VOLUME, UnknownMethod, get_method, method_names, register_method
 from spmamba.train import split_normals, train_detector
-from spmamba.volume import Volume, save_volume
 from toy_method import ToyModel
 
 HERE = Path(__file__).resolve().parent

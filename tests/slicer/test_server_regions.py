@@ -215,11 +215,11 @@ def test_regions_table_reads_back(case):
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
 def test_library_written_heatmap_and_regions_match(scene, tmp_path, suffix):
-    """The app's conventions end to end without a server: the heatmap written by ``spmamba.volume.save_volume``
+    """The app's conventions end to end without a server: the heatmap written by ``spmamba.io.save_volume``
     (NIfTI, or NRRD in LPS) on an oblique grid and its regions from ``spmamba.scoring.find_regions`` (voxel indices
     of that array, RAS centroids from its affine) are matched to the segments made here, and agree with them."""
     scoring = pytest.importorskip("spmamba.scoring")
-    volume_io = pytest.importorskip("spmamba.volume")
+    volume_io = pytest.importorskip("spmamba.io")
     _, heat_ijk = testing.synthetic_arrays()
     c, s_ = np.cos(0.3), np.sin(0.3)
     affine = np.array([[-1.5 * c, 2.0 * s_, 0, 12.0], [1.5 * s_, 2.0 * c, 0, -7.0], [0, 0, 2.5, 30.0], [0, 0, 0, 1]])

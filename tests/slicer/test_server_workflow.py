@@ -113,7 +113,7 @@ def test_connect_curate_and_next_case(server, scene, tmp_path):
 
 
 def test_train_publish_detect_and_overlay(server, scene, tmp_path):
-    missing = [m for m in ("spmamba.volume", "spmamba.detector", "spmamba.train") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("spmamba.io", "spmamba.detector", "spmamba.train") if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(f"the core library has not landed in this checkout yet (missing {', '.join(missing)})")
     logic = AnomalyLogic(server["url"])

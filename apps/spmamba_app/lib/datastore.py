@@ -2,10 +2,10 @@
 
 Differences from MONAI Label's ``LocalDatastore`` (0.8.5):
 
-* the studies are the files the library reads (``spmamba.volume.VOLUME_SUFFIXES``: ``.nii.gz``, ``.nii``, ``.nrrd``,
-  ``.nhdr``) and a study's id is ``spmamba.volume.volume_id`` of its file name;
+* the studies are the files the library reads (``spmamba.io.VOLUME_SUFFIXES``: ``.nii.gz``, ``.nii``, ``.nrrd``,
+  ``.nhdr``) and a study's id is ``spmamba.io.volume_id`` of its file name;
 * uploads are validated *before* they are added: the id must be a safe file name (no ``../x``), the file must be a
-  readable 3-D volume (``spmamba.volume.load_volume``: truncated, 4-D, 1-D, NaN/Inf, absurd header sizes and non-images
+  readable 3-D volume (``spmamba.io.load_volume``: truncated, 4-D, 1-D, NaN/Inf, absurd header sizes and non-images
   are refused with a 4xx naming the problem), and it is copied into place with a temporary file + rename;
 * ``datastore_v2.json`` is written atomically (temporary file + rename) and every read-modify-write reloads the file
   under the lock first, so the server and MONAI Label's training/scoring subprocesses never lose each other's updates;
@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from spmamba.atomic import atomic_path, write_text
-from spmamba.volume import VOLUME_SUFFIXES, volume_id, volume_suffix
+from spmamba.io import VOLUME_SUFFIXES, volume_id, volume_suffix
 
 from .configs import CURATION_KEY, CURATION_STATES
 from .detection import read_volume

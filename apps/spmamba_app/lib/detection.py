@@ -1,6 +1,6 @@
 """One detection for a request, shared by the inference tasks, scoring and active learning.
 
-Reads with ``spmamba.volume.load_volume`` (every failure becomes a 422 naming the client's file), detects with the
+Reads with ``spmamba.io.load_volume`` (every failure becomes a 422 naming the client's file), detects with the
 served ``Detector`` (at most ``infer_workers`` at once) and summarises with ``spmamba.scoring.find_regions``.
 Detection always follows the served model: its slice axis and alignment are the ones it was trained with.
 """
@@ -12,8 +12,8 @@ import time
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
+from spmamba.io import VolumeError, load_volume
 from spmamba.scoring import find_regions
-from spmamba.volume import VolumeError, load_volume
 
 from .configs import AppSettings
 from .errors import bad_request, unprocessable
@@ -38,7 +38,7 @@ def rounded(x: Any, nd: int = 6) -> Any:
 
 
 def read_volume(path: str, shown_name: str):
-    """``spmamba.volume.load_volume`` with every failure turned into a 422 that names ``shown_name``."""
+    """``spmamba.io.load_volume`` with every failure turned into a 422 that names ``shown_name``."""
     def named(msg: str) -> str:
         msg = msg.replace(path, shown_name).replace(os.path.basename(path), shown_name)
         return msg if shown_name in msg else f"{shown_name}: {msg}"

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..volume import slices_to_batch
+from ..preprocessing import slices_to_batch
 
 __all__ = ["TrainingSettings", "AnomalyModel", "SliceModel", "VolumeModel", "PreparedVolume", "SLICE", "VOLUME"]
 

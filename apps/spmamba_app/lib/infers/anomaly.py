@@ -2,9 +2,9 @@
 with ``--conf method NAME`` they are named ``NAME`` and ``NAME_seg`` and serve that method's model (the JSON's
 ``method`` says which).
 
-Both call ``spmamba`` only, through :class:`lib.detection.Detection`: read with ``spmamba.volume.load_volume``
+Both call ``spmamba`` only, through :class:`lib.detection.Detection`: read with ``spmamba.io.load_volume``
 (which refuses bad input with a message naming the problem), detect with the served ``Detector``, find regions with
-``spmamba.scoring.find_regions`` and write heatmap and label with ``spmamba.volume.save_volume`` (nibabel/pynrrd;
+``spmamba.scoring.find_regions`` and write heatmap and label with ``spmamba.io.save_volume`` (nibabel/pynrrd;
 NRRD in LPS as Slicer expects; MONAI Label's ITK writer is slow and its ``Restored`` transform needs torchvision,
 so neither is used).
 """
@@ -18,8 +18,8 @@ from typing import Any, Dict, Tuple, Union
 
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+from spmamba.io import save_volume
 from spmamba.scoring import abnormal_voxels
-from spmamba.volume import save_volume
 
 from ..detection import Detection, rounded
 from ..errors import bad_request

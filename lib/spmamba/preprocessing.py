@@ -1,0 +1,117 @@
+"""What the detector does to a volume once read: the canonical RAS grid, robust intensity scaling with a foreground
+mask, and slices <-> square, normalised slice batches (reading and writing files is ``spmamba.io``'s).
+
+Slicing convention: a volume is first reoriented to the closest canonical RAS voxel order (nibabel), so slice
+axis 2 is axial whatever the file's orientation; the heatmap is mapped back to the file's voxel order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from nibabel import orientations
+
+__all__ = [
+    "SliceGeometry", "CanonicalVolume", "to_canonical", "normalise_intensity", "slices_to_batch", "batch_to_slices",
+    "SLICE_AXES",
+]
+
+SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
+
+
+@dataclass
+class CanonicalVolume:
+    """A volume in closest-canonical RAS voxel order, plus what is needed to map results back."""
+
+    array: np.ndarray  # (X', Y', Z') float32, RAS-ordered axes
+    ornt: np.ndarray  # nibabel orientation of the file's voxel axes (io_orientation of its affine)
+    spacing: np.ndarray  # (3,) voxel sizes in mm along the RAS-ordered axes (1 where the affine gives none)
+
+    def spacing_slice_first(self, slice_axis: int) -> np.ndarray:
+        """Voxel sizes in the order the detector works in: ``slice_axis`` first, then the other two."""
+        return np.concatenate([self.spacing[[slice_axis]], np.delete(self.spacing, slice_axis)])
+
+    def to_file_order(self, data: np.ndarray) -> np.ndarray:
+        """Map an array on the RAS-ordered grid back to the file's voxel order."""
+        inv = orientations.ornt_transform(orientations.axcodes2ornt(("R", "A", "S")), self.ornt)
+        return np.ascontiguousarray(orientations.apply_orientation(data, inv))
+
+
+def to_canonical(array: np.ndarray, affine: Optional[np.ndarray]) -> CanonicalVolume:
+    """Reorder/flip voxel axes so that axis 0,1,2 run towards R, A, S (no resampling)."""
+    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    ornt = orientations.io_orientation(affine)
+    if np.isnan(ornt).any():  # degenerate affine: keep the voxel order
+        ornt = orientations.axcodes2ornt(("R", "A", "S"))
+    to_ras = orientations.ornt_transform(ornt, orientations.axcodes2ornt(("R", "A", "S")))
+    arr = np.ascontiguousarray(orientations.apply_orientation(array, to_ras))
+    sizes = np.linalg.norm(affine[:3, :3], axis=0)
+    spacing = np.empty(3)
+    spacing[ornt[:, 0].astype(int)] = np.where(sizes > 0, sizes, 1.0)
+    return CanonicalVolume(arr, ornt, spacing)
+
+
+def normalise_intensity(array: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5,
+                        max_value: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
+    """Robust per-volume scaling and a foreground mask.
+
+    Foreground = voxels above 5% of the (1st..99th percentile) range above the 1st percentile (air/background
+    in MRI and CT alike); the [low_pct, high_pct] percentiles of the foreground map to [0, 1], and the result is
+    clipped to [0, max_value]. The headroom above 1 matters: lesions brighter than any normal tissue (MS plaques,
+    haemorrhage and enhancing rims on T1) sit above the 99.5th percentile, and clipping them at 1 would make them
+    look like white matter. ``max_value=1`` gives the plain [0, 1] scaling.
+    Returns (normalised float32 array, foreground bool mask).
+    """
+    if max_value < 1.0:
+        raise ValueError(f"max_value must be >= 1 (the {high_pct} percentile maps to 1), got {max_value}")
+    a = np.asarray(array, dtype=np.float32)
+    sample = a.ravel()
+    if sample.size > 2_000_000:  # percentiles of a strided sample: same answer, bounded time
+        sample = sample[:: sample.size // 2_000_000 + 1]
+    p1, p99 = np.percentile(sample, [1, 99])
+    cut = p1 + 0.05 * (p99 - p1)
+    fg_sample = sample[sample > cut]
+    if fg_sample.size < 16 or p99 <= p1:
+        lo, hi = float(sample.min()), float(sample.max())
+    else:
+        lo, hi = np.percentile(fg_sample, [low_pct, high_pct])
+    scale = 1.0 / max(hi - lo, 1e-6)
+    out = np.clip((a - lo) * scale, 0.0, max_value).astype(np.float32)
+    return out, a > cut
+
+
+@dataclass
+class SliceGeometry:
+    """How a (h, w) slice was padded to a square and resized to S x S, to undo it."""
+
+    h: int
+    w: int
+    side: int
+    top: int
+    left: int
+
+
+def slices_to_batch(slices: np.ndarray, size: int) -> tuple[torch.Tensor, SliceGeometry]:
+    """(n, h, w) scaled intensities -> (n, 1, size, size): centred zero-padding to a square, then area/bilinear resize."""
+    n, h, w = slices.shape
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    sq = np.zeros((n, side, side), dtype=np.float32)
+    sq[:, top:top + h, left:left + w] = slices
+    t = torch.from_numpy(sq).unsqueeze(1)
+    if side != size:
+        t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=side > size)
+    return t, SliceGeometry(h, w, side, top, left)
+
+
+def batch_to_slices(maps: torch.Tensor, geom: SliceGeometry) -> np.ndarray:
+    """(n, S, S) maps -> (n, h, w) on the slice grid (inverse of slices_to_batch)."""
+    t = maps.unsqueeze(1).float()
+    if geom.side != t.shape[-1]:
+        t = F.interpolate(t, size=(geom.side, geom.side), mode="bilinear", align_corners=False)
+    t = t[:, 0, geom.top:geom.top + geom.h, geom.left:geom.left + geom.w]
+    return t.cpu().numpy()
+
