@@ -44,11 +44,11 @@ from .baselines import VoxelwiseStats, position_normalise, topk_mean
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, weights_digest
 from .io import validate_array
 from .methods import DEFAULT_METHOD, SLICE, AnomalyModel, PreparedVolume, UnknownMethod, get_method
-from .preprocessing import batch_to_slices, normalise_intensity, slices_to_batch, to_canonical
+from .preprocessing import Preprocessing, batch_to_slices, prepare_slices, slices_to_batch, to_canonical
 from .registration import AffineAligner
 from .scoring import aggregate_slice_scores, smooth_within_mask
 
-__all__ = ["Detector", "DetectionResult", "Preprocessing", "Calibration", "resolve_device", "prepare_slices"]
+__all__ = ["Detector", "DetectionResult", "Calibration", "resolve_device"]
 
 
 def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.device:
@@ -59,27 +59,6 @@ def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.dev
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu or auto")
     return dev
-
-
-@dataclass
-class Preprocessing:
-    slice_axis: int = 2  # in RAS voxel order: 0 sagittal, 1 coronal, 2 axial
-    min_foreground: float = 0.02  # a slice is scored when at least this share of it is foreground
-    batch_size: int = 16
-    # intensities are scaled so the foreground's 0.5..99.5 percentiles span [0, 1], then clipped to
-    # [0, intensity_max]: the headroom keeps lesions brighter than any normal tissue distinct (preprocessing.normalise_intensity)
-    intensity_max: float = 2.0
-    # after the slices are assembled: 3-D Gaussian smoothing of the heatmap inside the foreground, sigma in mm
-    # (scoring.smooth_within_mask; 0 = off, as published)
-    heatmap_sigma_mm: float = 2.0
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Preprocessing":
-        d = dict(d)
-        if d and "intensity_max" not in d:  # files written before these settings existed
-            d["intensity_max"] = 1.0  # were trained on [0, 1]
-            d.setdefault("heatmap_sigma_mm", 0.0)  # and calibrated on unsmoothed heatmaps
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass
@@ -112,17 +91,6 @@ class DetectionResult:
     # models with alignment: Alignment.summary() (reference, similarity, metric_floor, scales, seconds,
     # matrix_ras = reference RAS point -> input RAS point); None for models without alignment
     alignment: Optional[dict] = None
-
-
-def prepare_slices(array: np.ndarray, affine: Optional[np.ndarray], prep: Preprocessing):
-    """Volume -> (normalised slices (n, h, w) along the slice axis in RAS order, their foreground mask (n, h, w),
-    indices of the slices worth scoring (enough foreground), canonical volume)."""
-    canon = to_canonical(array, affine)
-    vol = np.moveaxis(canon.array, prep.slice_axis, 0)
-    norm, fg = normalise_intensity(vol, max_value=prep.intensity_max)
-    fg_share = fg.reshape(fg.shape[0], -1).mean(1)
-    keep = [int(i) for i in np.nonzero(fg_share >= prep.min_foreground)[0]]
-    return norm, fg, keep, canon
 
 
 class Detector:

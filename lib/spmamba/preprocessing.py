@@ -16,7 +16,7 @@ from nibabel import orientations
 
 __all__ = [
     "SliceGeometry", "CanonicalVolume", "to_canonical", "normalise_intensity", "slices_to_batch", "batch_to_slices",
-    "SLICE_AXES",
+    "SLICE_AXES", "Preprocessing", "prepare_slices",
 ]
 
 SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
@@ -115,3 +115,36 @@ def batch_to_slices(maps: torch.Tensor, geom: SliceGeometry) -> np.ndarray:
     t = t[:, 0, geom.top:geom.top + geom.h, geom.left:geom.left + geom.w]
     return t.cpu().numpy()
 
+
+@dataclass
+class Preprocessing:
+    """The Detector's preprocessing settings, stored in the model file."""
+
+    slice_axis: int = 2  # in RAS voxel order: 0 sagittal, 1 coronal, 2 axial
+    min_foreground: float = 0.02  # a slice is scored when at least this share of it is foreground
+    batch_size: int = 16
+    # intensities are scaled so the foreground's 0.5..99.5 percentiles span [0, 1], then clipped to
+    # [0, intensity_max]: the headroom keeps lesions brighter than any normal tissue distinct (normalise_intensity)
+    intensity_max: float = 2.0
+    # after the slices are assembled: 3-D Gaussian smoothing of the heatmap inside the foreground, sigma in mm
+    # (the Detector, with scoring.smooth_within_mask; 0 = off, as published)
+    heatmap_sigma_mm: float = 2.0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        d = dict(d)
+        if d and "intensity_max" not in d:  # files written before these settings existed
+            d["intensity_max"] = 1.0  # were trained on [0, 1]
+            d.setdefault("heatmap_sigma_mm", 0.0)  # and calibrated on unsmoothed heatmaps
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def prepare_slices(array: np.ndarray, affine: Optional[np.ndarray], prep: Preprocessing):
+    """Volume -> (normalised slices (n, h, w) along the slice axis in RAS order, their foreground mask (n, h, w),
+    indices of the slices worth scoring (enough foreground), canonical volume)."""
+    canon = to_canonical(array, affine)
+    vol = np.moveaxis(canon.array, prep.slice_axis, 0)
+    norm, fg = normalise_intensity(vol, max_value=prep.intensity_max)
+    fg_share = fg.reshape(fg.shape[0], -1).mean(1)
+    keep = [int(i) for i in np.nonzero(fg_share >= prep.min_foreground)[0]]
+    return norm, fg, keep, canon

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint
-from .detector import Calibration, Detector, Preprocessing, prepare_slices, resolve_device
+from .detector import Calibration, Detector, resolve_device
 from .io import Volume, VolumeError, load_volume
 from .methods import DEFAULT_METHOD, PreparedVolume, get_method
-from .preprocessing import to_canonical
+from .preprocessing import Preprocessing, prepare_slices, to_canonical
 from .registration import ALIGN_METHODS, AffineAligner, AlignmentError, calibrate_floor, make_reference
 from .scoring import calibrate_threshold
 

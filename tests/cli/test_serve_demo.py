@@ -30,8 +30,9 @@ def _fake_model(path: Path, training: dict | None = None) -> Path:
     """A real (untrained) tiny checkpoint with a training summary, for the messages that describe models."""
     import torch
 
-    from spmamba.detector import Detector, Preprocessing
+    from spmamba.detector import Detector
     from spmamba.models import SPMamba, get_config
+    from spmamba.preprocessing import Preprocessing
 
     torch.manual_seed(0)
     det = Detector(SPMamba(get_config("tiny")), Preprocessing(), device="cpu")

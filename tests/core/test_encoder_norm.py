@@ -5,11 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spmamba.detector import Preprocessing
 from spmamba.io import Volume
 from spmamba.models import SPMamba
 from spmamba.models.encoder import ResNetEncoder
-from spmamba.preprocessing import normalise_intensity
+from spmamba.preprocessing import Preprocessing, normalise_intensity
 from spmamba.train import train_detector
 
 

@@ -3,8 +3,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from spmamba.detector import Preprocessing
-from spmamba.preprocessing import to_canonical
+from spmamba.preprocessing import Preprocessing, to_canonical
 from spmamba.scoring import smooth_within_mask
 
 

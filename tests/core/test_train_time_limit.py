@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from spmamba.detector import Detector, Preprocessing
+from spmamba.detector import Detector
 from spmamba.io import Volume
 from spmamba.models import SPMamba, get_config
+from spmamba.preprocessing import Preprocessing
 from spmamba.train import calibrate, train_detector
 
 

@@ -54,7 +54,7 @@ class TrainingSettings:
 
 
 class PreparedVolume(NamedTuple):
-    """One volume after the Detector's preprocessing (``detector.prepare_slices``), slice axis first, RAS order."""
+    """One volume after the Detector's preprocessing (``preprocessing.prepare_slices``), slice axis first, RAS order."""
 
     norm: np.ndarray  # (n, h, w) float32 scaled intensities (normal tissue in [0, 1])
     fg: np.ndarray  # (n, h, w) bool foreground
@@ -67,7 +67,7 @@ class AnomalyModel(nn.Module):
 
     Class attributes: ``method`` (registry name, written into model files), ``kind`` (SLICE or VOLUME),
     ``PRESETS`` (preset name -> architecture config), ``default_preset``, ``preprocessing_defaults`` (settings of
-    ``detector.Preprocessing`` that differ for this method, e.g. no 3-D smoothing)."""
+    ``preprocessing.Preprocessing`` that differ for this method, e.g. no 3-D smoothing)."""
 
     method: ClassVar[str] = ""
     kind: ClassVar[str] = ""

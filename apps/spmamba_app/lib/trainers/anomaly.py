@@ -191,8 +191,8 @@ class AnomalyTrain(TrainTask):
 
         extra: Dict[str, Any] = {}
         if s.slice_axis is not None:
-            from spmamba.detector import Preprocessing
             from spmamba.methods import get_method
+            from spmamba.preprocessing import Preprocessing
 
             extra["preprocessing"] = Preprocessing(**{**get_method(s.method).preprocessing_defaults,
                                                       "slice_axis": s.slice_axis})
