@@ -357,70 +357,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # detect
 # ----------------------------------------------------------------------------------------------------------------
-def save_mosaic(image, heatmap, pixel_threshold: float, path: str | os.PathLike, *, axis: int = 2, n: int = 12,
-                title: str = "") -> None:
-    """PNG mosaic of ``n`` slices along ``axis``: the image in grey, the heatmap faintly over the foreground
-    (colour from its median to its maximum), strongly where it reaches ``pixel_threshold`` (what the model calls
-    abnormal), outlined in cyan. Slices are spread over the non-zero extent and always include the peak slice.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from spmamba.scoring import abnormal_voxels
-
-    img = np.moveaxis(np.asarray(image, dtype=np.float32), axis, -1)
-    hm = np.moveaxis(np.asarray(heatmap, dtype=np.float32), axis, -1)
-    nz = np.nonzero(np.any(img != 0, axis=(0, 1)))[0]
-    lo, hi = (int(nz[0]), int(nz[-1])) if nz.size else (0, img.shape[2] - 1)
-    n = max(1, min(n, hi - lo + 1))
-    picks = list(np.unique(np.linspace(lo, hi, n + 2)[1:-1].round().astype(int))) if n > 1 else [lo]
-    peak = int(np.unravel_index(int(np.argmax(hm)), hm.shape)[2])
-    if peak not in picks:
-        picks[int(np.argmin([abs(p - peak) for p in picks]))] = peak
-        picks = sorted(set(picks))
-    cols = min(6, len(picks))
-    rows = int(np.ceil(len(picks) / cols))
-    fg_mask = img != 0
-    fg = img[fg_mask]
-    vmin, vmax = (np.percentile(fg, [1, 99]) if fg.size else (0.0, 1.0))
-    hfg = hm[fg_mask] if fg.size else hm.ravel()
-    hmax = float(np.nanmax(hm)) if np.isfinite(hm).any() else 1.0
-    hlo = float(np.percentile(hfg, 50)) if hfg.size else 0.0
-    hhi = max(hmax, pixel_threshold) if np.isfinite(pixel_threshold) else hmax
-    hlo = min(hlo, hhi - 1e-6)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.6 * rows + 0.4), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, k in zip(axes.ravel(), picks):
-        ax.imshow(img[:, :, k].T, cmap="gray", origin="lower", vmin=vmin, vmax=vmax, interpolation="nearest")
-        h = hm[:, :, k].T
-        inside = fg_mask[:, :, k].T
-        # faint heatmap over the brain, strong where the model calls a voxel abnormal, contour at the threshold
-        ax.imshow(np.ma.masked_where(~inside | (h < hlo), h), cmap="inferno", origin="lower", alpha=0.3,
-                  vmin=hlo, vmax=hhi, interpolation="nearest")
-        abnormal = abnormal_voxels(h, pixel_threshold)
-        if np.isfinite(pixel_threshold) and abnormal.any():
-            ax.imshow(np.ma.masked_where(~abnormal, h), cmap="inferno", origin="lower", alpha=0.8, vmin=hlo,
-                      vmax=hhi, interpolation="nearest")
-            ax.contour(abnormal, levels=[0.5], colors="cyan", linewidths=0.8, origin="lower")
-        ax.set_title(f"slice {k}" + (" (peak)" if k == peak else ""), fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(str(path), dpi=80)
-    plt.close(fig)
-
-
-def _to_ras(array, affine):
-    """The array in the closest RAS voxel order (for display: axis 2 = axial, like the model's slice axes)."""
-    import nibabel as nib
-
-    ornt = nib.orientations.io_orientation(affine)
-    return nib.orientations.apply_orientation(array, ornt)
-
-
 def cmd_detect(args: argparse.Namespace) -> int:
     n_files = _check_inputs(args.inputs)
     model = Path(args.model)
@@ -430,6 +366,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise CLIError(f"{out}: exists and is not a folder")
     from spmamba.detector import Detector
+    from spmamba.figures import save_mosaic, to_ras
     from spmamba.results import DetectOutputWriter, overlay_path
     from spmamba.io import VolumeError, load_volume, volume_id
 
@@ -457,7 +394,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
                     aligned[sid] = {k: res.alignment[k] for k in ("similarity", "scales", "seconds", "matrix_ras")}
                 if args.png:
                     flag = "ABNORMAL" if res.abnormal else "normal"
-                    img_ras, heat_ras = _to_ras(vol.array, vol.affine), _to_ras(res.heatmap, vol.affine)
+                    img_ras, heat_ras = to_ras(vol.array, vol.affine), to_ras(res.heatmap, vol.affine)
                     save_mosaic(img_ras, heat_ras, float(res.pixel_threshold), overlay_path(out, sid),
                                 axis=int(res.slice_axis),
                                 title=f"{sid}: score {float(res.score):.4g} (threshold {float(res.threshold):.4g}) "
@@ -546,137 +483,6 @@ class _StopSignals:
             signal.signal(sig, old)
 
 
-def _repo_root() -> Path | None:
-    """The checkout the app comes from (it holds slicer_extension/ and docs/), if there is one."""
-    try:
-        from spmamba import server
-
-        root = server.default_app_dir().resolve().parents[1]
-    except (FileNotFoundError, IndexError):
-        return None
-    return root if (root / "slicer_extension").is_dir() else None
-
-
-def _minutes(seconds) -> str:
-    if not isinstance(seconds, (int, float)):
-        return "?"
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-
-
-def describe_model(path: str | os.PathLike) -> str:
-    """One line on a model file: version, preset, how long and how it was trained, by what, on what, when."""
-    from spmamba.checkpoint import read_checkpoint_meta
-
-    m = read_checkpoint_meta(path)
-    cfg = m.get("config") or {}
-    meta = m.get("meta") or {}
-    tr = meta.get("training") or {}
-    parts = [f"version {m.get('version') or '?'}", f"preset {cfg.get('name', '?')}"]
-    if m.get("method", "spmamba") != "spmamba":
-        parts.insert(1, f"method {m['method']}")
-    steps, per_epoch, total_epochs = tr.get("steps"), tr.get("steps_per_epoch"), tr.get("total_epochs")
-    if isinstance(steps, int):
-        text = f"{steps} optimisation step{'' if steps == 1 else 's'}" + (
-            f" ({steps / per_epoch:.3g} of {total_epochs} epochs)" if per_epoch else "")
-    elif tr.get("epochs") is not None:
-        text = f"{tr['epochs']} of {total_epochs} epochs"
-    else:
-        text = "training not recorded"
-    reason = tr.get("stop_reason")
-    if reason is None and tr.get("stopped_early"):
-        reason = "stopped"
-    how_it_ended = {"time_limit": f"stopped at its time limit of {_minutes(tr.get('time_limit_s'))}",
-                    "stopped": "stopped early", "max_steps": "capped by --max-steps"}.get(reason)
-    if how_it_ended is None and tr:
-        how_it_ended = "full schedule"
-    parts.append(text + (f", {how_it_ended}" if how_it_ended else ""))
-    how = f"made by `{tr['origin']}`" if tr.get("origin") else "made by the app or an earlier spmamba (not recorded)"
-    if tr.get("train_seconds") is not None:
-        how += f" in {_minutes(tr['train_seconds'])} on {tr.get('device', '?')}"
-    if tr.get("n_train_volumes") is not None:
-        how += f" from {tr['n_train_volumes']} normal volumes"
-        n_cal, n_held = tr.get("n_calibration_volumes"), tr.get("n_held_out_volumes")
-        if n_cal is not None:
-            how += (f" (calibrated on {n_cal} of {n_held} held-out volumes)" if n_held and n_held != n_cal
-                    else f" (calibrated on {n_cal} held-out volume{'' if n_cal == 1 else 's'})")
-    parts.append(how)
-    if meta.get("created"):
-        parts.append(f"created {meta['created']}")
-    return ", ".join(parts)
-
-
-def _get_json(url: str, timeout: float = 10.0):
-    import urllib.request
-
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return json.loads(r.read().decode())
-
-
-def next_steps(url: str, example_id: str = "STUDY_ID") -> list[str]:
-    """What a user can do once the server answers (printed by serve and demo)."""
-    root = _repo_root()
-    here = Path.cwd().resolve()
-
-    def show(p: Path) -> str:
-        try:
-            return str(p.relative_to(here))
-        except ValueError:
-            return str(p)
-
-    module = show(root / "slicer_extension" / "AnomalyDetection") if root else "slicer_extension/AnomalyDetection"
-    docs = show(root / "docs") if root else "docs"
-    return [
-        "Next:",
-        "  3D Slicer  use this project's \"Anomaly Detection\" module, not MONAI Label's own Slicer plugin (it",
-        f"             cannot show float heatmaps): add {module} to Slicer's",
-        f"             additional module paths ({docs}/SLICER.md) and connect it to {url}",
-        f"  studies    curl -s '{url}/datastore/?output=all'",
-        f"  detect     curl -s -X POST '{url}/infer/spmamba?image={example_id}&output=json'",
-        f"  docs       {docs}/APP.md (REST API, --conf options), {docs}/CLI.md",
-        "  stop       Ctrl-C",
-    ]
-
-
-def _report_served(tag: str, url: str, studies: Path, requested_model: Path | None, hint_model_option: bool) -> None:
-    """Once the server answers: which studies and which model it serves (asked from the server itself), and what
-    to do next."""
-    lines = [f"[{tag}] ready on {url} with the studies in {studies}"]
-    try:
-        info = _get_json(url + "/info/")
-    except Exception as e:  # noqa: BLE001 - the server is up; the summary is a courtesy
-        info = {}
-        lines.append(f"[{tag}] (could not read {url}/info/: {e})")
-    sp = info.get("spmamba") or {}
-    counts = sp.get("curation") or {}
-    if counts:
-        n = sum(v for v in counts.values() if isinstance(v, int))
-        if n:
-            lines[0] += f" ({n} studies: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v) + ")"
-        else:
-            lines[0] += " (no studies yet: copy volumes into the folder or upload them from the Slicer module)"
-    model = sp.get("model") or {}
-    if model.get("ready") and model.get("path"):
-        lines.append(f"[{tag}] serving model {model['path']}")
-        try:
-            lines.append(f"[{tag}]   {describe_model(model['path'])}")
-        except Exception as e:  # noqa: BLE001
-            lines.append(f"[{tag}]   version {model.get('version')} ({e})")
-        if requested_model is not None and os.path.realpath(model["path"]) != os.path.realpath(requested_model):
-            lines.append(f"[{tag}]   note: not {requested_model}: the app serves the newest of its --model and the "
-                         "model it published last (MODEL_DIR/spmamba.pt, where training from Slicer goes)")
-        if hint_model_option:
-            lines.append(f"[{tag}]   serve another model with --model FILE (a `spmamba train` output)")
-    elif sp:
-        lines.append(f"[{tag}] no model yet: detection answers 409 until there is one. Train one with "
-                     "`spmamba train --normal DIR --out model.pt` and serve it with --model model.pt, or mark studies "
-                     "normal and train from the Slicer module")
-    from spmamba.io import volume_id
-
-    ids = sorted(volume_id(p) for p in studies.iterdir() if p.is_file() and _is_image(p)) if studies.is_dir() else []
-    lines += next_steps(url, ids[0] if ids else "STUDY_ID")
-    _eprint("\n".join(lines))
-
-
 def _run_server(tag: str, studies: Path, args: argparse.Namespace, conf: dict, log_dir: Path | None,
                 requested_model: Path | None, hint_model_option: bool) -> int:
     """Serve until Ctrl-C (or SIGTERM / SIGHUP): then stop the server and its children quietly, print one line and
@@ -687,8 +493,8 @@ def _run_server(tag: str, studies: Path, args: argparse.Namespace, conf: dict, l
         try:
             rc = server.serve(studies=str(studies), app_dir=args.app_dir, host=args.host, port=args.port,
                               conf=conf or None, block=True, log_dir=str(log_dir) if log_dir else None,
-                              on_ready=lambda url: _report_served(tag, url, studies, requested_model,
-                                                                  hint_model_option))
+                              on_ready=lambda url: _eprint(server.ready_report(tag, url, studies, requested_model,
+                                                                               hint_model_option)))
         except KeyboardInterrupt:
             _eprint(f"[{tag}] stopped")
             return EXIT_OK
@@ -734,134 +540,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        requested, hint_model_option=True)
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    import shutil
-
-    if dst.exists():
-        return
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-DEMO_MADE_BY = "spmamba demo"
-PROVENANCE_SUFFIX = ".provenance.json"
-
-
-def demo_model_path(demo_dir: str | os.PathLike = "demo") -> Path:
-    """Where ``spmamba demo`` puts its model: ``DEMO/model/demo.pt``, with ``demo.pt.provenance.json`` beside it.
-    (What the app publishes when the demo's user retrains goes to ``DEMO/model/app/``.)"""
-    return Path(demo_dir) / "model" / "demo.pt"
-
-
-def _provenance_path(model: Path) -> Path:
-    return model.with_name(model.name + PROVENANCE_SUFFIX)
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _files_digest(files: Sequence[Path]) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for p in sorted(files, key=lambda q: q.name):
-        h.update(p.name.encode())
-        h.update(_sha256(p).encode())
-    return h.hexdigest()[:16]
-
-
-def _demo_settings(args: argparse.Namespace) -> dict:
-    """What decides the demo's model: data set and training settings (not the device, not the port)."""
-    return {"config": args.config, "epochs": args.epochs, "train_minutes": args.train_minutes,
-            "n_train": args.n_train, "n_test": args.n_test, "seed": args.seed, "spacing": args.spacing}
-
-
-def demo_model_status(model: Path, settings: dict, data_digest: str) -> tuple[bool, str]:
-    """(reusable, why): a model is reused only when ``spmamba demo`` made it (provenance record beside it, whose
-    hash matches the file) with the same settings on the same training volumes."""
-    prov_path = _provenance_path(model)
-    if not model.is_file():
-        return False, "there is none yet"
-    if not prov_path.is_file():
-        return False, f"it has no {prov_path.name}, so `{DEMO_MADE_BY}` did not make it"
-    try:
-        prov = json.loads(prov_path.read_text())
-    except (OSError, ValueError) as e:
-        return False, f"its provenance record {prov_path.name} is unreadable ({e})"
-    if prov.get("made_by") != DEMO_MADE_BY:
-        return False, f"its provenance record says it was made by {prov.get('made_by')!r}"
-    if prov.get("model_sha256") != _sha256(model):
-        return False, "the file changed after `spmamba demo` made it"
-    if prov.get("stopped_early"):
-        return False, "its training was stopped early (Ctrl-C)"
-    old = prov.get("settings") or {}
-    changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
-    if changed:
-        return False, "it was made with other settings (" + ", ".join(changed) + ")"
-    if prov.get("data") != data_digest:
-        return False, "the demo's training volumes changed since it was made"
-    return True, f"made by `{DEMO_MADE_BY}` with these settings on these volumes ({prov.get('created', '?')})"
-
-
-def prepare_demo(demo_dir: str | os.PathLike, *, n_train: int = 20, n_test: int = 12, seed: int = 0,
-                 spacing: float = 2.0, quiet: bool = False) -> Path:
-    """Make ``demo_dir`` (synth data, skipped if present) and ``demo_dir/studies`` (all volumes, with a
-    curation.csv marking the training normals as normal); return the studies folder."""
-    from spmamba.data.synthetic import make_dataset
-    from spmamba.io import volume_id
-
-    d = Path(demo_dir)
-    labels = d / "test" / "labels.csv"
-    if labels.exists() and any((d / "train").glob("*.nii.gz")):
-        _eprint(f"[demo] using existing demo data in {d}")
-    else:
-        _eprint(f"[demo] making demo studies in {d} ({n_train} normal + {n_test} test volumes)")
-        make_dataset(d, n_train=n_train, n_test=n_test, seed=seed, spacing=spacing, progress=not quiet)
-    studies = d / "studies"
-    studies.mkdir(parents=True, exist_ok=True)
-    states = []
-    for p in sorted((d / "train").glob("*.nii.gz")):
-        _link_or_copy(p, studies / p.name)
-        states.append((volume_id(p), "normal"))
-    for p in sorted((d / "test" / "images").glob("*.nii.gz")):
-        _link_or_copy(p, studies / p.name)
-    cur = studies / "curation.csv"
-    if not cur.exists():
-        from spmamba import server
-
-        server.write_curation_csv(cur, states)
-    return studies
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.train_minutes is not None and args.train_minutes < 0:
         raise CLIError(f"--train-minutes {args.train_minutes}: must be >= 0")
+    from spmamba import demo
+
     demo_dir = Path(args.dir)
-    studies = prepare_demo(demo_dir, n_train=args.n_train, n_test=args.n_test, seed=args.seed,
+    studies = demo.prepare_demo(demo_dir, n_train=args.n_train, n_test=args.n_test, seed=args.seed,
                            spacing=args.spacing, quiet=args.quiet)
     train_dir = demo_dir / "train"
-    model = Path(args.model) if args.model else demo_model_path(demo_dir)
+    model = Path(args.model) if args.model else demo.demo_model_path(demo_dir)
     if args.model and model.is_file():
         _eprint(f"[demo] using existing model {model} (given with --model)")
     else:
-        settings = _demo_settings(args)
-        digest = _files_digest(sorted(train_dir.glob("*.nii.gz")))
-        reusable, why = demo_model_status(model, settings, digest)
+        settings = demo.demo_settings(config=args.config, epochs=args.epochs, train_minutes=args.train_minutes,
+                                      n_train=args.n_train, n_test=args.n_test, seed=args.seed, spacing=args.spacing)
+        digest = demo.files_digest(sorted(train_dir.glob("*.nii.gz")))
+        reusable, why = demo.demo_model_status(model, settings, digest)
         if reusable:
             _eprint(f"[demo] using existing model {model}: {why}")
         else:
             if model.exists():
                 _eprint(f"[demo] not using {model}: {why}")
-                if not _provenance_path(model).is_file() or "changed after" in why:
+                if not demo.provenance_path(model).is_file() or "changed after" in why:
                     aside = model.with_name(model.name + time.strftime(".replaced-%Y%m%d-%H%M%S"))
                     os.replace(model, aside)
                     _eprint(f"[demo] moved it to {aside}")
@@ -870,19 +571,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     + (f"; at most {limit:g} min of wall time including calibration (--train-minutes; a longer "
                        "run gives a better model)" if limit else ""))
             s = train_model(str(train_dir), str(model), config=args.config, epochs=args.epochs, device=args.device,
-                            time_limit_min=limit, quiet=args.quiet, origin=DEMO_MADE_BY)
-            write_json(_provenance_path(model), {
-                "made_by": DEMO_MADE_BY, "settings": settings, "data": digest, "model_sha256": _sha256(model),
-                "version": s.get("version"), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "seconds": s.get("seconds"), "stopped_early": bool(s.get("stopped_early")),
-                "spmamba": _version()})
+                            time_limit_min=limit, quiet=args.quiet, origin=demo.DEMO_MADE_BY)
+            demo.write_provenance(model, settings, digest, s, _version())
             if s.get("stopped_early"):  # Ctrl-C during the demo's training means: stop the demo
                 _eprint(f"[demo] stopped: the model trained so far is in {model} (calibrated; the next `spmamba "
                         f"demo` trains again). Serve it with: spmamba serve --studies {studies} --model {model}")
                 return EXIT_OK
             _eprint(f"[demo] model ready in {s['seconds']:.0f} s: {model}")
     if args.no_serve:
-        _eprint(f"[demo] model: {describe_model(model)}")
+        _eprint(f"[demo] model: {demo.describe_model(model)}")
         print(f"demo ready: studies {studies}, model {model}")
         return EXIT_OK
     conf = {"model": str(model.resolve()), "model_dir": str((demo_dir / "model" / "app").resolve())}

@@ -251,3 +251,86 @@ def write_curation_csv(path: PathLike, states: Union[Mapping[str, str], Iterable
         for sid, state in items:
             w.writerow([sid, state])
     return path
+
+
+def repo_root() -> Path | None:
+    """The checkout the app comes from (it holds slicer_extension/ and docs/), if there is one."""
+    try:
+        root = default_app_dir().resolve().parents[1]
+    except (FileNotFoundError, IndexError):
+        return None
+    return root if (root / "slicer_extension").is_dir() else None
+
+
+def get_json(url: str, timeout: float = 10.0):
+    """The JSON answer of a GET on ``url``."""
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read().decode())
+
+
+def next_steps(url: str, example_id: str = "STUDY_ID") -> list[str]:
+    """What a user can do once the server answers (printed by serve and demo)."""
+    root = repo_root()
+    here = Path.cwd().resolve()
+
+    def show(p: Path) -> str:
+        try:
+            return str(p.relative_to(here))
+        except ValueError:
+            return str(p)
+
+    module = show(root / "slicer_extension" / "AnomalyDetection") if root else "slicer_extension/AnomalyDetection"
+    docs = show(root / "docs") if root else "docs"
+    return [
+        "Next:",
+        "  3D Slicer  use this project's \"Anomaly Detection\" module, not MONAI Label's own Slicer plugin (it",
+        f"             cannot show float heatmaps): add {module} to Slicer's",
+        f"             additional module paths ({docs}/SLICER.md) and connect it to {url}",
+        f"  studies    curl -s '{url}/datastore/?output=all'",
+        f"  detect     curl -s -X POST '{url}/infer/spmamba?image={example_id}&output=json'",
+        f"  docs       {docs}/APP.md (REST API, --conf options), {docs}/CLI.md",
+        "  stop       Ctrl-C",
+    ]
+
+
+def ready_report(tag: str, url: str, studies: Path, requested_model: Optional[Path], hint_model_option: bool) -> str:
+    """What to print once the server answers: which studies and which model it serves (asked from the server
+    itself), and what to do next (``spmamba serve`` / ``spmamba demo``; ``tag`` prefixes the lines)."""
+    from spmamba.demo import describe_model
+
+    lines = [f"[{tag}] ready on {url} with the studies in {studies}"]
+    try:
+        info = get_json(url + "/info/")
+    except Exception as e:  # noqa: BLE001 - the server is up; the summary is a courtesy
+        info = {}
+        lines.append(f"[{tag}] (could not read {url}/info/: {e})")
+    sp = info.get("spmamba") or {}
+    counts = sp.get("curation") or {}
+    if counts:
+        n = sum(v for v in counts.values() if isinstance(v, int))
+        if n:
+            lines[0] += f" ({n} studies: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v) + ")"
+        else:
+            lines[0] += " (no studies yet: copy volumes into the folder or upload them from the Slicer module)"
+    model = sp.get("model") or {}
+    if model.get("ready") and model.get("path"):
+        lines.append(f"[{tag}] serving model {model['path']}")
+        try:
+            lines.append(f"[{tag}]   {describe_model(model['path'])}")
+        except Exception as e:  # noqa: BLE001
+            lines.append(f"[{tag}]   version {model.get('version')} ({e})")
+        if requested_model is not None and os.path.realpath(model["path"]) != os.path.realpath(requested_model):
+            lines.append(f"[{tag}]   note: not {requested_model}: the app serves the newest of its --model and the "
+                         "model it published last (MODEL_DIR/spmamba.pt, where training from Slicer goes)")
+        if hint_model_option:
+            lines.append(f"[{tag}]   serve another model with --model FILE (a `spmamba train` output)")
+    elif sp:
+        lines.append(f"[{tag}] no model yet: detection answers 409 until there is one. Train one with "
+                     "`spmamba train --normal DIR --out model.pt` and serve it with --model model.pt, or mark studies "
+                     "normal and train from the Slicer module")
+    from spmamba.io import is_volume_file, volume_id
+
+    ids = sorted(volume_id(p) for p in studies.iterdir()
+                 if p.is_file() and is_volume_file(p) and not p.name.startswith(".")) if studies.is_dir() else []
+    lines += next_steps(url, ids[0] if ids else "STUDY_ID")
+    return "\n".join(lines)

@@ -4,9 +4,11 @@ held-out normal volumes. Its named steps, each usable on its own:
 
 1. ``split_normals``: training / held-out (calibration) volumes;
 2. ``build_or_resume``: a new Detector for the method and preset, or the one in a checkpoint; alignment, if asked;
-3. fit: the method's preparation hook (SP-Mamba: encoder norm adaptation), then either the shared optimisation loop
-   (methods with ``training_settings``: AdamW, lr x0.1 at 80% of the epochs, gradient clipping, no augmentation;
-   only ``trainable_parameters`` learn) or the method's one-pass ``fit`` (statistical methods);
+3. ``fit``: the method's preparation hook (SP-Mamba: encoder norm adaptation), then either the shared optimisation
+   loop (methods with ``training_settings``: AdamW, lr x0.1 at 80% of the epochs, gradient clipping, no
+   augmentation; only ``trainable_parameters`` learn) or the method's one-pass ``fit`` (statistical methods); the
+   deadline, stop-request and progress bookkeeping the steps share is a ``TrainingBudget``, what it did a
+   ``FitState``;
 4. ``calibrate``: thresholds on the held-out normals;
 5. ``publish``: the calibrated model, saved atomically.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -30,7 +33,7 @@ from .registration import ALIGN_METHODS, AffineAligner, AlignmentError, calibrat
 from .scoring import calibrate_threshold
 
 __all__ = ["train_detector", "TrainingDataError", "calibrate", "MIN_VOLUMES", "split_normals", "build_or_resume",
-           "prepare_volumes", "publish"]
+           "prepare_volumes", "publish", "fit", "FitState", "TrainingBudget"]
 
 log = logging.getLogger(__name__)
 MIN_VOLUMES = 3  # at least 2 to train on + 1 held out for calibration
@@ -210,6 +213,199 @@ def _prepare_alignment(detector: Detector, align: Optional[str], reference: Unio
     return aligned, info
 
 
+@dataclass
+class TrainingBudget:
+    """The time-limit, stop-request and progress bookkeeping the steps of one training run share.
+
+    ``deadline``: a ``time.time()`` value or None; ``should_stop``: polled, its first True is remembered (``stop``);
+    ``stop_time_limit``: seconds from that first True to the calibrated model (``stop_deadline``); ``progress``:
+    receives the phase dicts (``emit``). ``seconds_per_volume`` (one detection), ``seconds_per_save`` (the slowest
+    checkpoint save so far) and ``n_after`` (detections after the optimisation: held-out volumes, plus training
+    volumes with position statistics) size the time ``reserve``d for what follows the optimisation."""
+    deadline: Optional[float] = None
+    should_stop: Optional[Callable[[], bool]] = None
+    stop_time_limit: Optional[float] = None
+    progress: Optional[Callable[[dict], None]] = None
+    seconds_per_volume: float = 0.0
+    seconds_per_save: float = 0.0
+    n_after: int = 0
+    stop_seen_at: Optional[float] = None  # when should_stop first said True
+
+    def emit(self, event: dict) -> None:
+        if self.progress is not None:
+            self.progress(event)
+
+    def stop(self) -> bool:
+        """Whether a stop was requested (polls ``should_stop`` until it first says True)."""
+        if self.stop_seen_at is None and self.should_stop is not None and self.should_stop():
+            self.stop_seen_at = time.time()
+        return self.stop_seen_at is not None
+
+    def stop_deadline(self) -> Optional[float]:
+        """The time-limit deadline, or earlier when a stop asked for the result within stop_time_limit."""
+        if self.stop_time_limit is None or not self.stop():
+            return self.deadline
+        by_stop = self.stop_seen_at + float(self.stop_time_limit)
+        return by_stop if self.deadline is None else min(self.deadline, by_stop)
+
+    def left(self) -> float:
+        """Seconds until the deadline (infinite without one)."""
+        return self.deadline - time.time() if self.deadline is not None else math.inf
+
+    def reserve(self) -> float:
+        """Seconds kept for what follows training: all of it when it fits in half of what is left, else half of
+        what is left (calibration then uses fewer volumes), but never less than one volume."""
+        if self.deadline is None:
+            return 0.0
+        per = 1.15 * self.seconds_per_volume
+        full = per * self.n_after + 2 * self.seconds_per_save
+        return max(min(full, 0.5 * max(0.0, self.left())), per + self.seconds_per_save)
+
+
+@dataclass
+class FitState:
+    """What ``fit`` did: epochs, optimisation steps (this run's and the resumed run's), why it stopped, the loss
+    history and the optimiser and scheduler (None for one-pass methods) whose state a checkpoint keeps."""
+    total_epochs: int
+    steps_per_epoch: int = 1
+    steps_before: int = 0  # optimisation steps of the run this one resumes
+    step_total: int = 0  # ... and of this run
+    planned_steps: int = 0
+    epochs_done: int = 0
+    stopped: bool = False
+    stop_reason: Optional[str] = None  # None (finished), "stopped" (should_stop), "max_steps", "time_limit"
+    history: list = field(default_factory=list)
+    optimizer: Any = None
+    scheduler: Any = None
+
+    @property
+    def steps(self) -> int:
+        return self.steps_before + self.step_total
+
+    def training_state(self, epoch_done: int) -> Optional[dict]:
+        """What a checkpoint needs to resume the optimisation after ``epoch_done`` epochs (None: one-pass)."""
+        if self.optimizer is None:
+            return None
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "epoch": epoch_done, "loss_history": self.history}
+
+
+def fit(detector: Detector, data: Any, budget: Optional[TrainingBudget] = None, *, total_epochs: int,
+        seed: int = 0, max_steps: Optional[int] = None, encoder_weights: str = "none", prepare: bool = True,
+        resume_state: Optional[dict] = None,
+        on_epoch: Optional[Callable[[FitState, int], None]] = None) -> FitState:
+    """Step 3: fit ``detector.model`` on ``data`` (``model.training_data(prepare_volumes(...))``).
+
+    First the method's preparation hook (when ``prepare``; SP-Mamba: encoder norm adaptation, given at most a
+    quarter of the training time under a deadline, on a random sample if cut short), then either the shared
+    optimisation loop (methods with ``training_settings``: AdamW, lr x0.1 at 80% of ``total_epochs``, gradient
+    clipping; only ``trainable_parameters`` learn) or the method's one-pass ``fit``. ``budget`` (a
+    ``TrainingBudget``) gives the stop requests, the deadline (a step is not started when it would eat into the
+    time ``reserve``d for what follows; at least one step is always done) and progress ("train", "epoch", "fit" and
+    the preparation phase). ``resume_state``: the ``training_state`` of a checkpoint to continue from;
+    ``on_epoch(state, epochs_done)`` is called after every full epoch (e.g. to save a checkpoint). Leaves the
+    model in eval mode and returns the ``FitState``."""
+    budget = budget or TrainingBudget()
+    emit = budget.emit
+    model = detector.model
+    ts = model.training_settings  # None: fitted in one pass
+    n = len(data)
+    dev = detector.device
+    prep_phase = model.preparation_phase(encoder_weights) if prepare else None
+    if prep_phase is not None:
+        norm_order, norm_stop = None, None
+        if budget.deadline is not None:  # at most a quarter of the training time; a random sample if cut short
+            norm_deadline = time.time() + 0.25 * max(0.0, budget.left() - budget.reserve())
+            norm_order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+            norm_stop = lambda: time.time() > norm_deadline  # noqa: E731
+        detector.meta[prep_phase] = model.prepare(
+            data if norm_order is None else data[norm_order],
+            progress=lambda b, k: emit({"phase": prep_phase, "step": b, "total_steps": k, "unit": "batch"}),
+            should_stop=norm_stop)
+        log.info("%s: %s", prep_phase, detector.meta[prep_phase])
+    if ts is not None:
+        batch = min(ts.batch_size, n)
+        steps_per_epoch = max(1, n // batch)  # drop the ragged last batch (BatchNorm in the bottleneck)
+        params = model.trainable_parameters()
+        optimizer = torch.optim.AdamW(params, lr=ts.lr, betas=(0.9, 0.999), weight_decay=ts.weight_decay)
+        milestone = max(1, int(math.floor(0.8 * total_epochs)))
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[milestone], gamma=0.1)
+    else:  # fitted in one pass: one "epoch" of one step
+        batch, steps_per_epoch, params, optimizer, scheduler = n, 1, [], None, None
+    state = FitState(total_epochs=total_epochs, steps_per_epoch=steps_per_epoch, optimizer=optimizer,
+                     scheduler=scheduler)
+    start_epoch = 0
+    if resume_state is not None and optimizer is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        start_epoch = int(resume_state["epoch"])
+        state.history = list(resume_state.get("loss_history", []))
+    history = state.history
+    state.steps_before = start_epoch * steps_per_epoch
+    state.planned_steps = state.steps_before + steps_per_epoch * max(0, total_epochs - start_epoch)
+    if max_steps is not None:
+        state.planned_steps = min(state.planned_steps, state.steps_before + max_steps)
+    stopped = False
+    step_seconds = 0.0  # running estimate of one optimisation step
+    epoch = start_epoch
+    g = torch.Generator().manual_seed(seed + start_epoch)
+    emit({"phase": "train", "epoch": start_epoch + 1, "total_epochs": total_epochs, "step": 0,
+          "total_steps": steps_per_epoch, "global_step": state.steps_before,
+          "total_global_steps": state.planned_steps})
+    if ts is None:  # one-pass fitting
+        t_step = time.perf_counter()
+        model.fit(data, lambda i, k: emit({"phase": "fit", "step": i, "total_steps": k, "unit": "vol"}))
+        state.step_total = 1
+        step_seconds = time.perf_counter() - t_step
+        emit({"phase": "train", "epoch": 1, "total_epochs": 1, "step": 1, "total_steps": 1,
+              "global_step": 1, "total_global_steps": state.planned_steps})
+    for epoch in range(start_epoch, total_epochs if ts is not None else 0):
+        model.train()
+        perm = torch.randperm(n, generator=g)
+        running = 0.0
+        for step in range(steps_per_epoch):
+            if budget.stop():
+                state.stop_reason = "stopped"
+            elif max_steps is not None and state.step_total >= max_steps:
+                state.stop_reason = "max_steps"
+            elif state.step_total > 0 and step_seconds > budget.left() - budget.reserve():
+                state.stop_reason = "time_limit"
+            if state.stop_reason is not None:
+                stopped = True
+                break
+            t_step = time.perf_counter()
+            idx = perm[step * batch:(step + 1) * batch]
+            loss = model.training_loss(data[idx].to(dev, non_blocking=True))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, ts.grad_clip)
+            optimizer.step()
+            loss_value = loss.item()
+            running += loss_value
+            state.step_total += 1
+            dt = time.perf_counter() - t_step
+            step_seconds = dt if state.step_total == 1 else max(0.7 * step_seconds + 0.3 * dt, dt)
+            emit({"phase": "train", "epoch": epoch + 1, "total_epochs": total_epochs, "step": step + 1,
+                  "total_steps": steps_per_epoch, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
+                  "global_step": state.steps, "total_global_steps": state.planned_steps})
+        if stopped and step == 0:
+            break  # nothing learnt in this epoch
+        history.append(running / max(1, step + (0 if stopped else 1)))
+        scheduler.step()
+        emit({"phase": "epoch", "epoch": epoch + 1, "total_epochs": total_epochs, "loss": history[-1]})
+        if stopped:
+            epoch += 1
+            break
+        if on_epoch is not None:
+            on_epoch(state, epoch + 1)
+    else:
+        epoch = total_epochs
+    state.stopped = stopped
+    state.epochs_done = epoch if stopped else total_epochs
+    model.eval()
+    return state
+
+
 def train_detector(
     volumes: Sequence[Union[str, Path, Volume]],
     *,
@@ -278,22 +474,9 @@ def train_detector(
         A calibrated Detector (not yet saved unless checkpoint_path was given; then that file is final too).
     """
     t_start = time.time()
-    deadline = t_start + float(time_limit) if time_limit is not None else None
-    emit = progress or (lambda d: None)
-    user_stop = should_stop or (lambda: False)
-    stop_seen_at: list[float] = []  # when should_stop first said True
-
-    def stop() -> bool:
-        if not stop_seen_at and user_stop():
-            stop_seen_at.append(time.time())
-        return bool(stop_seen_at)
-
-    def stop_deadline() -> Optional[float]:
-        """The time-limit deadline, or earlier when a stop asked for the result within stop_time_limit."""
-        if stop_time_limit is None or not stop():
-            return deadline
-        by_stop = stop_seen_at[0] + float(stop_time_limit)
-        return by_stop if deadline is None else min(deadline, by_stop)
+    budget = TrainingBudget(deadline=t_start + float(time_limit) if time_limit is not None else None,
+                            should_stop=should_stop, stop_time_limit=stop_time_limit, progress=progress)
+    emit = budget.emit
     emit({"phase": "load", "step": 0, "total_steps": len(volumes), "unit": "vol"})
     vols = _load_all(volumes, lambda i, k: emit({"phase": "load", "step": i, "total_steps": k, "unit": "vol"}))
     if len(vols) < MIN_VOLUMES:
@@ -328,177 +511,74 @@ def train_detector(
 
     # Time budget (time_limit): what follows training (position statistics, calibration, the final save) needs
     # about one detection per volume; measure one now (the time does not depend on the weights).
-    seconds_per_volume = 0.0
-    seconds_per_save = 0.0
-    n_after = len(val_vols) + (len(train_vols) if position_normalise else 0)
-    if deadline is not None:
+    budget.n_after = len(val_vols) + (len(train_vols) if position_normalise else 0)
+    if budget.deadline is not None:
         emit({"phase": "measure", "step": 0, "total_steps": 1, "unit": "vol"})
         t0 = time.perf_counter()
         detector.detect(val_vols[0].array, val_vols[0].affine)
-        seconds_per_volume = time.perf_counter() - t0
+        budget.seconds_per_volume = time.perf_counter() - t0
         emit({"phase": "measure", "step": 1, "total_steps": 1, "unit": "vol"})
 
-    def left() -> float:
-        return deadline - time.time() if deadline is not None else math.inf
+    n_calibration_used = len(val_vols)
 
-    def reserve() -> float:
-        """Seconds kept for what follows training: all of it when it fits in half of what is left, else half of
-        what is left (calibration then uses fewer volumes), but never less than one volume."""
-        if deadline is None:
-            return 0.0
-        per = 1.15 * seconds_per_volume
-        full = per * n_after + 2 * seconds_per_save
-        return max(min(full, 0.5 * max(0.0, left())), per + seconds_per_save)
-
-    prep_phase = model.preparation_phase(encoder_weights) if resume_obj is None else None
-    if prep_phase is not None:
-        norm_order, norm_stop = None, None
-        if deadline is not None:  # at most a quarter of the training time; a random sample if it is cut short
-            norm_deadline = time.time() + 0.25 * max(0.0, left() - reserve())
-            norm_order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-            norm_stop = lambda: time.time() > norm_deadline  # noqa: E731
-        detector.meta[prep_phase] = model.prepare(
-            data if norm_order is None else data[norm_order],
-            progress=lambda b, k: emit({"phase": prep_phase, "step": b, "total_steps": k, "unit": "batch"}),
-            should_stop=norm_stop)
-        log.info("%s: %s", prep_phase, detector.meta[prep_phase])
-    if ts is not None:
-        batch = min(ts.batch_size, n)
-        steps_per_epoch = max(1, n // batch)  # drop the ragged last batch (BatchNorm in the bottleneck)
-        params = model.trainable_parameters()
-        optimizer = torch.optim.AdamW(params, lr=ts.lr, betas=(0.9, 0.999), weight_decay=ts.weight_decay)
-        milestone = max(1, int(math.floor(0.8 * total_epochs)))
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[milestone], gamma=0.1)
-    else:  # fitted in one pass: one "epoch" of one step
-        batch, steps_per_epoch, params, optimizer, scheduler = n, 1, [], None, None
-    start_epoch = 0
-    history: list[float] = []
-    if resume_obj is not None and "training_state" in resume_obj and optimizer is not None:
-        state = resume_obj["training_state"]
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch = int(state["epoch"])
-        history = list(state.get("loss_history", []))
-
-    def summary(epochs_done: int, stopped: bool) -> dict:
+    def summary(st: FitState, epochs_done: int, stopped: bool) -> dict:
         return {
             "n_train_volumes": len(train_vols), "n_calibration_volumes": n_calibration_used,
             "n_held_out_volumes": len(val_vols), "n_slices": int(n),
             "train_ids": [Path(v.path).name if v.path else f"volume{i}" for i, v in enumerate(train_vols)],
             "shapes": sorted({tuple(int(s) for s in v.array.shape) for v in vols}),
-            "epochs": epochs_done, "total_epochs": total_epochs, "stopped_early": stopped,
-            "steps": steps_before + step_total, "total_steps": planned_steps, "steps_per_epoch": steps_per_epoch,
-            "final_loss": history[-1] if history else None, "loss_history": history[-50:],
+            "epochs": epochs_done, "total_epochs": st.total_epochs, "stopped_early": stopped,
+            "steps": st.steps, "total_steps": st.planned_steps, "steps_per_epoch": st.steps_per_epoch,
+            "final_loss": st.history[-1] if st.history else None, "loss_history": st.history[-50:],
             "encoder_weights": encoder_weights if resume_obj is None else detector.meta.get("training", {}).get("encoder_weights"),
             "train_seconds": time.time() - t_start, "device": str(dev),
             "position_normalise": detector.position_stats is not None,
             "encoder_norm": detector.meta.get("encoder_norm", "as in the weights"),
-            "stop_reason": stop_reason, "time_limit_s": time_limit, "origin": origin,
+            "stop_reason": st.stop_reason, "time_limit_s": time_limit, "origin": origin,
             "alignment": align_info,
         }
 
-    def training_state(epoch_done: int) -> Optional[dict]:
-        if optimizer is None:
-            return None
-        return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch_done,
-                "loss_history": history}
-
-    def save(epoch_done: int, stopped: bool) -> None:
-        nonlocal seconds_per_save
+    def save(st: FitState, epoch_done: int) -> None:
         if checkpoint_path is None:
             return
         t0 = time.perf_counter()
-        detector.meta["training"] = summary(epoch_done, stopped)
+        detector.meta["training"] = summary(st, epoch_done, False)
         detector.invalidate_version()
-        publish(detector, checkpoint_path, training_state(epoch_done))
-        seconds_per_save = max(seconds_per_save, time.perf_counter() - t0)
+        publish(detector, checkpoint_path, st.training_state(epoch_done))
+        budget.seconds_per_save = max(budget.seconds_per_save, time.perf_counter() - t0)
 
-    step_total = 0  # optimisation steps in this run
-    steps_before = start_epoch * steps_per_epoch  # ... and in the run this one resumes
-    planned_steps = steps_before + steps_per_epoch * max(0, total_epochs - start_epoch)
-    if max_steps is not None:
-        planned_steps = min(planned_steps, steps_before + max_steps)
-    stopped = False
-    stop_reason: Optional[str] = None  # None (finished), "stopped" (should_stop), "max_steps", "time_limit"
-    n_calibration_used = len(val_vols)
-    step_seconds = 0.0  # running estimate of one optimisation step
-    epoch = start_epoch
-    g = torch.Generator().manual_seed(seed + start_epoch)
-    emit({"phase": "train", "epoch": start_epoch + 1, "total_epochs": total_epochs, "step": 0,
-          "total_steps": steps_per_epoch, "global_step": steps_before, "total_global_steps": planned_steps})
-    if ts is None:  # one-pass fitting
-        t_step = time.perf_counter()
-        model.fit(data, lambda i, k: emit({"phase": "fit", "step": i, "total_steps": k, "unit": "vol"}))
-        step_total = 1
-        step_seconds = time.perf_counter() - t_step
-        emit({"phase": "train", "epoch": 1, "total_epochs": 1, "step": 1, "total_steps": 1,
-              "global_step": 1, "total_global_steps": planned_steps})
-    for epoch in range(start_epoch, total_epochs if ts is not None else 0):
-        model.train()
-        perm = torch.randperm(n, generator=g)
-        running = 0.0
-        for step in range(steps_per_epoch):
-            if stop():
-                stop_reason = "stopped"
-            elif max_steps is not None and step_total >= max_steps:
-                stop_reason = "max_steps"
-            elif step_total > 0 and step_seconds > left() - reserve():
-                stop_reason = "time_limit"
-            if stop_reason is not None:
-                stopped = True
-                break
-            t_step = time.perf_counter()
-            idx = perm[step * batch:(step + 1) * batch]
-            loss = model.training_loss(data[idx].to(dev, non_blocking=True))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, ts.grad_clip)
-            optimizer.step()
-            loss_value = loss.item()
-            running += loss_value
-            step_total += 1
-            dt = time.perf_counter() - t_step
-            step_seconds = dt if step_total == 1 else max(0.7 * step_seconds + 0.3 * dt, dt)
-            emit({"phase": "train", "epoch": epoch + 1, "total_epochs": total_epochs, "step": step + 1,
-                  "total_steps": steps_per_epoch, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
-                  "global_step": steps_before + step_total, "total_global_steps": planned_steps})
-        if stopped and step == 0:
-            break  # nothing learnt in this epoch
-        history.append(running / max(1, step + (0 if stopped else 1)))
-        scheduler.step()
-        emit({"phase": "epoch", "epoch": epoch + 1, "total_epochs": total_epochs, "loss": history[-1]})
-        if stopped:
-            epoch += 1
-            break
-        save(epoch + 1, False)
-    else:
-        epoch = total_epochs
-    epochs_done = epoch if stopped else total_epochs
-    deadline = stop_deadline()  # a stop request bounds what follows (position statistics, calibration)
-    model.eval()
+    state = fit(detector, data, budget, total_epochs=total_epochs, seed=seed, max_steps=max_steps,
+                encoder_weights=encoder_weights, prepare=resume_obj is None,
+                resume_state=resume_obj.get("training_state") if resume_obj is not None else None,
+                on_epoch=save)
+    epochs_done = state.epochs_done
+    budget.deadline = budget.stop_deadline()  # a stop request bounds what follows (position statistics, calibration)
     if position_normalise:
         fit_vols = train_vols
-        if deadline is not None:  # a share of the remaining volume slots, the rest stay for calibration
-            slots = int((left() - seconds_per_save) / max(1e-6, 1.15 * seconds_per_volume))
-            if slots < n_after:
-                keep = max(min(2, len(train_vols)), int(slots * len(train_vols) / max(1, n_after)))
+        if budget.deadline is not None:  # a share of the remaining volume slots, the rest stay for calibration
+            slots = int((budget.left() - budget.seconds_per_save) / max(1e-6, 1.15 * budget.seconds_per_volume))
+            if slots < budget.n_after:
+                keep = max(min(2, len(train_vols)), int(slots * len(train_vols) / max(1, budget.n_after)))
                 fit_vols = train_vols[:keep]
         emit({"phase": "position_stats", "step": 0, "total_steps": len(fit_vols), "unit": "vol"})
         detector.fit_position_stats(fit_vols, lambda i, n: emit({"phase": "position_stats", "step": i,
                                                                  "total_steps": n, "unit": "vol"}),
                                     aligned=detector.alignment is not None)
+
+    def calibration_deadline() -> Optional[float]:
+        limit = budget.stop_deadline()
+        return None if limit is None else limit - budget.seconds_per_save
     detector.calibration = calibrate(
-        detector, val_vols, pixel_fpr, volume_fpr, emit,
-        deadline=lambda: None if stop_deadline() is None else stop_deadline() - seconds_per_save,
-        seconds_per_volume=seconds_per_volume or None)
+        detector, val_vols, pixel_fpr, volume_fpr, emit, deadline=calibration_deadline,
+        seconds_per_volume=budget.seconds_per_volume or None)
     n_calibration_used = detector.calibration.n_volumes
-    detector.meta["training"] = summary(epochs_done, stopped)
+    detector.meta["training"] = summary(state, epochs_done, state.stopped)
     detector.meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     detector.invalidate_version()
     emit({"phase": "done", "epoch": epochs_done, "total_epochs": total_epochs,
-          "global_step": steps_before + step_total, "total_global_steps": planned_steps,
-          "loss": history[-1] if history else None,
+          "global_step": state.steps, "total_global_steps": state.planned_steps,
+          "loss": state.history[-1] if state.history else None,
           "val_score": float(np.mean(detector.calibration.normal_volume_scores))})
     if checkpoint_path is not None:
-        publish(detector, checkpoint_path, training_state(epochs_done))
+        publish(detector, checkpoint_path, state.training_state(epochs_done))
     return detector

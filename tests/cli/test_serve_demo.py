@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from spmamba import cli
+from spmamba import demo as spmamba_demo
+from spmamba import server as spmamba_server
 from spmamba.cli import main
 
 
@@ -89,8 +90,9 @@ def test_ready_report_names_the_served_model_and_true_next_steps(tmp_path, monke
     url = "http://127.0.0.1:8765"
     info = {"spmamba": {"model": {"ready": True, "version": version, "path": str(model)},
                         "curation": {"normal": 2, "abnormal": 0, "excluded": 0, "unreviewed": 3}}}
-    monkeypatch.setattr(cli, "_get_json", lambda u, timeout=10.0: info)
-    cli._report_served("serve", url, tmp_path, requested_model=None, hint_model_option=True)
+    monkeypatch.setattr(spmamba_server, "get_json", lambda u, timeout=10.0: info)
+    print(spmamba_server.ready_report("serve", url, tmp_path, requested_model=None, hint_model_option=True),
+          file=sys.stderr)
     err = capsys.readouterr().err
     assert f"serving model {model}" in err
     assert f"version {version}" in err and "preset tiny" in err
@@ -105,46 +107,49 @@ def test_ready_report_names_the_served_model_and_true_next_steps(tmp_path, monke
     assert f"curl -s '{url}/datastore/?output=all'" in err and "Ctrl-C" in err
 
     # a different model than the one asked for is served: say so
-    cli._report_served("serve", url, tmp_path, requested_model=tmp_path / "other.pt", hint_model_option=True)
+    print(spmamba_server.ready_report("serve", url, tmp_path, requested_model=tmp_path / "other.pt",
+                                      hint_model_option=True), file=sys.stderr)
     assert "note: not " in capsys.readouterr().err
     # no model at all
     info["spmamba"]["model"] = {"ready": False, "version": None, "path": None}
-    cli._report_served("serve", url, tmp_path, requested_model=None, hint_model_option=True)
+    print(spmamba_server.ready_report("serve", url, tmp_path, requested_model=None, hint_model_option=True),
+          file=sys.stderr)
     err = capsys.readouterr().err
     assert "no model yet" in err and "--model model.pt" in err
 
 
 # -------------------------------------------------------------------------------------------------- demo (fast)
 def test_demo_model_lives_in_the_demo_folder():
-    assert cli.demo_model_path("x") == Path("x") / "model" / "demo.pt"
+    assert spmamba_demo.demo_model_path("x") == Path("x") / "model" / "demo.pt"
 
 
 def test_demo_reuses_only_a_model_it_made_with_the_same_settings(tmp_path):
     model = tmp_path / "model" / "demo.pt"
     settings = {"config": "fast", "epochs": None, "train_minutes": 10.0, "n_train": 20, "n_test": 12, "seed": 0,
                 "spacing": 2.0}
-    assert cli.demo_model_status(model, settings, "d1") == (False, "there is none yet")
+    assert spmamba_demo.demo_model_status(model, settings, "d1") == (False, "there is none yet")
     model.parent.mkdir(parents=True)
     model.write_bytes(b"a model from elsewhere (e.g. a test's 1-step model)")
-    ok, why = cli.demo_model_status(model, settings, "d1")
+    ok, why = spmamba_demo.demo_model_status(model, settings, "d1")
     assert not ok and "did not make it" in why
-    prov = {"made_by": "spmamba demo", "settings": settings, "data": "d1", "model_sha256": cli._sha256(model)}
-    cli._provenance_path(model).write_text(json.dumps(prov))
-    ok, why = cli.demo_model_status(model, settings, "d1")
+    prov = {"made_by": "spmamba demo", "settings": settings, "data": "d1",
+            "model_sha256": spmamba_demo.sha256_file(model)}
+    spmamba_demo.provenance_path(model).write_text(json.dumps(prov))
+    ok, why = spmamba_demo.demo_model_status(model, settings, "d1")
     assert ok and "made by `spmamba demo`" in why
-    ok, why = cli.demo_model_status(model, {**settings, "train_minutes": 2.0}, "d1")
+    ok, why = spmamba_demo.demo_model_status(model, {**settings, "train_minutes": 2.0}, "d1")
     assert not ok and "train_minutes 10.0 -> 2.0" in why
-    ok, why = cli.demo_model_status(model, settings, "d2")
+    ok, why = spmamba_demo.demo_model_status(model, settings, "d2")
     assert not ok and "training volumes changed" in why
-    cli._provenance_path(model).write_text(json.dumps({**prov, "stopped_early": True}))
-    ok, why = cli.demo_model_status(model, settings, "d1")
+    spmamba_demo.provenance_path(model).write_text(json.dumps({**prov, "stopped_early": True}))
+    ok, why = spmamba_demo.demo_model_status(model, settings, "d1")
     assert not ok and "stopped early" in why
-    cli._provenance_path(model).write_text(json.dumps(prov))
+    spmamba_demo.provenance_path(model).write_text(json.dumps(prov))
     model.write_bytes(b"replaced by hand")
-    ok, why = cli.demo_model_status(model, settings, "d1")
+    ok, why = spmamba_demo.demo_model_status(model, settings, "d1")
     assert not ok and "changed after" in why
-    cli._provenance_path(model).write_text(json.dumps({**prov, "made_by": "someone"}))
-    assert not cli.demo_model_status(model, settings, "d1")[0]
+    spmamba_demo.provenance_path(model).write_text(json.dumps({**prov, "made_by": "someone"}))
+    assert not spmamba_demo.demo_model_status(model, settings, "d1")[0]
 
 
 def test_demo_serves_from_its_own_folder(tiny_data, tmp_path, capsys, no_server):

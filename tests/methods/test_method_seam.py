@@ -128,7 +128,7 @@ def test_toy_method_through_the_cli(toy_folder, tmp_path):
     assert r.returncode == 0, r.stderr
     rows = list(csv.DictReader(open(tmp_path / "pred" / "scores.csv")))
     assert [row["id"] for row in rows] == ["a0"] and np.isfinite(float(rows[0]["score"]))
-    from spmamba.cli import describe_model
+    from spmamba.demo import describe_model
 
     assert "method toy" in describe_model(tmp_path / "m.pt")
 
