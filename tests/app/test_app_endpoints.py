@@ -35,6 +35,8 @@ def test_info_lists_tasks_and_model_state(make_app, tiny_data):
     assert {"spmamba", "spmamba_seg"} <= set(info["models"])
     assert info["models"]["spmamba_seg"]["type"] == "segmentation"
     assert info["models"]["spmamba_seg"]["labels"] == {"anomaly": 1}
+    # what each task returns, so clients can tell a method (heatmap) from its label map
+    assert (info["models"]["spmamba"]["output"], info["models"]["spmamba_seg"]["output"]) == ("heatmap", "label")
     assert "spmamba" in info["trainers"]
     assert {"suspect_normal", "most_anomalous"} <= set(info["strategies"])
     assert "anomaly" in info["scoring"]

@@ -61,6 +61,7 @@ class _BaseAnomalyInfer(InferTask):
         i["model"] = self.detection.store.describe()
         i["model_version"] = i["model"]["version"]
         i["result_extensions"] = list(RESULT_EXTENSIONS)
+        i["output"] = self.output  # what the result file is: clients (the Slicer module) list heatmap tasks as methods
         return i
 
     def _write(self, request: Dict[str, Any], write) -> Tuple[str, float]:
@@ -91,6 +92,8 @@ class _BaseAnomalyInfer(InferTask):
 class AnomalyInfer(_BaseAnomalyInfer):
     """``spmamba``: float32 heatmap on the input grid + volume score, threshold, verdict, slices, regions."""
 
+    output = "heatmap"
+
     def __init__(self, detection: Detection):
         super().__init__(
             detection,
@@ -111,6 +114,8 @@ class AnomalyInfer(_BaseAnomalyInfer):
 class AnomalySegmentationInfer(_BaseAnomalyInfer):
     """``spmamba_seg``: label 1 = "anomaly" on the abnormal voxels (``spmamba.scoring.abnormal_voxels``: at or above
     the calibrated pixel threshold), uint8 on the input grid."""
+
+    output = "label"
 
     def __init__(self, detection: Detection):
         super().__init__(
