@@ -1,6 +1,6 @@
 """The training loop's steps called one by one (split_normals, build_or_resume, prepare_volumes, fit, calibrate,
 publish), as a caller that wants its own loop around them would: ``fit`` with a ``TrainingBudget``."""
-from test_train_stop import _volumes  # tests/core is on sys.path (pytest's default import mode)
+from core_helpers import small_volumes as _volumes  # tests/core is on sys.path (pytest's default import mode)
 
 from spmamba.detector import Detector
 from spmamba.train import (FitState, TrainingBudget, build_or_resume, calibrate, fit, prepare_volumes, publish,

@@ -5,19 +5,9 @@ import time
 import numpy as np
 import torch
 
+from core_helpers import small_volumes as _volumes
 from spmamba.detector import Detector
-from spmamba.io import Volume
 from spmamba.train import calibrate, train_detector
-
-
-def _volumes(n, shape=(24, 28, 6), seed=0):
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        a = np.zeros(shape, np.float32)
-        a[4:20, 5:23, :] = 1 + 0.1 * rng.standard_normal((16, 18, shape[2]))
-        out.append(Volume(a, np.diag([2.0, 2.0, 3.0, 1.0])))
-    return out
 
 
 def _slow_detect(monkeypatch, seconds, on_call=None):

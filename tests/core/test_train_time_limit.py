@@ -7,21 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from core_helpers import small_volumes as _volumes
 from spmamba.detector import Detector
-from spmamba.io import Volume
 from spmamba.models import SPMamba, get_config
 from spmamba.preprocessing import Preprocessing
 from spmamba.train import calibrate, train_detector
-
-
-def _volumes(n, shape=(24, 28, 6), seed=0):
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        a = np.zeros(shape, np.float32)
-        a[4:20, 5:23, :] = 1 + 0.1 * rng.standard_normal((16, 18, shape[2]))
-        out.append(Volume(a, np.diag([2.0, 2.0, 3.0, 1.0])))
-    return out
 
 
 def test_calibration_uses_fewer_volumes_when_its_deadline_comes():
