@@ -25,13 +25,25 @@ def test_old_file_loads_as_spmamba_with_its_version():
 
 
 @pytest.fixture()
-def one_thread():
-    """The expected heatmap was made with one torch thread: float sums split over more threads differ in the last
-    bits, so 'bit for bit' holds at a fixed thread count (any machine, any OMP_NUM_THREADS)."""
+def one_thread(monkeypatch):
+    """The expected heatmap was made with one torch thread and the PyTorch scan: float sums split over more threads
+    (or done in another order by the compiled scan) differ in the last bits, so 'bit for bit' holds at a fixed
+    thread count and scan path (any machine, any OMP_NUM_THREADS)."""
+    monkeypatch.setenv("SPMAMBA_SCAN", "torch")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def test_old_file_gives_the_same_heatmap_with_the_compiled_scan(monkeypatch):
+    """The default CPU path (numba kernels) gives the old file's heatmap up to float32 rounding."""
+    monkeypatch.setenv("SPMAMBA_SCAN", "numba")
+    exp = np.load(DATA / "spmamba_v0_tiny_expected.npz")
+    res = Detector.load(OLD, device="cpu").detect(exp["input"], exp["affine"])
+    assert res.heatmap.shape == exp["heatmap"].shape
+    np.testing.assert_allclose(res.heatmap, exp["heatmap"], rtol=1e-4, atol=1e-5 * float(np.abs(exp["heatmap"]).max()))
+    assert res.score == pytest.approx(float(exp["score"]), rel=1e-4)
 
 
 def test_old_file_gives_the_same_heatmap_bit_for_bit(one_thread):

@@ -2,6 +2,15 @@ import pytest
 import torch
 
 from spmamba.ops import linear_recurrence, selective_scan, selective_scan_reference
+from spmamba.ops.selective_scan import scan_backend
+
+
+@pytest.fixture(params=["torch", "numba"])
+def backend(request, monkeypatch):
+    """Both CPU paths: the chunked PyTorch scan and the compiled numba kernels (a requirement of the project)."""
+    monkeypatch.setenv("SPMAMBA_SCAN", request.param)
+    assert scan_backend() == request.param
+    return request.param
 
 
 def _inputs(b, d, L, N, G, seed, big_steps=False):
@@ -33,7 +42,7 @@ def _rel(a, b):
         (2, 3, 1, 2, None, True, False, False, False),  # L = 1
     ],
 )
-def test_matches_float64_sequential_reference(b, d, L, N, G, softplus, use_z, use_d, big):
+def test_matches_float64_sequential_reference(b, d, L, N, G, softplus, use_z, use_d, big, backend):
     xs = _inputs(b, d, L, N, G, seed=b * 100 + L, big_steps=big)
     if not softplus:
         xs[1] = xs[1].abs() * 0.3  # positive steps when no softplus is applied
@@ -57,7 +66,7 @@ def test_matches_float64_sequential_reference(b, d, L, N, G, softplus, use_z, us
         assert _rel(a, r) < 1e-5, name
 
 
-def test_float64_inputs_stay_float64_and_gradcheck():
+def test_float64_inputs_stay_float64_and_gradcheck(backend):
     xs = [x.requires_grad_() for x in _inputs(1, 3, 9, 2, None, seed=3)]
     u, delta, A, B, C, D, z, bias = xs
     assert torch.autograd.gradcheck(

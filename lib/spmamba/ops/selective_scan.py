@@ -26,7 +26,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["selective_scan", "selective_scan_reference", "mamba_ssm_available", "linear_recurrence"]
+from . import selective_scan_numba as _numba
+
+__all__ = ["selective_scan", "selective_scan_reference", "mamba_ssm_available", "linear_recurrence", "scan_backend"]
 
 try:  # optional CUDA kernel
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_selective_scan_fn
@@ -231,6 +233,47 @@ class _SelectiveScanCore(torch.autograd.Function):
         return du.contiguous(), ddt, dA, dB.contiguous(), dC.contiguous(), dD
 
 
+class _NumbaScan(torch.autograd.Function):
+    """The same y = scan(u, dt, A, B, C) + D*u as ``_SelectiveScanCore``, through the compiled CPU kernels of
+    ``selective_scan_numba`` (one compiled recurrence per (batch, channel) row, rows in parallel)."""
+
+    @staticmethod
+    def forward(ctx, u, dt, A, B, C, D):
+        grouped = B.dim() == 4
+        Bt = (B if grouped else B.unsqueeze(1)).transpose(-1, -2).contiguous()  # (b, G, L, N)
+        Ct = (C if grouped else C.unsqueeze(1)).transpose(-1, -2).contiguous()
+        _numba.set_threads(torch.get_num_threads())
+        y = torch.from_numpy(_numba.scan_forward(u.numpy(), dt.numpy(), A.numpy(), Bt.numpy(), Ct.numpy()))
+        if D is not None:
+            y = y + D.view(1, -1, 1) * u
+        ctx.grouped = grouped
+        ctx.save_for_backward(u, dt, A, Bt, Ct, D)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        u, dt, A, Bt, Ct, D = ctx.saved_tensors
+        _numba.set_threads(torch.get_num_threads())
+        dy_c = dy.contiguous()
+        du, ddt, dA, dBt, dCt = (torch.from_numpy(x) for x in _numba.scan_backward(
+            u.numpy(), dt.numpy(), A.numpy(), Bt.numpy(), Ct.numpy(), dy_c.numpy()))
+        dB = dBt.transpose(-1, -2)
+        dC = dCt.transpose(-1, -2)
+        if not ctx.grouped:
+            dB, dC = dB[:, 0], dC[:, 0]
+        dD = None
+        if D is not None:
+            du = du + D.view(1, -1, 1) * dy_c
+            dD = (dy_c * u).sum(dim=(0, 2))
+        return du, ddt, dA, dB.contiguous(), dC.contiguous(), dD
+
+
+def scan_backend() -> str:
+    """Which CPU path ``selective_scan`` takes: "numba" (compiled kernels, when numba is installed and
+    ``SPMAMBA_SCAN`` is not "torch") or "torch" (the chunked PyTorch scan)."""
+    return "numba" if _numba.available() else "torch"
+
+
 def selective_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -276,7 +319,8 @@ def selective_scan(
         dt = dt + delta_bias.to(work).view(1, -1, 1)
     if delta_softplus:
         dt = F.softplus(dt)
-    y = _SelectiveScanCore.apply(
+    core = _NumbaScan if (u.device.type == "cpu" and _numba.available()) else _SelectiveScanCore
+    y = core.apply(
         u.to(work).contiguous(), dt.contiguous(), A.to(work).contiguous(), B.to(work).contiguous(),
         C.to(work).contiguous(), None if D is None else D.to(work).contiguous(),
     )

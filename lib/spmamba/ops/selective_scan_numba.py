@@ -1,0 +1,145 @@
+"""Compiled CPU kernels of the selective scan (forward and analytic backward), through numba.
+
+The pure-PyTorch chunked scan (``selective_scan``) spends most of a CPU training step in Python-level steps over
+small tensors. Here each (batch, channel) row runs the recurrence of ``selective_scan_reference`` in compiled code,
+one time step after the other, with its N states in registers/L1; rows run in parallel on the process's threads.
+numba ships LLVM in its wheel, so no system compiler is needed (an offline hospital workstation has none); without
+numba the PyTorch path is used. Compiled code is cached on disk after the first call (a few seconds per dtype).
+
+Shapes (time-major inside the kernels; the wrapper transposes B and C once):
+    u, dt: (b, dim, L)  dt already bias-added and softplus-ed
+    A: (dim, N)
+    Bt, Ct: (b, G, L, N) with dim divisible by G; channel d uses group d // (dim // G)
+Forward: y (b, dim, L) = sum_n C h + (no D; the caller adds D*u).
+Backward: per (batch, group) work item, so the sums over the group's channels that make dB and dC need no atomics;
+dA is returned per batch (b, dim, N) and summed by the caller.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+try:
+    import numba
+    from numba import njit, prange
+except Exception:  # not installed (an optional speed-up)
+    numba = None
+
+__all__ = ["available", "scan_forward", "scan_backward", "set_threads"]
+
+_LOG_FLOOR = -80.0  # as in selective_scan: keeps the recurrence out of denormal numbers
+
+
+def available() -> bool:
+    """True when numba imports and ``SPMAMBA_SCAN`` does not ask for the PyTorch path."""
+    return numba is not None and os.environ.get("SPMAMBA_SCAN", "auto").lower() not in ("torch", "pytorch")
+
+
+def set_threads(n: int) -> None:
+    """Run the kernels on at most ``n`` threads (the caller passes torch's thread count)."""
+    if numba is not None:
+        numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+
+
+if numba is not None:
+    _opts = dict(parallel=True, fastmath=True, cache=True, nogil=True)
+
+    @njit(**_opts)
+    def _forward(u, dt, A, Bt, Ct, y, floor):  # pragma: no cover - compiled
+        # every scalar stays in the arrays' dtype: ``floor`` is a 1-element array of it (a float literal would
+        # promote float32 work to float64, twice as slow)
+        fl = floor[0]
+        zero = fl - fl
+        b, dim, L = u.shape
+        G = Bt.shape[1]
+        N = A.shape[1]
+        per = dim // G
+        for r in prange(b * dim):
+            i = r // dim
+            d = r - i * dim
+            g = d // per
+            h = np.zeros(N, dtype=u.dtype)
+            a = np.empty(N, dtype=u.dtype)
+            for n in range(N):
+                a[n] = A[d, n]
+            for t in range(L):
+                dtt = dt[i, d, t]
+                x = dtt * u[i, d, t]
+                acc = zero
+                for n in range(N):
+                    la = max(dtt * a[n], fl)
+                    h[n] = np.exp(la) * h[n] + x * Bt[i, g, t, n]
+                    acc += Ct[i, g, t, n] * h[n]
+                y[i, d, t] = acc
+
+    @njit(**_opts)
+    def _backward(u, dt, A, Bt, Ct, dy, du, ddt, dA_b, dBt, dCt, floor):  # pragma: no cover - compiled
+        fl = floor[0]
+        zero = fl - fl
+        b, dim, L = u.shape
+        G = Bt.shape[1]
+        N = A.shape[1]
+        per = dim // G
+        for w in prange(b * G):
+            i = w // G
+            g = w - i * G
+            hs = np.empty((L, N), dtype=u.dtype)  # states h_t of one channel
+            dec = np.empty((L + 1, N), dtype=u.dtype)  # decays a_t; row L is 0 (nothing after the end)
+            gr = np.empty(N, dtype=u.dtype)
+            for n in range(N):
+                dec[L, n] = 0.0
+            for d in range(g * per, (g + 1) * per):
+                # forward again, keeping states and decays
+                for n in range(N):
+                    gr[n] = 0.0  # used as h_{t-1} here
+                for t in range(L):
+                    dtt = dt[i, d, t]
+                    x = dtt * u[i, d, t]
+                    for n in range(N):
+                        la = max(dtt * A[d, n], fl)
+                        at = np.exp(la)
+                        dec[t, n] = at
+                        gr[n] = at * gr[n] + x * Bt[i, g, t, n]
+                        hs[t, n] = gr[n]
+                # reverse: g_t = C_t dy_t + a_{t+1} g_{t+1}
+                for n in range(N):
+                    gr[n] = 0.0
+                for t in range(L - 1, -1, -1):
+                    dyt = dy[i, d, t]
+                    dtt = dt[i, d, t]
+                    ut = u[i, d, t]
+                    x = dtt * ut
+                    sum_gb = zero
+                    s_qa = zero
+                    for n in range(N):
+                        gn = dec[t + 1, n] * gr[n] + Ct[i, g, t, n] * dyt
+                        gr[n] = gn
+                        dCt[i, g, t, n] += dyt * hs[t, n]
+                        dBt[i, g, t, n] += gn * x
+                        sum_gb += gn * Bt[i, g, t, n]
+                        hp = hs[t - 1, n] if t > 0 else zero
+                        q = gn * hp * dec[t, n]  # dL/d(dt_t A_n)
+                        s_qa += q * A[d, n]
+                        dA_b[i, d, n] += q * dtt
+                    du[i, d, t] = sum_gb * dtt
+                    ddt[i, d, t] = s_qa + sum_gb * ut
+
+
+def scan_forward(u: np.ndarray, dt: np.ndarray, A: np.ndarray, Bt: np.ndarray, Ct: np.ndarray) -> np.ndarray:
+    """y (b, dim, L) = sum_n C_t h_t; arrays C-contiguous, one float dtype."""
+    y = np.empty_like(u)
+    _forward(u, dt, A, Bt, Ct, y, np.full(1, _LOG_FLOOR, dtype=u.dtype))
+    return y
+
+
+def scan_backward(u, dt, A, Bt, Ct, dy):
+    """Gradients of sum(dy * y) w.r.t. u, dt, A, Bt, Ct: (du, ddt, dA (dim, N), dBt, dCt)."""
+    b, dim, L = u.shape
+    du = np.empty_like(u)
+    ddt = np.empty_like(u)
+    dA_b = np.zeros((b,) + A.shape, dtype=u.dtype)
+    dBt = np.zeros_like(Bt)
+    dCt = np.zeros_like(Ct)
+    _backward(u, dt, A, Bt, Ct, dy, du, ddt, dA_b, dBt, dCt, np.full(1, _LOG_FLOOR, dtype=u.dtype))
+    return du, ddt, dA_b.sum(0), dBt, dCt
