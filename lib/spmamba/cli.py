@@ -172,8 +172,9 @@ class _TrainProgress:
 
     LABELS = {"load": "reading", "prepare": "slicing", "measure": "timing a detection", "encoder_norm": "encoder norm",
               "train": "train", "position_stats": "position stats", "calibrate": "calibrate",
-              "reference": "alignment reference", "align": "aligning", "fit": "fitting"}
-    UNITS = {"train": "step", "encoder_norm": "batch"}
+              "reference": "alignment reference", "align": "aligning", "fit": "fitting",
+              "teacher_features": "teacher features"}
+    UNITS = {"train": "step", "encoder_norm": "batch", "teacher_features": "batch"}
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet

@@ -345,6 +345,14 @@ def fit(detector: Detector, data: Any, budget: Optional[TrainingBudget] = None, 
     state.planned_steps = state.steps_before + steps_per_epoch * max(0, total_epochs - start_epoch)
     if max_steps is not None:
         state.planned_steps = min(state.planned_steps, state.steps_before + max_steps)
+    samples = data
+    if ts is not None:  # e.g. SP-Mamba's teacher features, computed once
+        samples = model.training_samples(
+            data, (state.planned_steps - state.steps_before) * batch,
+            progress=lambda b, k: emit({"phase": "teacher_features", "step": b, "total_steps": k, "unit": "batch"}),
+            should_stop=budget.stop)
+        if samples is not data:
+            log.info("training samples prepared once (%s)", type(samples).__name__)
     stopped = False
     step_seconds = 0.0  # running estimate of one optimisation step
     epoch = start_epoch
@@ -375,7 +383,7 @@ def fit(detector: Detector, data: Any, budget: Optional[TrainingBudget] = None, 
                 break
             t_step = time.perf_counter()
             idx = perm[step * batch:(step + 1) * batch]
-            loss = model.training_loss(data[idx].to(dev, non_blocking=True))
+            loss = model.training_loss(samples[idx].to(dev, non_blocking=True))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, ts.grad_clip)

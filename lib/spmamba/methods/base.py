@@ -113,6 +113,15 @@ class AnomalyModel(nn.Module):
         gradient-trained methods, anything ``fit`` accepts otherwise."""
         raise NotImplementedError
 
+    def training_samples(self, data: Any, planned_samples: int,
+                         progress: Optional[Callable[[int, int], None]] = None,
+                         should_stop: Optional[Callable[[], bool]] = None) -> Any:
+        """What the optimisation loop indexes (``samples[idx].to(device)`` is passed to ``training_loss``), made once
+        after the preparation from ``training_data``'s result. ``planned_samples``: how many samples the planned
+        steps will draw (a cache that costs one pass only pays when this is at least ``len(data)``). Default: the
+        data itself; SP-Mamba adds its frozen teacher's features (``models.spmamba.TeacherFeatureCache``)."""
+        return data
+
     def training_loss(self, batch: torch.Tensor) -> torch.Tensor:
         """Scalar loss of a batch of training samples (gradient-trained methods)."""
         raise NotImplementedError
