@@ -25,5 +25,8 @@ fi
 $PIP install -q --no-build-isolation -c constraints.txt sam2==1.1.0 torch==2.13.0
 $PIP install -q -c constraints.txt -r requirements.txt -r requirements-dev.txt
 $PIP install -q --no-deps -e .
+# compile the selective scan's CPU kernels once (numba keeps them on disk), so a first detection does not wait for it
+"$VENV/bin/python" -c "from spmamba.ops.selective_scan_numba import warm; warm()" \
+  || echo "[install] warning: the compiled selective scan is not available; the slower PyTorch scan will be used" >&2
 echo "$HASH" > "$STAMP"
 echo "[install] done: $VENV" >&2

@@ -95,3 +95,27 @@ def test_shape_errors_are_clear():
         selective_scan(u, u, torch.zeros(3, 2), torch.zeros(1, 2, 8), torch.zeros(1, 2, 8))
     with pytest.raises(ValueError, match="divisible"):
         selective_scan(u, u, torch.zeros(4, 2), torch.zeros(1, 3, 2, 8), torch.zeros(1, 3, 2, 8))
+
+
+@pytest.mark.parametrize("failing", ["scan_forward", "scan_backward"])
+def test_a_failing_compiled_kernel_falls_back_to_the_pytorch_scan(failing, monkeypatch, caplog):
+    """A machine where numba cannot compile still trains and detects: the PyTorch scan takes over, with a warning."""
+    from spmamba.ops import selective_scan_numba as nb
+
+    monkeypatch.setenv("SPMAMBA_SCAN", "numba")
+    monkeypatch.setattr(nb, "_broken", "")
+
+    def fail(*a, **k):
+        raise RuntimeError("no LLVM target here")
+
+    monkeypatch.setattr(nb, failing, fail)
+    xs = [x.float().requires_grad_() for x in _inputs(2, 8, 30, 4, 2, seed=5)]
+    u, delta, A, B, C, D, z, bias = xs
+    out = selective_scan(u, delta, A, B, C, D, delta_bias=bias, delta_softplus=True)
+    grads = torch.autograd.grad(out.sum(), [u, delta, A, B, C, D])
+    assert scan_backend() == "torch" and "no LLVM target here" in nb._broken
+    assert "PyTorch scan" in caplog.text
+    ref = selective_scan_reference(*(x.detach().double().requires_grad_() for x in (u, delta, A, B, C, D)),
+                                   delta_bias=bias.detach().double(), delta_softplus=True)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    assert all(torch.isfinite(g).all() for g in grads)

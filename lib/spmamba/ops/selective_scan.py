@@ -233,6 +233,13 @@ class _SelectiveScanCore(torch.autograd.Function):
         return du.contiguous(), ddt, dA, dB.contiguous(), dC.contiguous(), dD
 
 
+class _Saved:
+    """Stands in for an autograd context that saved ``tensors`` (to call a backward with other saved tensors)."""
+
+    def __init__(self, tensors):
+        self.saved_tensors = tensors
+
+
 class _NumbaScan(torch.autograd.Function):
     """The same y = scan(u, dt, A, B, C) + D*u as ``_SelectiveScanCore``, through the compiled CPU kernels of
     ``selective_scan_numba`` (one compiled recurrence per (batch, channel) row, rows in parallel)."""
@@ -243,7 +250,13 @@ class _NumbaScan(torch.autograd.Function):
         Bt = (B if grouped else B.unsqueeze(1)).transpose(-1, -2).contiguous()  # (b, G, L, N)
         Ct = (C if grouped else C.unsqueeze(1)).transpose(-1, -2).contiguous()
         _numba.set_threads(torch.get_num_threads())
-        y = torch.from_numpy(_numba.scan_forward(u.numpy(), dt.numpy(), A.numpy(), Bt.numpy(), Ct.numpy()))
+        try:
+            y = torch.from_numpy(_numba.scan_forward(u.numpy(), dt.numpy(), A.numpy(), Bt.numpy(), Ct.numpy()))
+        except Exception as e:  # e.g. numba cannot compile on this machine: the PyTorch scan from now on
+            _numba.mark_broken(e)
+            ctx.fallback = True
+            return _SelectiveScanCore.forward(ctx, u, dt, A, B, C, D)
+        ctx.fallback = False
         if D is not None:
             y = y + D.view(1, -1, 1) * u
         ctx.grouped = grouped
@@ -252,11 +265,19 @@ class _NumbaScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        if ctx.fallback:
+            return _SelectiveScanCore.backward(ctx, dy)
         u, dt, A, Bt, Ct, D = ctx.saved_tensors
         _numba.set_threads(torch.get_num_threads())
         dy_c = dy.contiguous()
-        du, ddt, dA, dBt, dCt = (torch.from_numpy(x) for x in _numba.scan_backward(
-            u.numpy(), dt.numpy(), A.numpy(), Bt.numpy(), Ct.numpy(), dy_c.numpy()))
+        try:
+            grads = _numba.scan_backward(u.numpy(), dt.numpy(), A.numpy(), Bt.numpy(), Ct.numpy(), dy_c.numpy())
+        except Exception as e:  # the backward kernel failed to compile: PyTorch's backward for this call too
+            _numba.mark_broken(e)
+            B = Bt.transpose(-1, -2) if ctx.grouped else Bt[:, 0].transpose(-1, -2)
+            C = Ct.transpose(-1, -2) if ctx.grouped else Ct[:, 0].transpose(-1, -2)
+            return _SelectiveScanCore.backward(_Saved((u, dt, A, B.contiguous(), C.contiguous(), D)), dy)
+        du, ddt, dA, dBt, dCt = (torch.from_numpy(x) for x in grads)
         dB = dBt.transpose(-1, -2)
         dC = dCt.transpose(-1, -2)
         if not ctx.grouped:

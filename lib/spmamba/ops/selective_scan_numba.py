@@ -26,14 +26,42 @@ try:
 except Exception:  # not installed (an optional speed-up)
     numba = None
 
-__all__ = ["available", "scan_forward", "scan_backward", "set_threads"]
+__all__ = ["available", "scan_forward", "scan_backward", "set_threads", "mark_broken", "warm"]
+
+_broken: str = ""  # why the kernels cannot be used in this process (a failed compilation), or ""
 
 _LOG_FLOOR = -80.0  # as in selective_scan: keeps the recurrence out of denormal numbers
 
 
 def available() -> bool:
-    """True when numba imports and ``SPMAMBA_SCAN`` does not ask for the PyTorch path."""
-    return numba is not None and os.environ.get("SPMAMBA_SCAN", "auto").lower() not in ("torch", "pytorch")
+    """True when numba imports, its kernels have not failed in this process and ``SPMAMBA_SCAN`` does not ask for
+    the PyTorch path."""
+    return (numba is not None and not _broken
+            and os.environ.get("SPMAMBA_SCAN", "auto").lower() not in ("torch", "pytorch"))
+
+
+def mark_broken(error: BaseException) -> None:
+    """Stop using the kernels in this process (the caller falls back to the PyTorch scan) and say why, once."""
+    global _broken
+    if not _broken:
+        import logging
+
+        _broken = f"{type(error).__name__}: {error}"
+        logging.getLogger(__name__).warning(
+            "the compiled selective scan failed (%s); using the slower PyTorch scan from now on", _broken)
+
+
+def warm() -> None:
+    """Compile (or load from numba's on-disk cache) the float32 kernels, so a first detection does not pay for it;
+    ``scripts/install.sh`` calls it once."""
+    if numba is None:
+        return
+    rng = np.random.default_rng(0)
+    u = rng.standard_normal((1, 2, 4)).astype(np.float32)
+    A = -np.ones((2, 2), np.float32)
+    Bt = rng.standard_normal((1, 1, 4, 2)).astype(np.float32)
+    scan_forward(u, np.abs(u), A, Bt, Bt)
+    scan_backward(u, np.abs(u), A, Bt, Bt, u)
 
 
 def set_threads(n: int) -> None:
