@@ -252,7 +252,7 @@ def train_model(normal_dir: str, out: str, *, config: str | None = None, method:
                 encoder_weights: str = "none", val_fraction: float = 0.2, seed: int = 0,
                 max_steps: int | None = None, time_limit_min: float | None = None, quiet: bool = False,
                 position_normalise: bool | None = None, origin: str = "spmamba train", align: str | None = None,
-                align_reference: str = "normals") -> dict:
+                align_reference: str = "auto") -> dict:
     """What ``spmamba train`` does (also used by ``spmamba demo``); returns a summary dict.
 
     ``method``: a method of the registry (default spmamba, or the resumed model's); ``config``: one of its presets
@@ -339,9 +339,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not 0.0 < args.val_fraction < 1.0:
         raise CLIError(f"--val-fraction {args.val_fraction}: must be between 0 and 1")
     ref = args.align_reference
-    if ref not in ("normals", "mni152") and not ref.startswith("mni152:") and not Path(ref).is_file():
-        raise CLIError(f"--align-reference {ref}: not 'normals', 'mni152' or an existing volume file")
-    if ref != "normals" and args.align in (None, "none"):
+    if ref not in ("auto", "normals", "mni152") and not ref.startswith("mni152:") and not Path(ref).is_file():
+        raise CLIError(f"--align-reference {ref}: not 'auto', 'normals', 'mni152' or an existing volume file")
+    if ref != "auto" and args.align in (None, "none"):
         raise CLIError("--align-reference needs --align affine")
     s = train_model(args.normal, args.out, config=args.config, method=args.method, epochs=args.epochs,
                     device=args.device, resume=args.resume, encoder_weights=args.encoder_weights,
@@ -654,10 +654,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--align", choices=("none", "affine"), default=None,
                    help="affine registration of every volume to a reference before training and detection (stored "
                    "in the model; detect follows it). Default none (when resuming: the model's setting)")
-    t.add_argument("--align-reference", default="normals", metavar="REF",
-                   help="with --align affine: normals (default, built from the training normals), mni152 "
-                   "(nilearn's skull-stripped MNI152 T1 template, 2 mm; mni152:MM for another spacing) or a "
-                   "volume file")
+    t.add_argument("--align-reference", default="auto", metavar="REF",
+                   help="with --align affine: auto (default: MNI152 when the normals are brains that register to "
+                   "it, else built from them), normals (built from the training normals), mni152 (nilearn's "
+                   "skull-stripped MNI152 T1 template, 2 mm; mni152:MM for another spacing) or a volume file")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 

@@ -161,12 +161,17 @@ def _check_one_grid(vols: list[Volume]) -> None:
             "alignment: --align affine), or train without it.")
 
 
+MAX_EXCLUDED_SHARE = 0.2  # normals that fail to align are left out, up to this share of them
+
+
 def _prepare_alignment(detector: Detector, align: Optional[str], reference: Union[str, Path],
                        train_vols: list[Volume], val_vols: list[Volume],
-                       emit: Callable[[dict], None]) -> tuple[list[Volume], Optional[dict]]:
+                       emit: Callable[[dict], None]) -> tuple[list[Volume], list[Volume], Optional[dict]]:
     """Alignment for training (``registration``): set ``detector.alignment`` (a new reference, or the resumed
     model's), register every training and held-out normal to it, calibrate the similarity floor on them, and return
-    the training volumes on the reference grid plus a summary; ``(train_vols, None)`` without alignment."""
+    the training volumes on the reference grid, the held-out volumes that aligned (on their own grids: calibration
+    detects them like any input) and a summary; ``(train_vols, val_vols, None)`` without alignment. Normals that
+    fail to align are left out and listed in the summary's ``excluded`` (at most ``MAX_EXCLUDED_SHARE``)."""
     have = "affine" if detector.alignment is not None else "none"
     mode = have if align is None else str(align)
     if mode not in ALIGN_METHODS:
@@ -175,7 +180,7 @@ def _prepare_alignment(detector: Detector, align: Optional[str], reference: Unio
         raise TrainingDataError(f"the resumed model aligns its inputs (align={have}); resume it with the same "
                                 "setting, or train a new model")
     if mode == "none":
-        return train_vols, None
+        return train_vols, val_vols, None
     t0 = time.time()
     if detector.alignment is None:
         emit({"phase": "reference", "step": 0, "total_steps": len(train_vols), "unit": "vol"})
@@ -190,27 +195,42 @@ def _prepare_alignment(detector: Detector, align: Optional[str], reference: Unio
     t_ref = time.time() - t0
     aligner = detector.alignment
     every = train_vols + val_vols
-    aligned, sims, secs = [], [], []
+    aligned, val_kept, sims, secs, excluded = [], [], [], [], []
     emit({"phase": "align", "step": 0, "total_steps": len(every), "unit": "vol"})
     for i, v in enumerate(every):
+        name = str(v.path or f"volume {i}")
         try:
-            al = aligner.align(v.array, v.affine, name=str(v.path or f"volume {i}"), check_floor=False)
+            al = aligner.align(v.array, v.affine, name=name, check_floor=False)
         except AlignmentError as e:
-            raise TrainingDataError(f"cannot train with alignment: {e}") from e
+            # one odd scan (cropped, another contrast) is left out and reported, not used misaligned; many mean
+            # the setting or the data is wrong
+            excluded.append(name)
+            log.warning("left out of training: %s", e)
+            if len(excluded) > MAX_EXCLUDED_SHARE * len(every):
+                raise TrainingDataError(f"cannot train with alignment: {len(excluded)} of {len(every)} normals "
+                                        f"fail to align (the last: {e})") from e
+            emit({"phase": "align", "step": i + 1, "total_steps": len(every), "unit": "vol"})
+            continue
         sims.append(al.similarity)
         secs.append(al.seconds)
         if i < len(train_vols):
             aligned.append(Volume(al.array, al.affine, v.path))
+        else:
+            val_kept.append(v)
         emit({"phase": "align", "step": i + 1, "total_steps": len(every), "unit": "vol"})
+    if not aligned or not val_kept:
+        raise TrainingDataError("cannot train with alignment: none of the " + ("training" if not aligned else
+                                "held-out") + " normals could be aligned")
     aligner.metric_floor = calibrate_floor(sims)
     info = {"method": mode, "reference": aligner.reference.name, "reference_shape": list(aligner.reference.shape),
             "metric_floor": round(aligner.metric_floor, 4),
             "similarity": {"min": round(min(sims), 4), "median": round(float(np.median(sims)), 4),
                            "max": round(max(sims), 4)},
-            "seconds_per_volume": round(float(np.mean(secs)), 3), "reference_seconds": round(t_ref, 2)}
+            "seconds_per_volume": round(float(np.mean(secs)), 3), "reference_seconds": round(t_ref, 2),
+            "excluded": excluded}
     log.info("aligned %d normals to the %s reference (similarity %.3f-%.3f, floor %.3f)", len(every),
              aligner.reference.name, min(sims), max(sims), aligner.metric_floor)
-    return aligned, info
+    return aligned, val_kept, info
 
 
 @dataclass
@@ -437,7 +457,7 @@ def train_detector(
     stop_time_limit: Optional[float] = None,
     origin: Optional[str] = None,
     align: Optional[str] = None,
-    align_reference: Union[str, Path] = "normals",
+    align_reference: Union[str, Path] = "auto",
 ) -> Detector:
     """Train a model of ``method`` on normal volumes and calibrate it; see the module docstring.
 
@@ -475,8 +495,9 @@ def train_detector(
             and train and detect on the reference grid; stored in the model, so detection follows it. Default
             (None): "none" for a new model, the resumed model's setting when resuming. Every normal must align
             (else TrainingDataError naming it); the similarity floor is calibrated on them.
-        align_reference: "normals" (built from the training normals: the median-sized one, then the mean of
-            all aligned to it), "mni152" (nilearn's skull-stripped MNI152 T1 template at 2 mm; "mni152:SPACING"
+        align_reference: "auto" (MNI152 when the normals are brains that register to it, else "normals"),
+            "normals" (built from the training normals: the median-sized one, then the mean of
+            all aligned to it; normals that fail to align are left out), "mni152" (nilearn's skull-stripped MNI152 T1 template at 2 mm; "mni152:SPACING"
             for another spacing) or a volume file. Ignored when resuming (the model's reference is kept).
     Returns:
         A calibrated Detector (not yet saved unless checkpoint_path was given; then that file is final too).
@@ -501,7 +522,8 @@ def train_detector(
     detector, resume_obj = build_or_resume(method, config, encoder_weights=encoder_weights,
                                            preprocessing=preprocessing, device=dev, resume=resume)
     prep = detector.preprocessing
-    train_vols, align_info = _prepare_alignment(detector, align, align_reference, train_vols, val_vols, emit)
+    train_vols, val_vols, align_info = _prepare_alignment(detector, align, align_reference, train_vols, val_vols,
+                                                          emit)
     if position_normalise is None:  # aligned volumes share one grid: position-aware normalisation by default
         position_normalise = detector.alignment is not None
     if position_normalise and detector.alignment is None:

@@ -28,7 +28,7 @@ def aligned_model(tiny_data, tmp_path_factory):
     from spmamba.train import train_detector
 
     det = train_detector([str(p) for p in tiny_data["normal"]], config="tiny", max_steps=1, device="cpu",
-                         align="affine")
+                         align="affine", align_reference="normals")
     path = tmp_path_factory.mktemp("aligned_model") / "aligned.pt"
     det.save(str(path))
     return path
@@ -95,4 +95,4 @@ def test_training_task_passes_the_align_settings(app_lib, monkeypatch, tmp_path)
     monkeypatch.setattr(task, "precheck", lambda request, datastore: ["a.nii.gz", "b.nii.gz", "c.nii.gz"])
     with pytest.raises(Stop):
         task({}, datastore=None)
-    assert seen["align"] == "affine" and seen["align_reference"] == "normals"
+    assert seen["align"] == "affine" and seen["align_reference"] == "auto"

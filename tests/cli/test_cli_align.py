@@ -15,7 +15,7 @@ def test_train_with_alignment_and_detect_follows_the_model(tiny_data: Path, tmp_
 
     model = tmp_path / "aligned.pt"
     rc = main(["train", "--normal", str(tiny_data / "train"), "--out", str(model), "--config", "tiny",
-               "--max-steps", "1", "--align", "affine", "-q"])
+               "--max-steps", "1", "--align", "affine", "--align-reference", "normals", "-q"])
     assert rc == 0, capsys.readouterr().err
     meta = read_checkpoint_meta(model)
     assert meta["alignment"]["method"] == "affine" and meta["alignment"]["reference"]["name"] == "normals"

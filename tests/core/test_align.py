@@ -301,7 +301,7 @@ def test_training_with_alignment_builds_a_reference_and_normalises_per_position(
     vols = [Volume(_posed_input(reference, _known_pose(reference, *p), i, coarse, shape), coarse, f"n{i}.nii.gz")
             for i, p in enumerate(poses)]
     phases = set()
-    det = train_detector(vols, config="tiny", max_steps=1, device="cpu", align="affine",
+    det = train_detector(vols, config="tiny", max_steps=1, device="cpu", align="affine", align_reference="normals",
                          progress=lambda d: phases.add(d["phase"]))
     info = det.meta["training"]["alignment"]
     assert {"reference", "align", "position_stats"} <= phases
@@ -315,7 +315,8 @@ def test_training_with_alignment_builds_a_reference_and_normalises_per_position(
 
     empty = Volume(np.zeros(shape, np.float32), coarse, "blank.nii.gz")
     with pytest.raises(TrainingDataError, match="blank.nii.gz: the volume is constant"):
-        train_detector(vols + [empty], config="tiny", max_steps=1, device="cpu", align="affine")
+        train_detector(vols + [empty], config="tiny", max_steps=1, device="cpu", align="affine",
+                       align_reference="normals")
     with pytest.raises(ValueError, match="align='rigid'"):
         train_detector(vols, config="tiny", max_steps=1, device="cpu", align="rigid")
 
@@ -328,4 +329,46 @@ def test_resuming_keeps_the_models_alignment_setting(reference, tiny_model):
     with pytest.raises(TrainingDataError, match="resumed model aligns its inputs"):
         _prepare_alignment(det, "none", "normals", [], [], lambda d: None)
     plain = Detector(tiny_model, device="cpu")
-    assert _prepare_alignment(plain, None, "normals", ["v"], [], lambda d: None) == (["v"], None)
+    assert _prepare_alignment(plain, None, "normals", ["v"], ["w"], lambda d: None) == (["v"], ["w"], None)
+
+
+def test_auto_reference_takes_mni152_only_for_brains_that_register_to_it(reference):
+    from spmamba.registration import mni152_fits
+
+    rng = np.random.default_rng(0)
+    boxes = []
+    for i in range(3):  # not a brain: a bright box in noise
+        a = (rng.random((40, 40, 30)) * 0.05).astype(np.float32)
+        a[8:30, 5:35, 4:26] += 1.0
+        boxes.append(Volume(a, INPUT_AFFINE, f"box{i}"))
+    assert mni152_fits(boxes, AffineAligner(reference)) is False
+    brains = [Volume(_posed_input(reference, _known_pose(reference, 8.0 * i, (3.0 * i, -2.0, 1.0), (1.0, 1.0, 1.0)),
+                                  seed=i), INPUT_AFFINE, f"brain{i}") for i in range(3)]
+    assert mni152_fits(brains, AffineAligner(reference)) is True
+
+
+def test_normals_that_fail_to_align_are_left_out_and_reported(reference, tiny_model, monkeypatch):
+    from spmamba.detector import Detector
+    from spmamba.train import TrainingDataError, _prepare_alignment
+
+    vols = [Volume(_posed_input(reference, _known_pose(reference, 3.0 * i, (i, 0.0, 0.0), (1.0, 1.0, 1.0)), seed=i),
+                   INPUT_AFFINE, f"n{i}.nii.gz") for i in range(6)]
+    real_align = AffineAligner.align
+
+    def align(self, array, affine=None, name="volume", check_floor=True):
+        if name in ("n2.nii.gz", "n5.nii.gz"):
+            raise AlignmentError(f"{name}: alignment failed (test)")
+        return real_align(self, array, affine, name, check_floor)
+
+    monkeypatch.setattr(AffineAligner, "align", align)
+    det = Detector(tiny_model, device="cpu", alignment=AffineAligner(reference))
+    with pytest.raises(TrainingDataError, match="2 of 6 normals fail to align"):  # over a fifth of them
+        _prepare_alignment(det, "affine", "mni152:4", vols[:5], vols[5:], lambda d: None)
+    vols.append(Volume(vols[0].array, INPUT_AFFINE, "n6.nii.gz"))
+    vols.append(Volume(vols[1].array, INPUT_AFFINE, "n7.nii.gz"))
+    vols.append(Volume(vols[3].array, INPUT_AFFINE, "n8.nii.gz"))
+    vols.append(Volume(vols[4].array, INPUT_AFFINE, "n9.nii.gz"))
+    det = Detector(tiny_model, device="cpu", alignment=AffineAligner(reference))
+    train, val, info = _prepare_alignment(det, "affine", "mni152:4", vols[:8], vols[8:], lambda d: None)
+    assert info["excluded"] == ["n2.nii.gz", "n5.nii.gz"]
+    assert len(train) == 6 and [v.path for v in val] == ["n8.nii.gz", "n9.nii.gz"]

@@ -80,7 +80,7 @@ class AppSettings:
     stop_max_s: int = 80  # ... and for the whole graceful stop (calibrate + publish); then it is killed
     keep_versions: int = 5  # published models kept in <model_dir>/versions for rollback (0 = none)
     align: str = "none"  # training: register every study to a reference first ("affine"); detection follows the model
-    align_reference: str = "normals"  # normals | mni152[:MM] | a volume file
+    align_reference: str = "auto"  # auto | normals | mni152[:MM] | a volume file
     seed_curation: str = ""
     extra: Dict[str, Any] = field(default_factory=dict)
 
@@ -184,10 +184,11 @@ def parse_conf(app_dir: str, studies: str, conf: Optional[Dict[str, Any]]) -> Ap
     align = str(conf.get("align", "none")).strip().lower() or "none"
     if align not in ("none", "affine"):
         raise ConfError(f"--conf align {align!r}: expected none or affine")
-    align_reference = str(conf.get("align_reference", "normals")).strip() or "normals"
-    if not (align_reference in ("normals", "mni152") or align_reference.startswith("mni152:")
+    align_reference = str(conf.get("align_reference", "auto")).strip() or "auto"
+    if not (align_reference in ("auto", "normals", "mni152") or align_reference.startswith("mni152:")
             or os.path.isfile(os.path.expanduser(align_reference))):
-        raise ConfError(f"--conf align_reference {align_reference!r}: expected normals, mni152[:MM] or a volume file")
+        raise ConfError(f"--conf align_reference {align_reference!r}: expected auto, normals, mni152[:MM] or a "
+                        "volume file")
 
     seed = conf.get("seed_curation")
     if seed is None:
