@@ -233,6 +233,14 @@ class _SelectiveScanCore(torch.autograd.Function):
         return du.contiguous(), ddt, dA, dB.contiguous(), dC.contiguous(), dD
 
 
+def _keep_torch_threads(n: int) -> None:
+    """numba's OpenMP threading layer sets the OpenMP thread count to its own pool size when it starts (the first
+    kernel call), which is also torch's count: put back the one the caller had (e.g. ``spmamba.cpu.lower_priority``
+    gave a background process 1 thread; without this it would use every core from the first scan on)."""
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 class _NumbaScan(torch.autograd.Function):
     """The same y = scan(u, dt, A, B, C) + D*u as ``_SelectiveScanCore``, through the compiled CPU kernels of
     ``selective_scan_numba`` (one compiled recurrence per (batch, channel) row, rows in parallel)."""
@@ -242,8 +250,10 @@ class _NumbaScan(torch.autograd.Function):
         grouped = B.dim() == 4
         Bt = (B if grouped else B.unsqueeze(1)).transpose(-1, -2).contiguous()  # (b, G, L, N)
         Ct = (C if grouped else C.unsqueeze(1)).transpose(-1, -2).contiguous()
-        _numba.set_threads(torch.get_num_threads())
+        threads = torch.get_num_threads()
+        _numba.set_threads(threads)
         y = torch.from_numpy(_numba.scan_forward(u.numpy(), dt.numpy(), A.numpy(), Bt.numpy(), Ct.numpy()))
+        _keep_torch_threads(threads)
         if D is not None:
             y = y + D.view(1, -1, 1) * u
         ctx.grouped = grouped
@@ -253,10 +263,12 @@ class _NumbaScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         u, dt, A, Bt, Ct, D = ctx.saved_tensors
-        _numba.set_threads(torch.get_num_threads())
+        threads = torch.get_num_threads()
+        _numba.set_threads(threads)
         dy_c = dy.contiguous()
         du, ddt, dA, dBt, dCt = (torch.from_numpy(x) for x in _numba.scan_backward(
             u.numpy(), dt.numpy(), A.numpy(), Bt.numpy(), Ct.numpy(), dy_c.numpy()))
+        _keep_torch_threads(threads)
         dB = dBt.transpose(-1, -2)
         dC = dCt.transpose(-1, -2)
         if not ctx.grouped:
