@@ -225,7 +225,7 @@ def main() -> int:
         _wait_for(log, "mode", time.time() + 600, proc)  # the worker switches before its next step
         res["phases"]["yield"] = _detect_window(det, vol, work / "fg", w, args.gap_s)
         windows = [("train_alone", log), ("plain", log), ("yield", log)]
-        res["train_warmup_s"] = round(t_first - start, 1)
+        res["first_train_step_at_s"] = round(t_first - start, 1)
     finally:
         _stop(proc)
     for name, lg in windows:
@@ -270,7 +270,7 @@ def main() -> int:
     res["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     res["seconds"] = round(time.time() - start, 1)
     print(f"\nload average before {load_before[0]:.2f}, after {res['loadavg_after'][0]:.2f}; "
-          f"{res['seconds']:.0f} s in all (training warm-up {res.get('train_warmup_s', '-')} s)")
+          f"{res['seconds']:.0f} s in all (first training step at {res.get('first_train_step_at_s', '-')} s)")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
