@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -152,6 +153,7 @@ def main() -> int:
     ap.add_argument("--idle-detections", type=int, default=3)
     ap.add_argument("--passive", action="store_true", help="also measure yield with OMP_WAIT_POLICY=PASSIVE")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--keep-work", action="store_true", help="keep the work folder (training logs, volumes)")
     # internal: the training subprocess
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--log", help=argparse.SUPPRESS)
@@ -271,6 +273,8 @@ def main() -> int:
     res["seconds"] = round(time.time() - start, 1)
     print(f"\nload average before {load_before[0]:.2f}, after {res['loadavg_after'][0]:.2f}; "
           f"{res['seconds']:.0f} s in all (first training step at {res.get('first_train_step_at_s', '-')} s)")
+    if not args.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
