@@ -110,7 +110,8 @@ def publish(detector: Detector, path: Union[str, Path], training_state: Optional
 def calibrate(detector: Detector, vols: list[Volume], pixel_fpr: float = 0.001, volume_fpr: float = 0.05,
               progress: Optional[Callable[[dict], None]] = None,
               deadline: Union[None, float, Callable[[], Optional[float]]] = None,
-              seconds_per_volume: Optional[float] = None) -> Calibration:
+              seconds_per_volume: Optional[float] = None,
+              wait: Optional[Callable[[], Any]] = None) -> Calibration:
     """Pixel threshold: the (1 - pixel_fpr) quantile of heatmap values inside the foreground of held-out normals.
     Volume threshold: the (1 - volume_fpr) quantile of their volume scores ('higher' method: with few volumes this
     is their maximum).
@@ -118,12 +119,15 @@ def calibrate(detector: Detector, vols: list[Volume], pixel_fpr: float = 0.001, 
     ``deadline`` (a ``time.time()`` value): the volumes are used in order while the next one is expected to end
     before it (expected = the mean detection time so far, or ``seconds_per_volume`` before the first); the first
     volume is always used. ``Calibration.n_volumes`` says how many were. A callable ``deadline`` is asked before
-    each volume (None = no limit), so a limit that appears during calibration (a stop request) is followed."""
+    each volume (None = no limit), so a limit that appears during calibration (a stop request) is followed.
+    ``wait`` is called before each volume (``train_detector``: waits while the training is paused)."""
     rng = np.random.default_rng(0)
     pixel_values, scores, took = [], [], []
     if progress:
         progress({"phase": "calibrate", "step": 0, "total_steps": len(vols), "unit": "vol"})
     for i, v in enumerate(vols):
+        if wait is not None:
+            wait()
         limit = deadline() if callable(deadline) else deadline
         if limit is not None and i > 0:
             expected = float(np.mean(took)) if took else float(seconds_per_volume or 0.0)
@@ -241,7 +245,13 @@ class TrainingBudget:
     ``stop_time_limit``: seconds from that first True to the calibrated model (``stop_deadline``); ``progress``:
     receives the phase dicts (``emit``). ``seconds_per_volume`` (one detection), ``seconds_per_save`` (the slowest
     checkpoint save so far) and ``n_after`` (detections after the optimisation: held-out volumes, plus training
-    volumes with position statistics) size the time ``reserve``d for what follows the optimisation."""
+    volumes with position statistics) size the time ``reserve``d for what follows the optimisation.
+
+    ``paused``: polled before every optimisation step (and between the batches of the preparation passes and the
+    calibration volumes); while it says True the training waits (``wait_while_paused``: sleeps ``pause_poll_s`` at a
+    time, still ending on a stop request or at the deadline), emitting one ``{"phase": "paused", "reason":
+    pause_reason, "during": PHASE}`` event per pause. E.g. ``lambda: spmamba.cpu.foreground_busy(folder)``: a
+    training that gives the cores to a clinician's detection. ``paused_seconds`` / ``pauses``: what it waited."""
     deadline: Optional[float] = None
     should_stop: Optional[Callable[[], bool]] = None
     stop_time_limit: Optional[float] = None
@@ -250,6 +260,11 @@ class TrainingBudget:
     seconds_per_save: float = 0.0
     n_after: int = 0
     stop_seen_at: Optional[float] = None  # when should_stop first said True
+    paused: Optional[Callable[[], bool]] = None
+    pause_reason: str = "a detection is running"
+    pause_poll_s: float = 0.15
+    paused_seconds: float = 0.0
+    pauses: int = 0
 
     def emit(self, event: dict) -> None:
         if self.progress is not None:
@@ -267,6 +282,46 @@ class TrainingBudget:
             return self.deadline
         by_stop = self.stop_seen_at + float(self.stop_time_limit)
         return by_stop if self.deadline is None else min(self.deadline, by_stop)
+
+    def wait_while_paused(self, during: str, until: Union[None, float, Callable[[], Optional[float]]] = None,
+                          resumed: Optional[dict] = None) -> float:
+        """Wait while ``paused()`` says True; returns the seconds waited (0.0 when not paused). The wait also ends
+        on a stop request (``stop``) and when ``time.time()`` reaches ``until`` (a ``time.time()`` value or a
+        callable giving one, re-asked while waiting; None: the deadline). Emits ``{"phase": "paused", ...}`` once
+        when the pause begins and ``resumed`` (e.g. the interrupted phase's last event) when it ends."""
+        if self.paused is None or self.stop() or not self.paused():
+            return 0.0
+        t0 = time.time()
+        self.pauses += 1
+        log.info("training paused (%s) during %s", self.pause_reason, during)
+        self.emit({"phase": "paused", "reason": self.pause_reason, "during": during, "pauses": self.pauses,
+                   "paused_s": round(self.paused_seconds, 1)})
+        while True:
+            limit = until() if callable(until) else (self.deadline if until is None else until)
+            if limit is not None and time.time() >= limit:
+                log.info("pause ended by the time limit")
+                break
+            time.sleep(self.pause_poll_s if limit is None else max(0.0, min(self.pause_poll_s, limit - time.time())))
+            if self.stop() or not self.paused():
+                break
+        waited = time.time() - t0
+        self.paused_seconds += waited
+        log.info("training resumed after a %.1f s pause", waited)
+        if resumed is not None:
+            self.emit(resumed)
+        return waited
+
+    def pausing(self, during: str, check: Optional[Callable[[], bool]] = None,
+                until: Union[None, float, Callable[[], Optional[float]]] = None) -> Optional[Callable[[], bool]]:
+        """A ``should_stop`` for a pass that polls between batches: waits while paused, then answers ``check()``
+        (False without one). ``check`` itself when there is no ``paused``."""
+        if self.paused is None:
+            return check
+
+        def poll() -> bool:
+            self.wait_while_paused(during, until)
+            return bool(check()) if check is not None else False
+        return poll
 
     def left(self) -> float:
         """Seconds until the deadline (infinite without one)."""
@@ -341,7 +396,8 @@ def fit(detector: Detector, data: Any, budget: Optional[TrainingBudget] = None, 
         detector.meta[prep_phase] = model.prepare(
             data if norm_order is None else data[norm_order],
             progress=lambda b, k: emit({"phase": prep_phase, "step": b, "total_steps": k, "unit": "batch"}),
-            should_stop=norm_stop)
+            should_stop=budget.pausing(prep_phase, norm_stop,
+                                       until=norm_deadline if budget.deadline is not None else None))
         log.info("%s: %s", prep_phase, detector.meta[prep_phase])
     if ts is not None:
         batch = min(ts.batch_size, n)
@@ -370,7 +426,7 @@ def fit(detector: Detector, data: Any, budget: Optional[TrainingBudget] = None, 
         samples = model.training_samples(
             data, (state.planned_steps - state.steps_before) * batch,
             progress=lambda b, k: emit({"phase": "teacher_features", "step": b, "total_steps": k, "unit": "batch"}),
-            should_stop=budget.stop)
+            should_stop=budget.pausing("teacher_features", budget.stop))
         if samples is not data:
             log.info("training samples prepared once (%s)", type(samples).__name__)
     stopped = False
@@ -392,6 +448,11 @@ def fit(detector: Detector, data: Any, budget: Optional[TrainingBudget] = None, 
         perm = torch.randperm(n, generator=g)
         running = 0.0
         for step in range(steps_per_epoch):
+            budget.wait_while_paused(  # a pause ends when the deadline would stop the training anyway
+                "train", until=lambda: None if budget.deadline is None else budget.deadline - budget.reserve(),
+                resumed={"phase": "train", "epoch": epoch + 1, "total_epochs": total_epochs, "step": step,
+                         "total_steps": steps_per_epoch, "global_step": state.steps,
+                         "total_global_steps": state.planned_steps})
             if budget.stop():
                 state.stop_reason = "stopped"
             elif max_steps is not None and state.step_total >= max_steps:
@@ -455,6 +516,7 @@ def train_detector(
     position_normalise: Optional[bool] = None,
     time_limit: Optional[float] = None,
     stop_time_limit: Optional[float] = None,
+    paused: Optional[Callable[[], bool]] = None,
     origin: Optional[str] = None,
     align: Optional[str] = None,
     align_reference: Union[str, Path] = "auto",
@@ -490,6 +552,12 @@ def train_detector(
         stop_time_limit: seconds allowed, from the moment ``should_stop`` first returns True (during training or
             while calibrating), to finish: position statistics and calibration then use fewer held-out volumes
             (at least one) so that the calibrated model is ready in time. None: all of them, however long.
+        paused: polled before every optimisation step (and between the batches of the preparation passes and
+            the calibration volumes); while it says True the training waits, still ending on a stop request or at
+            the time limit, with one ``{"phase": "paused", "reason": ..., "during": PHASE}`` progress event per
+            pause (``TrainingBudget.wait_while_paused``). E.g. ``lambda: spmamba.cpu.foreground_busy(folder)``
+            gives the cores to detections that hold ``spmamba.cpu.foreground(folder)``. The time paused is in
+            ``meta["training"]["paused_s"]`` (and ``pauses``).
         origin: what trained it (e.g. "spmamba train"), recorded in ``meta["training"]["origin"]``.
         align: "none" or "affine" (``registration``): register every volume affinely to ``align_reference``
             and train and detect on the reference grid; stored in the model, so detection follows it. Default
@@ -504,7 +572,8 @@ def train_detector(
     """
     t_start = time.time()
     budget = TrainingBudget(deadline=t_start + float(time_limit) if time_limit is not None else None,
-                            should_stop=should_stop, stop_time_limit=stop_time_limit, progress=progress)
+                            should_stop=should_stop, stop_time_limit=stop_time_limit, progress=progress,
+                            paused=paused)
     emit = budget.emit
     emit({"phase": "load", "step": 0, "total_steps": len(volumes), "unit": "vol"})
     vols = _load_all(volumes, lambda i, k: emit({"phase": "load", "step": i, "total_steps": k, "unit": "vol"}))
@@ -566,6 +635,7 @@ def train_detector(
             "encoder_norm": detector.meta.get("encoder_norm", "as in the weights"),
             "stop_reason": st.stop_reason, "time_limit_s": time_limit, "origin": origin,
             "alignment": align_info,
+            "paused_s": round(budget.paused_seconds, 1), "pauses": budget.pauses,
         }
 
     def save(st: FitState, epoch_done: int) -> None:
@@ -600,7 +670,10 @@ def train_detector(
         return None if limit is None else limit - budget.seconds_per_save
     detector.calibration = calibrate(
         detector, val_vols, pixel_fpr, volume_fpr, emit, deadline=calibration_deadline,
-        seconds_per_volume=budget.seconds_per_volume or None)
+        seconds_per_volume=budget.seconds_per_volume or None,
+        wait=lambda: budget.wait_while_paused("calibrate", until=lambda: (
+            None if calibration_deadline() is None
+            else calibration_deadline() - 1.15 * budget.seconds_per_volume)))
     n_calibration_used = detector.calibration.n_volumes
     detector.meta["training"] = summary(state, epochs_done, state.stopped)
     detector.meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -153,3 +153,49 @@ def test_slice_axis_is_a_training_setting(applib, tmp_path, tiny_data, tiny_mode
     with pytest.raises(RuntimeError, match="not training"):
         task({}, datastore=None)
     assert seen["preprocessing"].slice_axis == 0
+
+
+def test_detection_holds_a_foreground_marker_and_training_pauses_for_it(applib, tmp_path, tiny_data, tiny_model,
+                                                                         monkeypatch):
+    """An infer-path detection holds a marker in <model_dir>/.foreground while it detects (scoring does not); the
+    training task's ``paused`` sees it."""
+    import os
+
+    import spmamba.train
+    from lib.detection import Detection
+    from lib.model_store import ModelStore
+    from lib.trainers import AnomalyTrain
+    from spmamba.cpu import foreground, foreground_busy
+    from spmamba.detector import Detector
+
+    settings = applib[0].parse_conf(str(tmp_path), str(tmp_path / "studies"), {"model": str(tiny_model)})
+    assert settings.foreground_dir == os.path.join(settings.model_dir, ".foreground")
+    detection = Detection(settings, ModelStore(settings.published_model, settings.model, "cpu"))
+    seen_busy = []
+    detect = Detector.detect
+
+    def observed(self, *args, **kwargs):  # the real detection, noting whether a marker is held meanwhile
+        seen_busy.append(foreground_busy(settings.foreground_dir))
+        return detect(self, *args, **kwargs)
+
+    monkeypatch.setattr(Detector, "detect", observed)
+    detection.run(str(tiny_data["normal"][0]))
+    detection.run(str(tiny_data["normal"][0]), foreground=False)  # scoring's way: background work
+    assert seen_busy == [True, False]
+    assert not os.listdir(settings.foreground_dir)  # removed after the detection
+
+    seen = {}
+
+    def fake_train_detector(images, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("not training in a unit test")
+
+    monkeypatch.setattr(spmamba.train, "train_detector", fake_train_detector)
+    task = AnomalyTrain(settings)
+    monkeypatch.setattr(task, "precheck", lambda request, datastore: [str(p) for p in tiny_data["normal"][:2]])
+    with pytest.raises(RuntimeError, match="not training"):
+        task({}, datastore=None)
+    assert seen["paused"]() is False
+    with foreground(settings.foreground_dir):
+        assert seen["paused"]() is True
+    assert seen["paused"]() is False

@@ -6,12 +6,14 @@ Detection always follows the served model: its slice axis and alignment are the 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
+from spmamba import cpu
 from spmamba.io import VolumeError, load_volume
 from spmamba.scoring import find_regions
 
@@ -68,14 +70,21 @@ class Detection:
             raise bad_request(f"image {os.path.basename(image)!r} cannot be read")
         return read_volume(image, shown_name or os.path.basename(image))
 
-    def run(self, image: Any, shown_name: Optional[str] = None) -> Tuple[Any, Any, Any, Dict[str, float]]:
-        """Read + detect. Returns ``(volume, result, detector, latencies)``."""
+    def run(self, image: Any, shown_name: Optional[str] = None,
+            foreground: bool = True) -> Tuple[Any, Any, Any, Dict[str, float]]:
+        """Read + detect. Returns ``(volume, result, detector, latencies)``.
+
+        ``foreground`` (a detection someone waits for: the inference tasks): hold a marker in the settings'
+        ``foreground_dir`` while waiting for a slot and detecting, so a training running beside pauses between
+        its steps and leaves the cores to this detection (``spmamba.cpu``). Scoring passes False: it is
+        background work itself."""
         t0 = time.perf_counter()
         detector = self.store.get()  # 409 "train first" before reading anything
         volume = self.read(image, shown_name)
         t1 = time.perf_counter()
         name = shown_name or os.path.basename(str(image))
-        with self._slots:
+        marker = cpu.foreground(self.settings.foreground_dir) if foreground else contextlib.nullcontext()
+        with marker, self._slots:
             t_wait = time.perf_counter()
             try:
                 result = detector.detect(volume.array, affine=volume.affine, name=name)

@@ -240,6 +240,14 @@ class _Saved:
         self.saved_tensors = tensors
 
 
+def _keep_torch_threads(n: int) -> None:
+    """numba's OpenMP threading layer sets the OpenMP thread count to its own pool size when it starts (the first
+    kernel call), which is also torch's count: put back the one the caller had (e.g. ``spmamba.cpu.lower_priority``
+    gave a background process 1 thread; without this it would use every core from the first scan on)."""
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 class _NumbaScan(torch.autograd.Function):
     """The same y = scan(u, dt, A, B, C) + D*u as ``_SelectiveScanCore``, through the compiled CPU kernels of
     ``selective_scan_numba`` (one compiled recurrence per (batch, channel) row, rows in parallel)."""
@@ -249,13 +257,16 @@ class _NumbaScan(torch.autograd.Function):
         grouped = B.dim() == 4
         Bt = (B if grouped else B.unsqueeze(1)).transpose(-1, -2).contiguous()  # (b, G, L, N)
         Ct = (C if grouped else C.unsqueeze(1)).transpose(-1, -2).contiguous()
-        _numba.set_threads(torch.get_num_threads())
+        threads = torch.get_num_threads()
+        _numba.set_threads(threads)
         try:
             y = torch.from_numpy(_numba.scan_forward(u.numpy(), dt.numpy(), A.numpy(), Bt.numpy(), Ct.numpy()))
         except Exception as e:  # e.g. numba cannot compile on this machine: the PyTorch scan from now on
             _numba.mark_broken(e)
+            _keep_torch_threads(threads)
             ctx.fallback = True
             return _SelectiveScanCore.forward(ctx, u, dt, A, B, C, D)
+        _keep_torch_threads(threads)
         ctx.fallback = False
         if D is not None:
             y = y + D.view(1, -1, 1) * u
@@ -268,15 +279,18 @@ class _NumbaScan(torch.autograd.Function):
         if ctx.fallback:
             return _SelectiveScanCore.backward(ctx, dy)
         u, dt, A, Bt, Ct, D = ctx.saved_tensors
-        _numba.set_threads(torch.get_num_threads())
+        threads = torch.get_num_threads()
+        _numba.set_threads(threads)
         dy_c = dy.contiguous()
         try:
             grads = _numba.scan_backward(u.numpy(), dt.numpy(), A.numpy(), Bt.numpy(), Ct.numpy(), dy_c.numpy())
         except Exception as e:  # the backward kernel failed to compile: PyTorch's backward for this call too
             _numba.mark_broken(e)
+            _keep_torch_threads(threads)
             B = Bt.transpose(-1, -2) if ctx.grouped else Bt[:, 0].transpose(-1, -2)
             C = Ct.transpose(-1, -2) if ctx.grouped else Ct[:, 0].transpose(-1, -2)
             return _SelectiveScanCore.backward(_Saved((u, dt, A, B.contiguous(), C.contiguous(), D)), dy)
+        _keep_torch_threads(threads)
         du, ddt, dA, dBt, dCt = (torch.from_numpy(x) for x in grads)
         dB = dBt.transpose(-1, -2)
         dC = dCt.transpose(-1, -2)

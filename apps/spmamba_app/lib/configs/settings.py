@@ -16,6 +16,7 @@ SCORE_KEY = "anomaly"
 MODEL_FILENAME = "spmamba.pt"
 STATS_FILENAME = "train_stats.json"
 STOP_FILENAME = "train_stop.request"
+FOREGROUND_DIRNAME = ".foreground"  # a marker per running detection; a training pauses while one is there
 
 #: keys MONAI Label itself reads from the app's conf (``MONAILabelApp.__init__``: ``server_mode``); accepted and
 #: passed through in ``AppSettings.extra``. Every other key must be one of the app's own (the fields below).
@@ -102,6 +103,12 @@ class AppSettings:
     @property
     def stop_path(self) -> str:
         return os.path.join(self.model_dir, STOP_FILENAME)
+
+    @property
+    def foreground_dir(self) -> str:
+        """Where each running detection holds its marker (``spmamba.cpu.foreground``); the training task pauses
+        between steps while one is there (``spmamba.cpu.foreground_busy``)."""
+        return os.path.join(self.model_dir, FOREGROUND_DIRNAME)
 
     def to_json(self) -> Dict[str, Any]:
         d = asdict(self)

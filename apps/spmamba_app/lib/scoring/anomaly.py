@@ -12,13 +12,13 @@ ranks (unreviewed and normal) first. ``?run_sync=true`` scores in the request (F
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from typing import Any, Dict, Optional
 
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.scoring import ScoringMethod
+from spmamba.cpu import lower_priority
 
 from ..configs import CURATION_KEY, SCORE_KEY
 from ..detection import Detection
@@ -42,7 +42,7 @@ def score_study(detection: Detection, datastore, image_id: str, force: bool = Fa
         return rec
     path = datastore.get_image_uri(image_id)
     try:
-        volume, result, det, _ = detection.run(path)
+        volume, result, det, _ = detection.run(path, foreground=False)  # background: never pauses a training
         rec = {
             "score": float(result.score),
             "threshold": float(result.threshold),
@@ -63,20 +63,6 @@ def in_task_subprocess() -> bool:
     """True in MONAI Label's task subprocess (``python -m monailabel.interfaces.utils.app -m scoring ...``)."""
     main = sys.modules.get("__main__")
     return getattr(getattr(main, "__spec__", None), "name", None) == "monailabel.interfaces.utils.app"
-
-
-def lower_priority(threads: int = 1) -> None:
-    """Background work yields the CPU to the server: nice +10 and ``threads`` torch threads (this process only)."""
-    try:
-        os.nice(10)
-    except (OSError, AttributeError):
-        pass
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-    except Exception:  # noqa: BLE001
-        pass
 
 
 class AnomalyScoring(ScoringMethod):

@@ -12,6 +12,11 @@ over ``spmamba.pt`` (``versions.VersionHistory.publish``, which first keeps the 
 ``<model_dir>/versions`` for rollback), so a killed training leaves the previous model intact and the inference task
 picks the new one up by its modification time, without a restart.
 
+Sharing the CPU with the server: the task runs at ``nice`` +10 (``spmamba.cpu.lower_priority``, torch threads =
+the usable cores) and pauses between optimisation steps while a detection holds its marker in
+``<model_dir>/.foreground`` (``Detection.run``; ``spmamba.cpu.foreground_busy``), so a clinician's detection gets
+the cores; ``train_stats`` then shows ``phase: "paused"`` with the ``reason``.
+
 A training whose preset is weaker (tiny < fast < paper) than the served model's is refused with 409 unless the
 request says ``"force": true``; then ``train_stats`` and the ``POST /train`` answer carry a ``warning``.
 """
@@ -30,6 +35,7 @@ from spmamba.atomic import write_json
 from ..configs import AppSettings
 from ..configs.settings import library_presets
 from ..errors import bad_request, conflict
+from ..scoring.anomaly import in_task_subprocess
 from ..versions import VersionHistory, read_model_info, served_path, weaker_preset_message
 
 logger = logging.getLogger(__name__)
@@ -134,9 +140,12 @@ class AnomalyTrain(TrainTask):
 
     # ------------------------------------------------------------------ run (in MONAI Label's train subprocess)
     def __call__(self, request, datastore):
+        from spmamba.cpu import foreground_busy, lower_priority, usable_cores
         from spmamba.train import train_detector
 
         s = self.settings
+        if in_task_subprocess():  # background work: a clinician's detection in the server comes first
+            lower_priority(threads=usable_cores())
         os.makedirs(s.model_dir, exist_ok=True)
         if os.path.exists(s.stop_path):
             os.unlink(s.stop_path)
@@ -177,6 +186,10 @@ class AnomalyTrain(TrainTask):
                 stats["epoch_step"], stats["steps_per_epoch"] = p.get("step"), p.get("total_steps")
             elif p.get("step") is not None:
                 stats["phase_step"], stats["phase_total_steps"] = p["step"], p.get("total_steps")
+            if p.get("phase") == "paused":  # a detection runs in the server: waiting between steps
+                stats["pause_reason"], stats["pauses"] = p.get("reason"), p.get("pauses")
+            else:
+                stats.pop("pause_reason", None)
             for k in ("loss", "val_score"):
                 if k in p:
                     stats[k] = _finite(p[k])
@@ -207,6 +220,8 @@ class AnomalyTrain(TrainTask):
                 progress=progress,
                 should_stop=lambda: os.path.exists(s.stop_path),
                 stop_time_limit=s.stop_calibration_s,  # DELETE /train/ waits at most stop_max_s
+                # between steps, wait while a detection runs in the server (it holds a marker there)
+                paused=lambda: foreground_busy(s.foreground_dir),
                 align=s.align,
                 align_reference=s.align_reference,
                 **extra,
@@ -245,6 +260,7 @@ class AnomalyTrain(TrainTask):
             {
                 "status": "DONE",
                 "stopped_early": stopped or bool(training.get("stopped_early")),
+                "paused_s": training.get("paused_s"),  # waited for detections in the server
                 "previous_version": published.get("previous_version"),
                 "versions_kept": len(self.history().list()),
                 "phase": "done",
