@@ -206,6 +206,8 @@ def run_method(name: str, data: Path, args) -> list[dict]:
     weights = args.encoder_weights if name == "spmamba_imagenet" else "none"
     budget = float(args.train_seconds)
     align = args.align
+    if align == "affine" and args.align_reference != "normals":
+        align = f"affine:{Path(args.align_reference).name}"
     header = None
     if align == "header":  # benchmark-only: the scanner coordinates trusted, one RAS grid, no registration
         header = HeaderGrid([_load(p) for p in train], spacing=SPACING)
@@ -247,7 +249,8 @@ def run_method(name: str, data: Path, args) -> list[dict]:
         try:
             det = train_detector(vols, method=method, config=cfg, epochs=args.epochs, device="cpu", seed=0,
                                  encoder_weights=weights, progress=progress, should_stop=stop,
-                                 align="affine" if align == "affine" else "none")
+                                 align="affine" if align.startswith("affine") else "none",
+                                 align_reference=args.align_reference)
         except (ValueError, TrainingDataError) as e:  # e.g. a method that needs one grid, given several
             print(f"[{name}] refused: {e}", flush=True)
             return [{"method": _row_name(name, align), "error": f"{type(e).__name__}: {e}", "align": align,
@@ -264,8 +267,8 @@ def run_method(name: str, data: Path, args) -> list[dict]:
                   "epochs": info["epochs"], "n_train_slices": info["n_slices"], "final_loss": info["final_loss"],
                   "detect_s_per_volume": float(np.mean(det_s)) if det_s else None, "method_of_registry": method,
                   "config": dict(overrides), "encoder_weights": weights, "model_file": mf,
-                  "encoder_norm": info.get("encoder_norm"), "align": args.align if mf is None else
-                  ("affine" if det.alignment is not None else args.align),
+                  "encoder_norm": info.get("encoder_norm"), "align": align if mf is None else
+                  ("affine" if det.alignment is not None else align),
                   "train_alignment": info.get("alignment"), "n_test": len(test), **extras, **_data_info(data),
                   "heatmap_sigma_mm": det.preprocessing.heatmap_sigma_mm}
         thr = det.calibration.pixel_threshold
@@ -395,6 +398,9 @@ def main() -> None:
                     help="train_detector(align=...): none or affine (registration to the normals' reference, maps "
                     "back on each input grid); header (benchmark only): every volume resampled by its affine onto "
                     "one RAS grid, no registration")
+    ap.add_argument("--align-reference", default="normals",
+                    help="with --align affine: train_detector(align_reference=...): normals (default), mni152 or a "
+                    "file; rows affine:<reference> when not normals")
     ap.add_argument("--train-seconds", type=float, default=240.0, help="training-loop budget per method")
     ap.add_argument("--epochs", type=int, default=100, help="epoch cap (the time budget usually stops first)")
     ap.add_argument("--encoder-weights", default=None, help="torchvision ResNet34 .pth: adds spmamba_imagenet")
@@ -431,7 +437,7 @@ def main() -> None:
     for m in methods:
         cmd = [sys.executable, __file__, "--one", m, "--data", args.data, "--train-seconds", str(args.train_seconds),
                "--epochs", str(args.epochs), "--results", str(RESULTS), "--align", args.align,
-               "--spacing", str(SPACING)]
+               "--align-reference", args.align_reference, "--spacing", str(SPACING)]
         cmd += ["--model", args.model] if args.model else []
         cmd += ["--models", *args.models] if args.models else []
         cmd += ["--encoder-weights", args.encoder_weights] if args.encoder_weights else []
