@@ -207,7 +207,7 @@ def run_method(name: str, data: Path, args) -> list[dict]:
     budget = float(args.train_seconds)
     align = args.align
     if align == "affine" and args.align_reference != "normals":
-        align = f"affine:{Path(args.align_reference).name}"
+        align = f"affine_{Path(args.align_reference).name.replace(':', '_')}"
     header = None
     if align == "header":  # benchmark-only: the scanner coordinates trusted, one RAS grid, no registration
         header = HeaderGrid([_load(p) for p in train], spacing=SPACING)
@@ -400,7 +400,7 @@ def main() -> None:
                     "one RAS grid, no registration")
     ap.add_argument("--align-reference", default="normals",
                     help="with --align affine: train_detector(align_reference=...): normals (default), mni152 or a "
-                    "file; rows affine:<reference> when not normals")
+                    "file; rows +affine_<reference> when not normals")
     ap.add_argument("--train-seconds", type=float, default=240.0, help="training-loop budget per method")
     ap.add_argument("--epochs", type=int, default=100, help="epoch cap (the time budget usually stops first)")
     ap.add_argument("--encoder-weights", default=None, help="torchvision ResNet34 .pth: adds spmamba_imagenet")
