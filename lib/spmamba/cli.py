@@ -115,11 +115,18 @@ def cmd_synth(args: argparse.Namespace) -> int:
         _eprint(f"[synth] {args.n_train} normal training + {args.n_test} test volumes at {args.spacing:g} mm "
                 f"(seed {args.seed}) -> {args.out}")
     summary = make_dataset(args.out, n_train=args.n_train, n_test=args.n_test, seed=args.seed, spacing=args.spacing,
-                           progress=not args.quiet, abnormal_fraction=args.abnormal_fraction, families=families)
+                           progress=not args.quiet, abnormal_fraction=args.abnormal_fraction, families=families,
+                           unregistered=args.unregistered)
     dt = time.time() - t0
     n = args.n_train + args.n_test
     summary["seconds"] = round(dt, 2)
-    print(f"wrote {n} volumes ({summary['n_abnormal']} abnormal test cases), shape {tuple(summary['shape'])}, "
+    if args.unregistered:
+        rng = summary.get("shape_range")
+        grid = (f"unregistered, each on its own grid (shapes {tuple(int(x) for x in rng[0])} to "
+                f"{tuple(int(x) for x in rng[1])}; poses in {args.out}/poses.json)") if rng else "unregistered"
+    else:
+        grid = f"shape {tuple(summary['shape'])}"
+    print(f"wrote {n} volumes ({summary['n_abnormal']} abnormal test cases), {grid}, "
           f"{args.spacing:g} mm, to {args.out} in {dt:.1f} s")
     return EXIT_OK
 
@@ -620,6 +627,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--abnormal-fraction", type=float, default=0.5, help="share of abnormal test volumes (0.5)")
     s.add_argument("--families", default=None,
                    help="comma-separated lesion families (default all: tumour,ms,infarct,haemorrhage)")
+    s.add_argument("--unregistered", action="store_true",
+                   help="subjects as a scanner places them: random head pose (rotation up to 15 deg per axis, shift "
+                   "15 mm, scale 0.9-1.1), a stronger warp, each on its own grid (affine, voxel order and shape vary); "
+                   "poses in OUT/poses.json and extra labels.csv columns")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_synth)
 

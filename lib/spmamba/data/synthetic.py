@@ -10,6 +10,11 @@ random T1 contrast (piecewise-linear remapping of the CSF / GM / WM intensities)
 All subjects share one output grid (RAS, ``spacing`` mm, cropped to the template's brain bounding box plus a margin),
 so a training folder never mixes shapes. Background is exactly 0 (skull-stripped, as in BraTS-style data).
 
+``pose="scanner"`` (``make_dataset(unregistered=True)``, ``spmamba synth --unregistered``) instead places the head as a
+scanner would (``SCANNER_POSE``: rotation up to 15 degrees about each axis, shift 15 mm, scale 0.9-1.1 per axis, a
+2-5 mm warp) and writes each subject on its own grid: its own affine and voxel order (``ORIENTATIONS``) and a field
+of view of the head plus a random margin per side, so shapes differ; the pose is in ``params["pose"]``.
+
 Abnormal subjects carry one lesion family (``LESION_FAMILIES``):
 
 - ``tumour``: irregular mass with an enhancing rim, an optional dark necrotic core and a hypointense oedema halo,
@@ -40,6 +45,9 @@ __all__ = [
     "LESION_FAMILIES",
     "Template",
     "SyntheticSubject",
+    "POSES",
+    "SCANNER_POSE",
+    "ORIENTATIONS",
     "load_template",
     "make_subject",
     "make_normal",
@@ -158,7 +166,12 @@ def _rng(seed: int, role: str, index: int) -> np.random.Generator:
 
 
 def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
-    a, b, c = np.deg2rad(rng.uniform(-max_deg, max_deg, size=3))
+    return _rotation_deg(rng.uniform(-max_deg, max_deg, size=3))
+
+
+def _rotation_deg(angles_deg: Sequence[float]) -> np.ndarray:
+    """Rotation about x, then y, then z (degrees)."""
+    a, b, c = np.deg2rad(np.asarray(angles_deg, dtype=np.float64))
     rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
     ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
     rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
@@ -176,6 +189,23 @@ def _smooth_field(rng: np.random.Generator, shape: Sequence[int], cell_vox: floa
         pad = [(0, s - o) for s, o in zip(shape, out.shape)]
         out = np.pad(out, pad, mode="edge")
     return out
+
+
+def _upsample_matrix(coarse: int, size: int) -> np.ndarray:
+    """(coarse, size) weights of the cubic upsampling ``_smooth_field`` applies along one axis."""
+    eye = np.eye(coarse, dtype=np.float32)
+    rows = [ndimage.zoom(e, size / coarse, order=3, mode="nearest", grid_mode=True)[:size] for e in eye]
+    return np.stack([np.pad(r, (0, size - len(r)), mode="edge") for r in rows])
+
+
+def _smooth_field_separable(rng: np.random.Generator, shape: Sequence[int], cell_vox: float) -> np.ndarray:
+    """:func:`_smooth_field` (same draws; equal to float32 precision) as three small matrix products: the 3-D cubic
+    zoom costs ~1 s per field on a 2-3 M voxel grid, this ~0.05 s."""
+    coarse = tuple(max(2, int(np.ceil(s / max(cell_vox, 1.0))) + 1) for s in shape)
+    out = rng.standard_normal(coarse).astype(np.float32)
+    for axis, (c, s) in enumerate(zip(coarse, shape)):
+        out = np.moveaxis(np.tensordot(out, _upsample_matrix(c, s), axes=([axis], [0])), -1, axis)
+    return np.ascontiguousarray(out)
 
 
 @dataclass
@@ -228,12 +258,14 @@ def _warp_coordinates(tpl: Template, rng: np.random.Generator, lesions: Sequence
     return (inv[:3, :3].astype(np.float32) @ q + inv[:3, 3:4].astype(np.float32))
 
 
-def _sample(tpl: Template, coords: np.ndarray) -> np.ndarray:
-    """Sample the 4 template maps at template voxel coordinates -> (4, X, Y, Z) float32."""
-    out = np.empty((tpl.maps.shape[0],) + tpl.shape, dtype=np.float32)
+def _sample(tpl: Template, coords: np.ndarray, shape: Sequence[int] | None = None) -> np.ndarray:
+    """Sample the 4 template maps at template voxel coordinates -> (4, X, Y, Z) float32 (``shape``: the output grid's,
+    default the template output grid's)."""
+    shape = tuple(tpl.shape if shape is None else shape)
+    out = np.empty((tpl.maps.shape[0],) + shape, dtype=np.float32)
     for c in range(tpl.maps.shape[0]):
         out[c] = ndimage.map_coordinates(tpl.maps[c], coords, order=1, mode="constant", cval=0.0,
-                                         prefilter=False).reshape(tpl.shape)
+                                         prefilter=False).reshape(shape)
     return out
 
 
@@ -293,13 +325,132 @@ def _base_maps(spacing: float) -> np.ndarray:
     return _sample(tpl, coords)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Scanner pose (pose="scanner"): unregistered subjects on their own grids
+# ----------------------------------------------------------------------------------------------------------------
+POSES: tuple[str, ...] = ("registered", "scanner")
+#: ranges of the scanner pose: rotation about each axis, shift of the head, per-axis scale, amplitude and lattice of
+#: the non-linear warp, field-of-view margin around the head on each of the 6 sides
+SCANNER_POSE = {"max_rotation_deg": 15.0, "max_shift_mm": 15.0, "scale": (0.9, 1.1), "warp_mm": (2.0, 5.0),
+                "warp_cell_mm": 28.0, "margin_mm": (4.0, 20.0)}
+#: voxel orders a scanner / converter may write (axis directions of the voxel grid)
+ORIENTATIONS = {"RAS": (1.0, 1.0, 1.0), "LAS": (-1.0, 1.0, 1.0), "LPS": (-1.0, -1.0, 1.0)}
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """An output grid other than the template's (same attribute names as :class:`Template` for painting)."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    spacing: float
+
+
+@lru_cache(maxsize=4)
+def _brain_points(spacing: float) -> tuple[np.ndarray, np.ndarray]:
+    """Template-frame mm of the unwarped template's brain voxels (3, N) on the output grid, and their centroid."""
+    base = _base_maps(spacing)
+    pts = _cached_grid(spacing)[:, ((base[1] + base[2] + base[3]) > 0.02).reshape(-1)]
+    return pts, pts.mean(axis=1).astype(np.float64)
+
+
+@lru_cache(maxsize=4)
+def _brain_probability(spacing: float) -> np.ndarray:
+    tpl = load_template(spacing)
+    return np.clip(tpl.maps[1] + tpl.maps[2] + tpl.maps[3], 0.0, 1.0)
+
+
+def _scanner_coordinates(tpl: Template, rng: np.random.Generator, lesions: Sequence[_Lesion]
+                         ) -> tuple[_Grid, np.ndarray, list[_Lesion], dict]:
+    """Pose, warp and field of view of a scanner-placed subject.
+
+    The head (template frame, MNI mm) is placed in scanner mm by ``x -> R S (x - c) + c + t`` (c: brain centroid);
+    a smooth warp (``warp_mm`` amplitude on a ``warp_cell_mm`` lattice) and the tumours' mass effect act in the
+    template frame. The subject's grid has ``tpl.spacing`` mm voxels in one of ``ORIENTATIONS`` and covers the
+    warped head plus a random margin on each side (so its shape varies). Returns the grid, the template voxel
+    coordinates sampled by each of its voxels (3, N), the lesions moved to scanner mm (centred on the voxel that
+    samples the planned centre) and the pose parameters (JSON-ready).
+    """
+    P = SCANNER_POSE
+    sp = float(tpl.spacing)
+    angles = rng.uniform(-P["max_rotation_deg"], P["max_rotation_deg"], size=3)
+    scale = rng.uniform(P["scale"][0], P["scale"][1], size=3)
+    shift = rng.uniform(-P["max_shift_mm"], P["max_shift_mm"], size=3)
+    amp = float(rng.uniform(*P["warp_mm"]))
+    orientation = list(ORIENTATIONS)[int(rng.integers(len(ORIENTATIONS)))]
+    margins = rng.uniform(P["margin_mm"][0], P["margin_mm"][1], size=(2, 3))  # low / high index side per axis
+
+    brain_pts, centre = _brain_points(sp)
+    lin = _rotation_deg(angles) @ np.diag(scale)
+    pose = np.eye(4)  # template mm -> scanner mm
+    pose[:3, :3] = lin
+    pose[:3, 3] = centre + shift - lin @ centre
+    inv_pose = np.linalg.inv(pose)
+
+    # A generous grid around the posed head (room for the warp and the largest margin), in the chosen voxel order.
+    world = lin @ brain_pts.astype(np.float64) + pose[:3, 3:4]
+    reserve = P["margin_mm"][1] + 4.0 * amp + 4.0 * sp
+    lo, hi = world.min(axis=1) - reserve, world.max(axis=1) + reserve
+    signs = np.asarray(ORIENTATIONS[orientation])
+    big_shape = tuple(int(np.ceil((h - l) / sp)) + 1 for l, h in zip(lo, hi))
+    big = np.diag(np.append(signs * sp, 1.0))
+    big[:3, 3] = np.where(signs > 0, lo, hi)
+
+    ii = np.indices(big_shape, dtype=np.float32).reshape(3, -1)
+    w_mm = big[:3, :3].astype(np.float32) @ ii + big[:3, 3:4].astype(np.float32)
+    a = inv_pose[:3, :3].astype(np.float32) @ w_mm + inv_pose[:3, 3:4].astype(np.float32)  # template frame
+    q = a.copy()
+    cell = P["warp_cell_mm"] / sp
+    for d in range(3):
+        q[d] += amp * _smooth_field_separable(rng, big_shape, cell).reshape(-1)
+
+    # Each lesion goes where its planned centre is sampled; the mass effect pushes tissue away from that point.
+    moved = []
+    for les in lesions:
+        k = int(np.argmin(((q - les.centre_mm.reshape(3, 1).astype(np.float32)) ** 2).sum(0)))
+        a_c = a[:, k].copy()
+        moved.append(_Lesion(les.family, w_mm[:, k].astype(np.float64), les.radius_mm, les.push))
+        if les.push > 0:
+            diff = a - a_c.reshape(3, 1)
+            wgt = les.push * np.exp(-(diff ** 2).sum(0) / (2.0 * (1.6 * les.radius_mm) ** 2))
+            q -= wgt * diff
+    inv = np.linalg.inv(tpl.src_affine)
+    coords = inv[:3, :3].astype(np.float32) @ q + inv[:3, 3:4].astype(np.float32)
+
+    # Field of view: the head's bounding box on the generous grid plus the random margins, clipped to it.
+    # (head extent from every other voxel, widened by one voxel: the full grid costs 8x more to sample)
+    sub = np.zeros(big_shape, dtype=bool)
+    sub[::2, ::2, ::2] = True
+    sub_shape = tuple((n + 1) // 2 for n in big_shape)
+    brain = ndimage.map_coordinates(_brain_probability(sp), coords[:, sub.reshape(-1)], order=1, mode="constant",
+                                    cval=0.0, prefilter=False).reshape(sub_shape)
+    idx = np.argwhere(brain > 0.02) * 2
+    idx = np.concatenate([idx - 1, idx + 1])
+    m_vox = np.round(margins / sp).astype(int)
+    start = np.maximum(idx.min(axis=0) - m_vox[0], 0)
+    stop = np.minimum(idx.max(axis=0) + 1 + m_vox[1], np.asarray(big_shape))
+    shape = tuple(int(b - a_) for a_, b in zip(start, stop))
+    affine = big.copy()
+    affine[:3, 3] = big[:3, :3] @ start + big[:3, 3]
+    keep = np.zeros(big_shape, dtype=bool)
+    keep[tuple(slice(int(a_), int(b)) for a_, b in zip(start, stop))] = True
+    coords = coords[:, keep.reshape(-1)]  # C order: the crop's voxels in the crop's own C order
+    params = {"kind": "scanner", "rotation_deg": [round(float(x), 3) for x in angles],
+              "scale": [round(float(x), 4) for x in scale], "shift_mm": [round(float(x), 3) for x in shift],
+              "warp_mm": round(amp, 3), "orientation": orientation, "shape": list(shape),
+              "margins_mm": [[round(float(x), 2) for x in (idx.min(axis=0) - start) * sp],
+                             [round(float(x), 2) for x in (stop - 1 - idx.max(axis=0)) * sp]],
+              "template_to_scanner": np.round(pose, 6).tolist()}
+    return _Grid(shape=shape, affine=affine, spacing=sp), coords, moved, params
+
+
 def _local_box(centre_vox: np.ndarray, reach_vox: float, shape: Sequence[int]) -> tuple[slice, ...]:
     lo = np.maximum(np.floor(centre_vox - reach_vox).astype(int), 0)
     hi = np.minimum(np.ceil(centre_vox + reach_vox).astype(int) + 1, np.asarray(shape))
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
-def _paint_lesion(img: np.ndarray, mask: np.ndarray, tissue: np.ndarray, les: _Lesion, tpl: Template,
+def _paint_lesion(img: np.ndarray, mask: np.ndarray, tissue: np.ndarray, les: _Lesion, tpl: "Template | _Grid",
                   rng: np.random.Generator, levels: dict[str, float]) -> int:
     """Change intensities of ``img`` and set ``mask`` for one lesion, in place (local box only).
 
@@ -375,14 +526,21 @@ def sid_or(subject_id: str | None, role: str, index: int) -> str:
 
 
 def make_subject(seed: int, index: int = 0, *, abnormal: bool = False, family: str | None = None,
-                 spacing: float = 2.0, role: str = "custom", subject_id: str | None = None) -> SyntheticSubject:
+                 spacing: float = 2.0, role: str = "custom", subject_id: str | None = None,
+                 pose: str = "registered") -> SyntheticSubject:
     """Generate one phantom in memory (deterministic in ``seed, role, index``; ~0.3-1 s at 2 mm).
 
     ``family`` (abnormal only): one of ``LESION_FAMILIES``; None picks one at random.
+    ``pose``: "registered" (default): the template's output grid, small pose change (4 degrees, 3 mm, 5 %);
+    "scanner": the head as a scanner places it (``SCANNER_POSE``: rotation up to 15 degrees about each axis,
+    shift up to 15 mm, scale 0.9-1.1 per axis, a 2-5 mm warp), on its own grid (own affine and voxel order, field of
+    view = the head plus 4-20 mm per side, so the shape varies); ``params["pose"]`` records it.
     Returns a :class:`SyntheticSubject` with ``image`` float32 (X, Y, Z), ``mask`` uint8 (all 0 when normal).
     """
     if family is not None and family not in LESION_FAMILIES:
         raise ValueError(f"unknown lesion family {family!r}; choose from {', '.join(LESION_FAMILIES)}")
+    if pose not in POSES:
+        raise ValueError(f"unknown pose {pose!r}; choose from {', '.join(POSES)}")
     tpl = load_template(float(spacing))
     rng = _rng(seed, role, index)
     # Draw the lesion plan from its own stream so normal anatomy does not depend on the lesion.
@@ -395,8 +553,15 @@ def make_subject(seed: int, index: int = 0, *, abnormal: bool = False, family: s
     else:
         family, lesions = "none", []
 
-    coords = _warp_coordinates(tpl, anat_rng, lesions)
-    maps = _sample(tpl, coords)  # (4, X, Y, Z): T1, GM, WM, CSF
+    pose_params = None
+    if pose == "scanner":
+        pose_rng = np.random.default_rng(rng.integers(2 ** 63))
+        grid, coords, lesions, pose_params = _scanner_coordinates(tpl, pose_rng, lesions)
+        maps = _sample(tpl, coords, grid.shape)
+    else:
+        grid = tpl
+        coords = _warp_coordinates(tpl, anat_rng, lesions)
+        maps = _sample(tpl, coords)  # (4, X, Y, Z): T1, GM, WM, CSF
     t1 = maps[0]
     brain = np.clip(maps[1] + maps[2] + maps[3], 0.0, 1.0)
 
@@ -409,9 +574,9 @@ def make_subject(seed: int, index: int = 0, *, abnormal: bool = False, family: s
     ys = [0.0, csf_v, gm_v, wm_v, wm_v * anat_rng.uniform(1.1, 1.3)]
     img = np.interp(t1 / np.maximum(brain, 1e-3) * (brain > 1e-3), xs, ys).astype(np.float32) * brain
 
-    mask = np.zeros(tpl.shape, dtype=bool)
+    mask = np.zeros(grid.shape, dtype=bool)
     levels = {"wm": wm_v, "gm": gm_v, "csf": csf_v}
-    painted = [les for les in lesions if _paint_lesion(img, mask, maps, les, tpl, les_rng, levels) > 0]
+    painted = [les for les in lesions if _paint_lesion(img, mask, maps, les, grid, les_rng, levels) > 0]
 
     # Bias field and Rician noise (MONAI), then skull-strip again and apply a random scanner gain.
     from monai.transforms import RandBiasField, RandRicianNoise
@@ -428,11 +593,13 @@ def make_subject(seed: int, index: int = 0, *, abnormal: bool = False, family: s
     sid = sid_or(subject_id, role, index)
     if abnormal and not painted:  # every planned lesion fell outside the parenchyma: try another draw
         return make_subject(seed, index + 100_003, abnormal=True, family=family, spacing=spacing, role=role,
-                            subject_id=sid_or(subject_id, role, index))
+                            subject_id=sid_or(subject_id, role, index), pose=pose)
     params = {"family": family, "n_lesions": len(painted),
               "lesion_radius_mm": [round(float(l.radius_mm), 2) for l in painted],
               "contrast": {"csf": round(csf_v, 3), "gm": round(gm_v, 3)}, "gain": round(gain, 1)}
-    return SyntheticSubject(id=sid, image=img, mask=mask.astype(np.uint8), affine=tpl.affine.copy(),
+    if pose_params is not None:
+        params["pose"] = pose_params
+    return SyntheticSubject(id=sid, image=img, mask=mask.astype(np.uint8), affine=grid.affine.copy(),
                             abnormal=bool(abnormal), family=family, params=params)
 
 
@@ -462,7 +629,8 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
 
 def make_dataset(out_dir: str | os.PathLike, n_train: int = 24, n_test: int = 32, seed: int = 0,
                  spacing: float = 2.0, progress: bool | Callable[[int, int, str], None] = True,
-                 abnormal_fraction: float = 0.5, families: Sequence[str] = LESION_FAMILIES) -> dict:
+                 abnormal_fraction: float = 0.5, families: Sequence[str] = LESION_FAMILIES,
+                 unregistered: bool = False) -> dict:
     """Write a phantom dataset (layout of the ``spmamba synth`` contract) and return a summary dict.
 
     ``OUT/train/normal-NNNN.nii.gz`` (normal), ``OUT/test/images/case-NNNN.nii.gz``,
@@ -471,6 +639,11 @@ def make_dataset(out_dir: str | os.PathLike, n_train: int = 24, n_test: int = 32
     ``round(abnormal_fraction * n_test)`` test cases are abnormal, families cycling through ``families``, in an
     order shuffled by ``seed``. ``progress``: True for a tqdm bar on stderr, False for none, or a callable
     ``(done, total, id)``.
+
+    ``unregistered``: every subject (training and test) as a scanner places it (``make_subject(pose="scanner")``),
+    each on its own grid (affine, voxel order and shape vary; a mask shares its image's grid). labels.csv then has
+    the extra columns ``shape,orientation,max_rotation_deg,shift_mm,scale_min,scale_max,warp_mm`` and
+    ``OUT/poses.json`` holds every subject's pose (``params["pose"]``, with the 4x4 template-to-scanner matrix).
     """
     if n_train < 0 or n_test < 0:
         raise ValueError("n_train and n_test must be >= 0")
@@ -516,28 +689,57 @@ def make_dataset(out_dir: str | os.PathLike, n_train: int = 24, n_test: int = 32
             progress(done, total, sid)
 
     tpl = load_template(float(spacing))
+    pose = "scanner" if unregistered else "registered"
+    poses: dict[str, dict] = {}
+    shapes: list[tuple[int, ...]] = []
     try:
         for i in range(n_train):
-            s = make_subject(seed, i, abnormal=False, spacing=spacing, role="train", subject_id=f"normal-{i:04d}")
+            s = make_subject(seed, i, abnormal=False, spacing=spacing, role="train", subject_id=f"normal-{i:04d}",
+                             pose=pose)
             _save_nifti(s.image, s.affine, out / "train" / f"{s.id}.nii.gz")
+            if unregistered:
+                poses[f"train/{s.id}"] = s.params["pose"]
+                shapes.append(s.image.shape)
             tick(s.id)
         rows = []
         for i in range(n_test):
             s = make_subject(seed, i, abnormal=bool(plan_abnormal[i]), family=fam_of.get(i), spacing=spacing,
-                             role="test", subject_id=f"case-{i:04d}")
+                             role="test", subject_id=f"case-{i:04d}", pose=pose)
             _save_nifti(s.image, s.affine, out / "test" / "images" / f"{s.id}.nii.gz")
             _save_nifti(s.mask, s.affine, out / "test" / "masks" / f"{s.id}.nii.gz")
-            rows.append({"id": s.id, "abnormal": int(s.abnormal), "family": s.family,
-                         "lesion_voxels": s.lesion_voxels, "n_lesions": s.params["n_lesions"]})
+            row = {"id": s.id, "abnormal": int(s.abnormal), "family": s.family,
+                   "lesion_voxels": s.lesion_voxels, "n_lesions": s.params["n_lesions"]}
+            if unregistered:
+                ps = s.params["pose"]
+                poses[f"test/{s.id}"] = ps
+                shapes.append(s.image.shape)
+                row.update({"shape": "x".join(str(n) for n in s.image.shape), "orientation": ps["orientation"],
+                            "max_rotation_deg": round(max(abs(a) for a in ps["rotation_deg"]), 2),
+                            "shift_mm": round(float(np.linalg.norm(ps["shift_mm"])), 2),
+                            "scale_min": min(ps["scale"]), "scale_max": max(ps["scale"]), "warp_mm": ps["warp_mm"]})
+            rows.append(row)
             tick(s.id)
     finally:
         if bar is not None:
             bar.close()
 
     labels = out / "test" / "labels.csv"
+    fieldnames = ["id", "abnormal", "family", "lesion_voxels", "n_lesions"]
+    if unregistered:
+        fieldnames += ["shape", "orientation", "max_rotation_deg", "shift_mm", "scale_min", "scale_max", "warp_mm"]
     with atomic_path(labels) as tmp, open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["id", "abnormal", "family", "lesion_voxels", "n_lesions"])
+        w = csv.DictWriter(fh, fieldnames=fieldnames)
         w.writeheader()
         w.writerows(rows)
-    return {"out_dir": str(out), "n_train": n_train, "n_test": n_test, "n_abnormal": n_abn, "seed": int(seed),
-            "spacing": float(spacing), "shape": list(tpl.shape), "families": list(families)}
+    summary = {"out_dir": str(out), "n_train": n_train, "n_test": n_test, "n_abnormal": n_abn, "seed": int(seed),
+               "spacing": float(spacing), "shape": list(tpl.shape), "families": list(families)}
+    if unregistered:
+        import json
+
+        with atomic_path(out / "poses.json") as tmp:
+            Path(tmp).write_text(json.dumps({"pose_ranges": {k: v for k, v in SCANNER_POSE.items()},
+                                             "subjects": poses}, indent=1))
+        summary.update(unregistered=True, shape=None,
+                       shape_range=[[int(x) for x in np.min(shapes, axis=0)],
+                                    [int(x) for x in np.max(shapes, axis=0)]] if shapes else None)
+    return summary
