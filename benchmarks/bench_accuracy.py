@@ -127,7 +127,8 @@ def run_method(name: str, data: Path, args) -> list[dict]:
               "epochs": info["epochs"], "n_train_slices": info["n_slices"], "final_loss": info["final_loss"],
               "detect_s_per_volume": float(np.mean(det_s)), "method_of_registry": method,
               "config": dict(overrides), "encoder_weights": weights, "model_file": args.model,
-              "encoder_norm": det.meta["training"].get("encoder_norm"),
+              "encoder_norm": det.meta["training"].get("encoder_norm"), "teacher": det.meta.get("teacher"),
+              "train_steps": info.get("steps"),
               "heatmap_sigma_mm": det.preprocessing.heatmap_sigma_mm}
     out = [{"method": name, "pixel_threshold": det.calibration.pixel_threshold, **common,
             **evaluate(cases, det.calibration.pixel_threshold), **({"notes": NOTES[name]} if name in NOTES else {})}]
@@ -141,6 +142,8 @@ def run_method(name: str, data: Path, args) -> list[dict]:
         nt.append({**c, "score": aggregate_slice_scores(sl[sl > 0])})
     out.append({"method": "spmamba_no_score_terms", "pixel_threshold": det.calibration.pixel_threshold, **common,
                 **evaluate(nt, det.calibration.pixel_threshold)})
+    if args.no_posnorm:
+        return out
     # position-aware normalisation (Detector.fit_position_stats, as train_detector(position_normalise=True) does):
     # heatmaps z-scored against those of the training normals, recalibrated on the held-out ones
     t = time.perf_counter()
@@ -203,6 +206,8 @@ def main() -> None:
     ap.add_argument("--table", action="store_true")
     ap.add_argument("--model", help="evaluate this trained SP-Mamba file instead of training (method spmamba only)")
     ap.add_argument("--results", default=str(RESULTS), help="folder for the accuracy_<method>.json files")
+    ap.add_argument("--no-posnorm", action="store_true",
+                    help="skip the spmamba_posnorm row (it detects every test volume a second time)")
     args = ap.parse_args()
     RESULTS = Path(args.results)
     if args.table:
@@ -223,6 +228,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--one", m, "--data", args.data, "--train-seconds", str(args.train_seconds),
                "--epochs", str(args.epochs), "--results", str(RESULTS)]
         cmd += ["--model", args.model] if args.model else []
+        cmd += ["--no-posnorm"] if args.no_posnorm else []
         cmd += ["--encoder-weights", args.encoder_weights] if args.encoder_weights else []
         print(">>", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=False)
