@@ -159,8 +159,9 @@ def pretrain_encoder(encoder: nn.Module, to_input: Callable[[torch.Tensor], torc
     dev = next(encoder.parameters()).device
     channels = getattr(encoder, "channels", (64, 128, 256))
     g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # the head's initial weights
-    head = PretrainHead(channels).to(dev)
+    with torch.random.fork_rng(devices=[]):  # the head's initial weights, seeded; the global RNG is left as it was
+        torch.manual_seed(seed)
+        head = PretrainHead(channels).to(dev)
     params = list(encoder.parameters()) + list(head.parameters())
     batch = max(1, min(batch_size, n))
     res = PretrainResult(objective=objective, planned_steps=int(steps))
