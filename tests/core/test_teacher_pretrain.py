@@ -192,6 +192,10 @@ def test_cli_train_with_teacher_pretrain_records_it(tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     t = read_checkpoint_meta(model)["meta"]["teacher"]
     assert t["source"] == "in-domain" and t["objective"] == "inpaint" and t["steps"] == 1
+    from spmamba.demo import describe_model
+
+    assert "teacher pretrained in domain (inpaint, 1 step)" in describe_model(model)
+    assert "teacher" not in describe_model(OLD)  # an old file: nothing recorded, nothing claimed
 
 
 @pytest.mark.parametrize("extra, message", [
