@@ -326,8 +326,9 @@ def fit(detector: Detector, data: Any, budget: Optional[TrainingBudget] = None, 
     ``PRETRAIN_OBJECTIVES``; None or "none": no pretraining) first pretrains the teacher on ``data`` for
     ``pretrain_steps`` steps (None: the method's default), given at most ``PRETRAIN_SHARE`` of the time left
     under a deadline, and ended by a stop request (which then also ends the optimisation before its first step;
-    the model is still calibrated). Then the method's preparation hook (when ``prepare``; SP-Mamba: encoder norm adaptation, given at most a
-    quarter of the training time under a deadline, on a random sample if cut short), then either the shared
+    the model is still calibrated). Then the method's preparation hook (when ``prepare``; SP-Mamba: encoder norm
+    adaptation, given at most a quarter of the training time under a deadline, on a random sample if cut short),
+    then either the shared
     optimisation loop (methods with ``training_settings``: AdamW, lr x0.1 at 80% of ``total_epochs``, gradient
     clipping; only ``trainable_parameters`` learn) or the method's one-pass ``fit``. ``budget`` (a
     ``TrainingBudget``) gives the stop requests, the deadline (a step is not started when it would eat into the
