@@ -100,9 +100,10 @@ class SPMamba(SliceModel):
                  progress: Optional[Callable[[dict], None]] = None, encoder_weights: str = "none") -> dict:
         """In-domain self-supervised pretraining of the encoder on training slices (n, 1, S, S)
         (``models.pretrain.pretrain_encoder``: "inpaint" or "denoise"), batch size and weight decay of the
-        preset, lr 1e-3, ``steps`` (default ``DEFAULT_STEPS``). Returns the teacher record: ``source`` "in-domain" (or, when stopped before its first
-        step, the source of the weights it started from), ``init`` (what it started from), ``objective``,
-        ``steps``, ``planned_steps``, ``seconds``, ``slices_seen``, ``stop_reason``, first and final loss."""
+        preset, lr 1e-3, ``steps`` (default ``DEFAULT_STEPS``). Returns the teacher record: ``source``
+        "in-domain" (or, when stopped before its first step, the source of the weights it started from), ``init``
+        (what it started from), ``objective``, ``steps``, ``planned_steps``, ``seconds``, ``slices_seen``,
+        ``stop_reason``, first and final loss."""
         ts = self.config.training
         steps = DEFAULT_STEPS if steps is None else int(steps)
         res = pretrain_encoder(self.encoder, self._encoder_input, data, objective, steps=steps,
