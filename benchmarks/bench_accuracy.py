@@ -267,7 +267,8 @@ def run_method(name: str, data: Path, args) -> list[dict]:
                   "epochs": info["epochs"], "n_train_slices": info["n_slices"], "final_loss": info["final_loss"],
                   "detect_s_per_volume": float(np.mean(det_s)) if det_s else None, "method_of_registry": method,
                   "config": dict(overrides), "encoder_weights": weights, "model_file": mf,
-                  "encoder_norm": info.get("encoder_norm"), "align": align if mf is None else
+                  "encoder_norm": info.get("encoder_norm"), "teacher": det.meta.get("teacher"),
+                  "train_steps": info.get("steps"), "align": align if mf is None else
                   ("affine" if det.alignment is not None else align),
                   "train_alignment": info.get("alignment"), "n_test": len(test), **extras, **_data_info(data),
                   "heatmap_sigma_mm": det.preprocessing.heatmap_sigma_mm}
@@ -284,7 +285,7 @@ def run_method(name: str, data: Path, args) -> list[dict]:
             nt.append({**c, "score": aggregate_slice_scores(sl[sl > 0])})
         out.append({"method": _row_name("spmamba_no_score_terms", align), "pixel_threshold": thr, **common,
                     **evaluate(nt, thr)})
-        if det.position_stats is not None:  # already position-normalised (aligned models)
+        if det.position_stats is not None or args.no_posnorm:  # already position-normalised (aligned models)
             continue
         # position-aware normalisation (Detector.fit_position_stats, as train_detector(position_normalise=True)
         # does): heatmaps z-scored against those of the training normals, recalibrated on the held-out ones
@@ -406,6 +407,9 @@ def main() -> None:
     ap.add_argument("--encoder-weights", default=None, help="torchvision ResNet34 .pth: adds spmamba_imagenet")
     ap.add_argument("--table", action="store_true",
                     help="print the table of --results; several folders (one per seed): mean +- sd")
+    ap.add_argument("--no-posnorm", action="store_true",
+                    help="skip the spmamba_posnorm row (position statistics + recalibration: one detection per "
+                    "training volume)")
     ap.add_argument("--model", help="evaluate this trained SP-Mamba file instead of training (method spmamba only)")
     ap.add_argument("--models", nargs="+", default=None,
                     help="evaluate several trained model files (e.g. snapshots of one training after 5, 10, 20, 40 "
@@ -441,6 +445,7 @@ def main() -> None:
         cmd += ["--model", args.model] if args.model else []
         cmd += ["--models", *args.models] if args.models else []
         cmd += ["--encoder-weights", args.encoder_weights] if args.encoder_weights else []
+        cmd += ["--no-posnorm"] if args.no_posnorm else []
         print(">>", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=False)
     print(table())

@@ -1,4 +1,4 @@
-"""The ``spmamba`` command: synth, train, detect, evaluate, serve, demo.
+"""The ``spmamba`` command: synth, pretrain, train, detect, evaluate, serve, demo.
 
 The contract (docs/CLI.md, docs/ARCHITECTURE.md "CLI") is stable: scripts and checks drive it. Everything scientific is
 in the library; this module parses arguments, streams files, draws progress bars on stderr and turns the library's
@@ -9,7 +9,6 @@ quietly, one line says so, and the exit code is 0.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import signal
@@ -138,7 +137,8 @@ class _StopFlag:
     """SIGINT handler: the first Ctrl-C asks training to stop (a valid checkpoint is still written); the second
     aborts at once."""
 
-    def __init__(self, time_limit_s: float | None = None) -> None:
+    def __init__(self, time_limit_s: float | None = None, tag: str = "train") -> None:
+        self.tag = tag
         self.requested = False
         self.timed_out = False
         self._old = None
@@ -154,8 +154,9 @@ class _StopFlag:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        _eprint("\n[train] stopping after the current step; the model will be calibrated and saved "
-                "(press Ctrl-C again to abort without saving)")
+        _eprint(f"\n[{self.tag}] stopping after the current step; the model will be " +
+                ("calibrated and saved" if self.tag == "train" else "saved") +
+                " (press Ctrl-C again to abort without saving)")
 
     def __enter__(self) -> "_StopFlag":
         try:
@@ -180,8 +181,8 @@ class _TrainProgress:
     LABELS = {"load": "reading", "prepare": "slicing", "measure": "timing a detection", "encoder_norm": "encoder norm",
               "train": "train", "position_stats": "position stats", "calibrate": "calibrate",
               "reference": "alignment reference", "align": "aligning", "fit": "fitting",
-              "teacher_features": "teacher features"}
-    UNITS = {"train": "step", "encoder_norm": "batch", "teacher_features": "batch"}
+              "teacher_features": "teacher features", "pretrain": "teacher pretraining"}
+    UNITS = {"train": "step", "encoder_norm": "batch", "teacher_features": "batch", "pretrain": "step"}
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
@@ -259,11 +260,13 @@ def train_model(normal_dir: str, out: str, *, config: str | None = None, method:
                 encoder_weights: str = "none", val_fraction: float = 0.2, seed: int = 0,
                 max_steps: int | None = None, time_limit_min: float | None = None, quiet: bool = False,
                 position_normalise: bool | None = None, origin: str = "spmamba train", align: str | None = None,
-                align_reference: str = "auto") -> dict:
+                align_reference: str = "auto", teacher_pretrain: str = "none",
+                pretrain_steps: int | None = None) -> dict:
     """What ``spmamba train`` does (also used by ``spmamba demo``); returns a summary dict.
 
     ``method``: a method of the registry (default spmamba, or the resumed model's); ``config``: one of its presets
-    (default: the method's default preset).
+    (default: the method's default preset). ``teacher_pretrain`` / ``pretrain_steps``: in-domain pretraining of
+    the teacher before distillation (``train_detector``).
 
     ``time_limit_min`` bounds the whole training in wall time, from reading the volumes to the calibrated model
     (``train_detector(time_limit=...)``); ``origin`` is recorded in the model (``meta.training.origin``)."""
@@ -280,6 +283,7 @@ def train_model(normal_dir: str, out: str, *, config: str | None = None, method:
                 + (f"method {method}, " if method != "spmamba" else "") + f"preset {config!r}"
                 + (f", {epochs} epochs" if epochs else "")
                 + (f", at most {time_limit_min:g} min of wall time" if time_limit_min else "")
+                + (f", teacher pretrained ({teacher_pretrain})" if teacher_pretrain not in (None, "none") else "")
                 + f", device {device}; Ctrl-C stops early and still saves")
     from spmamba.train import train_detector
 
@@ -296,6 +300,7 @@ def train_model(normal_dir: str, out: str, *, config: str | None = None, method:
                                       position_normalise=position_normalise, origin=origin,
                                       align=align, align_reference=align_reference,
                                       time_limit=time_limit_min * 60 if time_limit_min else None,
+                                      teacher_pretrain=teacher_pretrain, pretrain_steps=pretrain_steps,
                                       **({"max_steps": max_steps} if max_steps else {}))
         except KeyboardInterrupt:
             progress.close()
@@ -336,6 +341,30 @@ def _method_and_preset(method: str | None, config: str | None, resume: str | Non
     return name, preset
 
 
+def _check_teacher_options(objective: str, steps: int | None, method: str | None, resume: str | None,
+                           encoder_weights: str) -> None:
+    """--teacher-pretrain / --pretrain-steps / --encoder-weights FILE: one clear line for what cannot work."""
+    from spmamba.methods import DEFAULT_METHOD, get_method, method_names
+
+    if encoder_weights not in ("none", "random", "imagenet", "") and not Path(encoder_weights).expanduser().is_file():
+        raise CLIError(f"--encoder-weights {encoder_weights}: no such file (give none, imagenet, a torchvision "
+                       "ResNet .pth or a teacher file written by `spmamba pretrain`)")
+    if objective in (None, "none"):
+        if steps is not None:
+            raise CLIError("--pretrain-steps needs --teacher-pretrain inpaint|denoise")
+        return
+    if resume:
+        raise CLIError("--teacher-pretrain: a resumed model keeps its teacher; drop --resume or --teacher-pretrain")
+    name = method or DEFAULT_METHOD
+    allowed = tuple(get_method(name).PRETRAIN_OBJECTIVES) if name in method_names() else ()
+    if name in method_names() and not allowed:
+        raise CLIError(f"--teacher-pretrain {objective}: method {name} has no teacher to pretrain")
+    if allowed and objective not in allowed:
+        raise CLIError(f"--teacher-pretrain {objective}: unknown objective; choose none, {', '.join(allowed)}")
+    if steps is not None and steps < 1:
+        raise CLIError(f"--pretrain-steps {steps}: must be >= 1")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     if args.epochs is not None and args.epochs < 1:
         raise CLIError(f"--epochs {args.epochs}: must be >= 1")
@@ -350,15 +379,63 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CLIError(f"--align-reference {ref}: not 'auto', 'normals', 'mni152' or an existing volume file")
     if ref != "auto" and args.align in (None, "none"):
         raise CLIError("--align-reference needs --align affine")
+    _check_teacher_options(args.teacher_pretrain, args.pretrain_steps, args.method, args.resume, args.encoder_weights)
     s = train_model(args.normal, args.out, config=args.config, method=args.method, epochs=args.epochs,
                     device=args.device, resume=args.resume, encoder_weights=args.encoder_weights,
                     val_fraction=args.val_fraction, seed=args.seed, max_steps=args.max_steps,
                     time_limit_min=args.time_limit, quiet=args.quiet, position_normalise=args.position_normalise,
-                    align=args.align, align_reference=ref)
+                    align=args.align, align_reference=ref, teacher_pretrain=args.teacher_pretrain,
+                    pretrain_steps=args.pretrain_steps)
     note = " (stopped early by Ctrl-C; calibrated)" if s["stopped_early"] else ""
     note += " (time limit reached; calibrated)" if s["timed_out"] else ""
     print(f"saved {s['model']} (version {s['version']}) trained on {s['n_volumes']} volumes in "
           f"{s['seconds']:.1f} s{note}")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pretrain
+# ----------------------------------------------------------------------------------------------------------------
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    if args.time_limit is not None and args.time_limit <= 0:
+        raise CLIError(f"--time-limit {args.time_limit}: must be > 0 minutes")
+    if args.steps is not None and args.steps < 1:
+        raise CLIError(f"--steps {args.steps}: must be >= 1")
+    if not 0.0 < args.val_fraction < 1.0:
+        raise CLIError(f"--val-fraction {args.val_fraction}: must be between 0 and 1")
+    out = Path(args.out)
+    if out.is_dir():
+        raise CLIError(f"{out}: is a folder; --out needs a file name such as teacher.pt")
+    method, config = _method_and_preset(None, args.config, None)
+    if args.objective == "none":
+        raise CLIError("--objective none: choose inpaint or denoise")
+    try:
+        _check_teacher_options(args.objective, args.steps, method, None, args.encoder_weights)
+    except CLIError as e:
+        raise CLIError(str(e).replace("--teacher-pretrain", "--objective").replace("--pretrain-steps", "--steps"))
+    files = _training_files(args.normal)
+    from spmamba.pretrain import pretrain_teacher
+
+    if not args.quiet:
+        _eprint(f"[pretrain] {len(files)} normal volumes from {args.normal}, preset {config!r}, objective "
+                f"{args.objective}, " + (f"at most {args.time_limit:g} min" if args.time_limit else
+                                         f"{args.steps or 'default'} steps")
+                + "; Ctrl-C stops early and still saves")
+    progress = _TrainProgress(args.quiet)
+    with _StopFlag(tag="pretrain") as stop:
+        try:
+            rec = pretrain_teacher(files, out, objective=args.objective, config=config, steps=args.steps,
+                                   time_limit=args.time_limit * 60 if args.time_limit else None,
+                                   encoder_weights=args.encoder_weights, val_fraction=args.val_fraction,
+                                   seed=args.seed, device=args.device, progress=progress, should_stop=stop)
+        finally:
+            progress.close()
+    if not rec.get("written"):
+        _eprint(f"spmamba pretrain: stopped before the first step; nothing learnt, {out} not written")
+        return EXIT_INTERRUPTED
+    why = {"stopped": " (stopped early by Ctrl-C)", "time_limit": " (time limit reached)"}.get(rec["stop_reason"], "")
+    print(f"saved teacher {out} ({rec['objective']}, {rec['steps']} steps, {rec['slices_seen']} slices, "
+          f"{rec['seconds']:.1f} s){why}; use it with: spmamba train --encoder-weights {out} ...")
     return EXIT_OK
 
 
@@ -669,8 +746,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --align affine: auto (default: MNI152 when the normals are brains that register to "
                    "it, else built from them), normals (built from the training normals), mni152 (nilearn's "
                    "skull-stripped MNI152 T1 template, 2 mm; mni152:MM for another spacing) or a volume file")
+    t.add_argument("--teacher-pretrain", default="none", metavar="OBJ",
+                   help="self-supervised pretraining of the encoder (teacher) on the training slices before "
+                   "distillation: inpaint (masked patches) or denoise (coarse noise); default none. Under "
+                   "--time-limit it gets at most a quarter of the time left")
+    t.add_argument("--pretrain-steps", type=int, default=None, metavar="N",
+                   help="steps of --teacher-pretrain (default 80)")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("pretrain", help="pretrain a reusable in-domain teacher (encoder) on normal volumes",
+                       description="Self-supervised pretraining of SP-Mamba's ResNet encoder on the slices of normal "
+                       "volumes (the training share of --normal, split as `spmamba train` splits it with the same "
+                       "--val-fraction and --seed), then its BatchNorm statistics re-estimated on clean slices; "
+                       "writes TEACHER.pt atomically (torchvision ResNet format + a record of the pretraining) for "
+                       "`spmamba train --encoder-weights TEACHER.pt`. Ctrl-C stops early and still saves.")
+    r.add_argument("--normal", required=True, metavar="DIR", help="folder of normal .nii/.nii.gz/.nrrd volumes")
+    r.add_argument("--out", required=True, metavar="TEACHER.pt", help="teacher file to write")
+    r.add_argument("--objective", default="inpaint", metavar="OBJ",
+                   help="inpaint (default: reconstruct masked patches) or denoise (remove coarse noise)")
+    how = r.add_mutually_exclusive_group()
+    how.add_argument("--steps", type=int, default=None, metavar="N", help="optimisation steps (default 80)")
+    how.add_argument("--time-limit", type=float, default=None, metavar="MIN",
+                     help="wall-time limit in minutes instead of a number of steps")
+    r.add_argument("--config", default=None, metavar="NAME",
+                   help="SP-Mamba preset whose encoder and slice size are used: fast (default), paper or tiny")
+    r.add_argument("--encoder-weights", default="none", metavar="W",
+                   help="start from: none (random, default), imagenet or a .pth file")
+    r.add_argument("--val-fraction", type=float, default=0.2, help="share of normals left out (as in train)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_pretrain)
 
     d = sub.add_parser("detect", help="anomaly heatmaps and scores for volumes",
                        description="Writes DIR/<id>_anomaly.nii.gz (float32, same shape and affine as the input), "
@@ -752,8 +859,9 @@ def _library_input_errors() -> tuple[type[BaseException], ...]:
     from spmamba.metrics import EvaluationError
     from spmamba.train import TrainingDataError
     from spmamba.io import VolumeError
+    from spmamba.models.encoder import EncoderWeightsError
 
-    return VolumeError, TrainingDataError, CheckpointError, EvaluationError
+    return VolumeError, TrainingDataError, CheckpointError, EvaluationError, EncoderWeightsError
 
 
 def main(argv: Sequence[str] | None = None) -> int:

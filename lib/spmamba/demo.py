@@ -183,6 +183,11 @@ def describe_model(path: str | os.PathLike) -> str:
             how += (f" (calibrated on {n_cal} of {n_held} held-out volumes)" if n_held and n_held != n_cal
                     else f" (calibrated on {n_cal} held-out volume{'' if n_cal == 1 else 's'})")
     parts.append(how)
+    teacher = meta.get("teacher")  # absent in files written before teachers were recorded
+    if isinstance(teacher, dict) and teacher.get("source") in ("in-domain", "file") and teacher.get("objective"):
+        steps = teacher.get("steps", "?")
+        parts.append(f"teacher pretrained in domain ({teacher['objective']}, {steps} step{'' if steps == 1 else 's'}"
+                     + (f", from {Path(str(teacher.get('file'))).name}" if teacher["source"] == "file" else "") + ")")
     if meta.get("created"):
         parts.append(f"created {meta['created']}")
     return ", ".join(parts)

@@ -33,10 +33,13 @@ from .registration import ALIGN_METHODS, AffineAligner, AlignmentError, calibrat
 from .scoring import calibrate_threshold
 
 __all__ = ["train_detector", "TrainingDataError", "calibrate", "MIN_VOLUMES", "split_normals", "build_or_resume",
-           "prepare_volumes", "publish", "fit", "FitState", "TrainingBudget"]
+           "prepare_volumes", "publish", "fit", "FitState", "TrainingBudget", "PRETRAIN_SHARE",
+           "check_teacher_pretrain"]
 
 log = logging.getLogger(__name__)
 MIN_VOLUMES = 3  # at least 2 to train on + 1 held out for calibration
+#: under a deadline, the teacher's pretraining gets at most this share of the time left for training
+PRETRAIN_SHARE = 0.25
 # per held-out volume, at most this many foreground heatmap values enter the pixel-threshold quantile
 _PIXELS_PER_VOLUME = 200_000
 
@@ -237,6 +240,27 @@ def _prepare_alignment(detector: Detector, align: Optional[str], reference: Unio
     return aligned, val_kept, info
 
 
+def check_teacher_pretrain(method: Optional[str], objective: Optional[str], steps: Optional[int] = None,
+                           resume: Optional[Union[str, Path]] = None) -> None:
+    """ValueError with a clear message unless ``objective`` (None / "none" = no pretraining) is one of the method's
+    ``PRETRAIN_OBJECTIVES``, ``steps`` (None = the method's default) is >= 1 and the model is a new one."""
+    if objective in (None, "none"):
+        if steps is not None:
+            raise ValueError("pretrain_steps is set but teacher_pretrain is none; choose an objective")
+        return
+    if resume:
+        raise ValueError("teacher pretraining is for new models: a resumed model keeps its teacher (drop resume, "
+                         "or teacher_pretrain=none)")
+    cls = get_method(method or DEFAULT_METHOD)
+    allowed = tuple(cls.PRETRAIN_OBJECTIVES)
+    if not allowed:
+        raise ValueError(f"method {cls.method} has no teacher to pretrain; use teacher_pretrain=none")
+    if objective not in allowed:
+        raise ValueError(f"teacher_pretrain={objective!r}: choose none or one of {', '.join(allowed)}")
+    if steps is not None and int(steps) < 1:
+        raise ValueError(f"pretrain_steps={steps}: must be >= 1")
+
+
 @dataclass
 class TrainingBudget:
     """The time-limit, stop-request and progress bookkeeping the steps of one training run share.
@@ -368,11 +392,18 @@ class FitState:
 def fit(detector: Detector, data: Any, budget: Optional[TrainingBudget] = None, *, total_epochs: int,
         seed: int = 0, max_steps: Optional[int] = None, encoder_weights: str = "none", prepare: bool = True,
         resume_state: Optional[dict] = None,
-        on_epoch: Optional[Callable[[FitState, int], None]] = None) -> FitState:
+        on_epoch: Optional[Callable[[FitState, int], None]] = None,
+        teacher_pretrain: Optional[str] = None, pretrain_steps: Optional[int] = None) -> FitState:
     """Step 3: fit ``detector.model`` on ``data`` (``model.training_data(prepare_volumes(...))``).
 
-    First the method's preparation hook (when ``prepare``; SP-Mamba: encoder norm adaptation, given at most a
-    quarter of the training time under a deadline, on a random sample if cut short), then either the shared
+    For a new model (``prepare``), ``detector.meta["teacher"]`` records where the teacher comes from
+    (``model.teacher_record``; methods without one record nothing). ``teacher_pretrain`` (one of the method's
+    ``PRETRAIN_OBJECTIVES``; None or "none": no pretraining) first pretrains the teacher on ``data`` for
+    ``pretrain_steps`` steps (None: the method's default), given at most ``PRETRAIN_SHARE`` of the time left
+    under a deadline, and ended by a stop request (which then also ends the optimisation before its first step;
+    the model is still calibrated). Then the method's preparation hook (when ``prepare``; SP-Mamba: encoder norm
+    adaptation, given at most a quarter of the training time under a deadline, on a random sample if cut short),
+    then either the shared
     optimisation loop (methods with ``training_settings``: AdamW, lr x0.1 at 80% of ``total_epochs``, gradient
     clipping; only ``trainable_parameters`` learn) or the method's one-pass ``fit``. ``budget`` (a
     ``TrainingBudget``) gives the stop requests, the deadline (a step is not started when it would eat into the
@@ -386,6 +417,17 @@ def fit(detector: Detector, data: Any, budget: Optional[TrainingBudget] = None, 
     ts = model.training_settings  # None: fitted in one pass
     n = len(data)
     dev = detector.device
+    if prepare:
+        record = model.teacher_record(encoder_weights)
+        if teacher_pretrain not in (None, "none"):
+            pre_deadline = None
+            if budget.deadline is not None:
+                pre_deadline = time.time() + PRETRAIN_SHARE * max(0.0, budget.left() - budget.reserve())
+            record = model.pretrain(data, teacher_pretrain, steps=pretrain_steps, seed=seed, deadline=pre_deadline,
+                                    should_stop=budget.stop, progress=emit, encoder_weights=encoder_weights)
+            log.info("teacher pretraining (%s): %s", teacher_pretrain, record)
+        if record is not None:
+            detector.meta["teacher"] = record
     prep_phase = model.preparation_phase(encoder_weights) if prepare else None
     if prep_phase is not None:
         norm_order, norm_stop = None, None
@@ -520,6 +562,8 @@ def train_detector(
     origin: Optional[str] = None,
     align: Optional[str] = None,
     align_reference: Union[str, Path] = "auto",
+    teacher_pretrain: Optional[str] = None,
+    pretrain_steps: Optional[int] = None,
 ) -> Detector:
     """Train a model of ``method`` on normal volumes and calibrate it; see the module docstring.
 
@@ -567,9 +611,15 @@ def train_detector(
             "normals" (built from the training normals: the median-sized one, then the mean of
             all aligned to it; normals that fail to align are left out), "mni152" (nilearn's skull-stripped MNI152 T1 template at 2 mm; "mni152:SPACING"
             for another spacing) or a volume file. Ignored when resuming (the model's reference is kept).
+        teacher_pretrain: "none" (default) or one of the method's ``PRETRAIN_OBJECTIVES`` (SP-Mamba: "inpaint",
+            "denoise"; ``models.pretrain``): self-supervised pretraining of the teacher on the training slices
+            before distillation, for ``pretrain_steps`` steps (None: the method's default), within at most
+            ``PRETRAIN_SHARE`` of the time left under ``time_limit``; ended cleanly by a stop request. Not with
+            ``resume`` (the resumed model's teacher is kept). ``meta["teacher"]`` records the teacher either way.
     Returns:
         A calibrated Detector (not yet saved unless checkpoint_path was given; then that file is final too).
     """
+    check_teacher_pretrain(method, teacher_pretrain, pretrain_steps, resume)
     t_start = time.time()
     budget = TrainingBudget(deadline=t_start + float(time_limit) if time_limit is not None else None,
                             should_stop=should_stop, stop_time_limit=stop_time_limit, progress=progress,
@@ -634,7 +684,7 @@ def train_detector(
             "position_normalise": detector.position_stats is not None,
             "encoder_norm": detector.meta.get("encoder_norm", "as in the weights"),
             "stop_reason": st.stop_reason, "time_limit_s": time_limit, "origin": origin,
-            "alignment": align_info,
+            "alignment": align_info, "teacher": detector.meta.get("teacher"),
             "paused_s": round(budget.paused_seconds, 1), "pauses": budget.pauses,
         }
 
@@ -650,7 +700,7 @@ def train_detector(
     state = fit(detector, data, budget, total_epochs=total_epochs, seed=seed, max_steps=max_steps,
                 encoder_weights=encoder_weights, prepare=resume_obj is None,
                 resume_state=resume_obj.get("training_state") if resume_obj is not None else None,
-                on_epoch=save)
+                on_epoch=save, teacher_pretrain=teacher_pretrain, pretrain_steps=pretrain_steps)
     epochs_done = state.epochs_done
     budget.deadline = budget.stop_deadline()  # a stop request bounds what follows (position statistics, calibration)
     if position_normalise:

@@ -122,3 +122,13 @@ def test_training_request_with_an_unknown_preset_is_a_400(make_app, tiny_data):
     assert "bogus" in r.json()["detail"] and "tiny" in r.json()["detail"]
     assert env.client.get("/train/").status_code in (200, 404)
     assert env.client.get("/info/").json()["train_stats"].get("spmamba", {}).get("status") != "RUNNING"
+
+
+def test_teacher_pretrain_is_validated_against_the_method(configs, tmp_path):
+    assert configs.parse_conf(str(tmp_path), "x", {}).teacher_pretrain == "none"
+    assert configs.parse_conf(str(tmp_path), "x", {"teacher_pretrain": "Inpaint"}).teacher_pretrain == "inpaint"
+    assert configs.parse_conf(str(tmp_path), "x", {"teacher_pretrain": "denoise"}).teacher_pretrain == "denoise"
+    with pytest.raises(configs.ConfError, match="teacher_pretrain 'jigsaw': expected none, inpaint, denoise"):
+        configs.parse_conf(str(tmp_path), "x", {"teacher_pretrain": "jigsaw"})
+    with pytest.raises(configs.ConfError, match="method voxelwise has no teacher"):
+        configs.parse_conf(str(tmp_path), "x", {"method": "voxelwise", "teacher_pretrain": "inpaint"})

@@ -98,6 +98,23 @@ class AnomalyModel(nn.Module):
     def trainable_parameters(self) -> list:
         return [p for p in self.parameters() if p.requires_grad]
 
+    #: self-supervised objectives with which ``pretrain`` can train the method's pretrained part (a teacher) on the
+    #: normal training data before the first step; () = nothing to pretrain
+    PRETRAIN_OBJECTIVES: ClassVar[tuple] = ()
+
+    def teacher_record(self, encoder_weights: str) -> Optional[dict]:
+        """Where a new model's pretrained part (teacher) comes from, for ``meta["teacher"]``; None: it has none."""
+        return None
+
+    def pretrain(self, data: Any, objective: str, *, steps: Optional[int] = None, seed: int = 0,
+                 deadline: Optional[float] = None, should_stop: Optional[Callable[[], bool]] = None,
+                 progress: Optional[Callable[[dict], None]] = None, encoder_weights: str = "none") -> dict:
+        """Pretrain the teacher (built from ``encoder_weights``) on ``training_data``'s result with one of
+        ``PRETRAIN_OBJECTIVES`` for at most ``steps`` steps (None: the method's default), ending early on
+        ``should_stop()`` or ``deadline`` (a ``time.time()`` value); progress phase "pretrain". Returns the record
+        for ``meta["teacher"]``."""
+        raise NotImplementedError(f"method {self.method!r} has no teacher to pretrain")
+
     def preparation_phase(self, encoder_weights: str) -> Optional[str]:
         """Name of a preparation run on the training data before the first step of a new model (its progress
         phase and the ``meta`` key of its note), or None."""

@@ -2,7 +2,8 @@
 
 Weights: ``"none"`` (random, frozen), ``"imagenet"`` (torchvision's file, downloaded once into the cache, with a
 timeout; offline it fails with a message saying how to supply the file), or a path to a local ``.pth`` file in
-torchvision's format (a plain state dict, or a dict holding one under "state_dict"/"model").
+torchvision's format (a plain state dict, or a dict holding one under "state_dict"/"model"; layer4 and fc may be
+missing, as in the teacher files ``spmamba pretrain`` writes: ``models.pretrain``).
 """
 from __future__ import annotations
 
@@ -119,7 +120,8 @@ class ResNetEncoder(nn.Module):
                     f"encoder weights do not fit {arch} ({str(e).splitlines()[-1].strip()}); "
                     "give torchvision's ResNet file for this architecture"
                 ) from e
-            needed = [k for k in missing if not k.startswith("fc.")]
+            # the encoder stops at layer3: layer4 and fc may be absent (teacher files of `spmamba pretrain`)
+            needed = [k for k in missing if not k.startswith(("fc.", "layer4."))]
             if needed:
                 raise EncoderWeightsError(
                     f"encoder weights do not fit {arch}: {len(needed)} parameters missing (e.g. {needed[:3]}); "

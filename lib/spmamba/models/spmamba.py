@@ -16,6 +16,7 @@ from .cnn_decoder import CNNDecoder
 from .config import PRESETS, SPMambaConfig, get_config
 from .encoder import IMAGENET_MEAN, IMAGENET_STD, ResNetEncoder
 from .mamba_decoder import MambaDecoder
+from .pretrain import DEFAULT_STEPS, OBJECTIVES, pretrain_encoder, teacher_record
 from .prototypes import PrototypeBank
 
 __all__ = ["SPMamba", "SPMambaOutput", "TeacherFeatures", "TeacherFeatureCache"]
@@ -76,6 +77,7 @@ class SPMamba(SliceModel):
     method = "spmamba"
     PRESETS = PRESETS
     default_preset = "fast"
+    PRETRAIN_OBJECTIVES = OBJECTIVES
 
     @classmethod
     def get_config(cls, spec: Any, **overrides: Any) -> SPMambaConfig:
@@ -88,6 +90,7 @@ class SPMamba(SliceModel):
     def __init__(self, config: "SPMambaConfig | str" = "paper", encoder_weights: str = "none"):
         super().__init__()
         self.config = cfg = get_config(config)
+        self.pretrained_in_domain = False  # set by ``pretrain``: the encoder learnt from the normals (not saved)
         self.encoder = ResNetEncoder(cfg.encoder, encoder_weights)
         self.bottleneck = FusionBottleneck(ResNetEncoder.channels)
         s = cfg.bottleneck_size
@@ -129,11 +132,36 @@ class SPMamba(SliceModel):
 
         return self.encoder.adapt_batchnorm(batches())
 
+    def teacher_record(self, encoder_weights: str) -> dict:
+        """Source of the encoder's weights (``models.pretrain.teacher_record``)."""
+        return teacher_record(encoder_weights)
+
+    def pretrain(self, data: torch.Tensor, objective: str, *, steps: Optional[int] = None, seed: int = 0,
+                 deadline: Optional[float] = None, should_stop: Optional[Callable[[], bool]] = None,
+                 progress: Optional[Callable[[dict], None]] = None, encoder_weights: str = "none") -> dict:
+        """In-domain self-supervised pretraining of the encoder on training slices (n, 1, S, S)
+        (``models.pretrain.pretrain_encoder``: "inpaint" or "denoise"), batch size and weight decay of the
+        preset, lr 1e-3, ``steps`` (default ``DEFAULT_STEPS``). Returns the teacher record: ``source``
+        "in-domain" (or, when stopped before its first step, the source of the weights it started from), ``init``
+        (what it started from), ``objective``, ``steps``, ``planned_steps``, ``seconds``, ``slices_seen``,
+        ``stop_reason``, first and final loss."""
+        ts = self.config.training
+        steps = DEFAULT_STEPS if steps is None else int(steps)
+        res = pretrain_encoder(self.encoder, self._encoder_input, data, objective, steps=steps,
+                               batch_size=ts.batch_size, weight_decay=ts.weight_decay, grad_clip=ts.grad_clip,
+                               seed=seed, deadline=deadline, should_stop=should_stop, progress=progress)
+        start = teacher_record(encoder_weights)
+        self.pretrained_in_domain = res.steps > 0
+        if not self.pretrained_in_domain:
+            return {**start, "pretraining": res.record()}
+        return {"source": "in-domain", "init": start, **res.record()}
+
     def preparation_phase(self, encoder_weights: str) -> Optional[str]:
         """"encoder_norm" when the encoder's BatchNorm statistics are re-estimated before training
-        (``SPMambaConfig.encoder_norm``: "auto" adapts random encoders and keeps pretrained ones)."""
+        (``SPMambaConfig.encoder_norm``: "auto" adapts random encoders and encoders just pretrained in domain,
+        whose running statistics were gathered on corrupted slices, and keeps other pretrained ones)."""
         setting = self.config.encoder_norm
-        random = encoder_weights in (None, "", "none", "random")
+        random = encoder_weights in (None, "", "none", "random") or self.pretrained_in_domain
         return "encoder_norm" if (setting == "adapt" or (setting == "auto" and random)) else None
 
     def prepare(self, data: torch.Tensor, progress: Optional[Callable[[int, int], None]] = None,

@@ -68,6 +68,7 @@ class AppSettings:
     device: str = "auto"
     slice_axis: Optional[int] = None  # training only: new models' slice axis (None = the library's, axial)
     encoder_weights: str = "none"
+    teacher_pretrain: str = "none"  # training: in-domain pretraining of the method's teacher (spmamba: inpaint|denoise)
     unflagged_normal: bool = False
     model: Optional[str] = None  # a checkpoint made by `spmamba train`; None = only the app's model folder
     model_dir: str = ""
@@ -188,6 +189,17 @@ def parse_conf(app_dir: str, studies: str, conf: Optional[Dict[str, Any]]) -> Ap
     if encoder_weights.lower() not in ("none", "imagenet") and not os.path.isfile(os.path.expanduser(encoder_weights)):
         raise ConfError(f"--conf encoder_weights {encoder_weights!r}: no such file (or use 'none')")
 
+    teacher_pretrain = str(conf.get("teacher_pretrain", "none")).strip().lower() or "none"
+    if teacher_pretrain != "none":
+        from spmamba.methods import get_method
+
+        objectives = tuple(get_method(method).PRETRAIN_OBJECTIVES)
+        if not objectives:
+            raise ConfError(f"--conf teacher_pretrain {teacher_pretrain!r}: method {method} has no teacher to "
+                            "pretrain; use none")
+        if teacher_pretrain not in objectives:
+            raise ConfError(f"--conf teacher_pretrain {teacher_pretrain!r}: expected none, {', '.join(objectives)}")
+
     align = str(conf.get("align", "none")).strip().lower() or "none"
     if align not in ("none", "affine"):
         raise ConfError(f"--conf align {align!r}: expected none or affine")
@@ -208,6 +220,7 @@ def parse_conf(app_dir: str, studies: str, conf: Optional[Dict[str, Any]]) -> Ap
         device=device,
         slice_axis=slice_axis,
         encoder_weights=encoder_weights,
+        teacher_pretrain=teacher_pretrain,
         unflagged_normal=_bool(conf, "unflagged_normal", False),
         model=model,
         model_dir=model_dir,

@@ -217,6 +217,7 @@ class AnomalyTrain(TrainTask):
                 epochs=params["epochs"],
                 device=s.device,
                 encoder_weights=s.encoder_weights,
+                teacher_pretrain=s.teacher_pretrain,
                 progress=progress,
                 should_stop=lambda: os.path.exists(s.stop_path),
                 stop_time_limit=s.stop_calibration_s,  # DELETE /train/ waits at most stop_max_s
