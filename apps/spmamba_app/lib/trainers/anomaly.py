@@ -12,8 +12,7 @@ over ``spmamba.pt`` (``versions.VersionHistory.publish``, which first keeps the 
 ``<model_dir>/versions`` for rollback), so a killed training leaves the previous model intact and the inference task
 picks the new one up by its modification time, without a restart.
 
-Sharing the CPU with the server: the task runs at ``nice`` +10 (``spmamba.cpu.lower_priority``, torch threads =
-the usable cores) and pauses between optimisation steps while a detection holds its marker in
+Sharing the CPU with the server: the task uses torch threads = the usable cores and pauses between optimisation steps while a detection holds its marker in
 ``<model_dir>/.foreground`` (``Detection.run``; ``spmamba.cpu.foreground_busy``), so a clinician's detection gets
 the cores; ``train_stats`` then shows ``phase: "paused"`` with the ``reason``.
 
@@ -144,8 +143,11 @@ class AnomalyTrain(TrainTask):
         from spmamba.train import train_detector
 
         s = self.settings
-        if in_task_subprocess():  # background work: a clinician's detection in the server comes first
-            lower_priority(threads=usable_cores())
+        if in_task_subprocess():
+            # torch threads = the usable cores; no lower priority: a clinician's detection is served first by the
+            # pause below, and a niced training starved behind any busy program (a Stop under load then could not
+            # calibrate within stop_max_s)
+            lower_priority(threads=usable_cores(), niceness=0)
         os.makedirs(s.model_dir, exist_ok=True)
         if os.path.exists(s.stop_path):
             os.unlink(s.stop_path)
