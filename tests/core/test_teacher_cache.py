@@ -64,5 +64,7 @@ def test_fit_uses_the_cache_and_reports_its_phase():
     state = fit(det, data, TrainingBudget(progress=events.append), total_epochs=2)
     phases = [e["phase"] for e in events]
     assert "teacher_features" in phases
+    cache_events = [e for e in events if e["phase"] == "teacher_features"]
+    assert cache_events[0]["step"] == 0 and cache_events[-1]["step"] == cache_events[-1]["total_steps"]
     assert phases.index("encoder_norm") < phases.index("teacher_features") < phases.index("epoch")
     assert state.epochs_done == 2 and all(h == h for h in state.history)  # finite losses

@@ -68,7 +68,8 @@ def test_time_limit_bounds_the_whole_training_including_calibration(tmp_path):
             phases.append((e["phase"], []))
         phases[-1][1].append(e)
     names = [p for p, _ in phases]
-    assert names[:5] == ["load", "prepare", "measure", "encoder_norm", "train"] and names[-1] == "calibrate"
+    assert names[:6] == ["load", "prepare", "measure", "encoder_norm", "teacher_features", "train"]
+    assert names[-1] == "calibrate"
     for name, evs in phases:
         first = evs[0].get("global_step", evs[0].get("step")) if name == "train" else evs[0]["step"]
         assert first == 0, (name, evs[0])

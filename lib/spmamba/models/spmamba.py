@@ -198,6 +198,8 @@ class SPMamba(SliceModel):
         dev = self.pixel_mean.device
         starts = list(range(0, n, 64))
         enc: list = [[] for _ in ResNetEncoder.channels]
+        if progress is not None:  # announced before the work starts (a progress bar opens at step 0)
+            progress(0, len(starts))
         with torch.no_grad():
             for b, i in enumerate(starts):
                 if should_stop is not None and should_stop():
