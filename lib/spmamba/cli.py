@@ -365,15 +365,20 @@ def _check_teacher_options(objective: str, steps: int | None, method: str | None
         raise CLIError(f"--pretrain-steps {steps}: must be >= 1")
 
 
+def _check_training_limits(args: argparse.Namespace) -> None:
+    """The options `train` and `pretrain` share: --time-limit > 0 minutes, 0 < --val-fraction < 1."""
+    if args.time_limit is not None and args.time_limit <= 0:
+        raise CLIError(f"--time-limit {args.time_limit}: must be > 0 minutes")
+    if not 0.0 < args.val_fraction < 1.0:
+        raise CLIError(f"--val-fraction {args.val_fraction}: must be between 0 and 1")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     if args.epochs is not None and args.epochs < 1:
         raise CLIError(f"--epochs {args.epochs}: must be >= 1")
-    if args.time_limit is not None and args.time_limit <= 0:
-        raise CLIError(f"--time-limit {args.time_limit}: must be > 0 minutes")
+    _check_training_limits(args)
     if args.max_steps is not None and args.max_steps < 1:
         raise CLIError(f"--max-steps {args.max_steps}: must be >= 1")
-    if not 0.0 < args.val_fraction < 1.0:
-        raise CLIError(f"--val-fraction {args.val_fraction}: must be between 0 and 1")
     ref = args.align_reference
     if ref not in ("auto", "normals", "mni152") and not ref.startswith("mni152:") and not Path(ref).is_file():
         raise CLIError(f"--align-reference {ref}: not 'auto', 'normals', 'mni152' or an existing volume file")
@@ -397,12 +402,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 # pretrain
 # ----------------------------------------------------------------------------------------------------------------
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    if args.time_limit is not None and args.time_limit <= 0:
-        raise CLIError(f"--time-limit {args.time_limit}: must be > 0 minutes")
+    _check_training_limits(args)
     if args.steps is not None and args.steps < 1:
         raise CLIError(f"--steps {args.steps}: must be >= 1")
-    if not 0.0 < args.val_fraction < 1.0:
-        raise CLIError(f"--val-fraction {args.val_fraction}: must be between 0 and 1")
     out = Path(args.out)
     if out.is_dir():
         raise CLIError(f"{out}: is a folder; --out needs a file name such as teacher.pt")

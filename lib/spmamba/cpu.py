@@ -6,8 +6,9 @@ others wait for them at barriers, so both slow down far more than by half (measu
 3.7 s alone took 40-110 s beside a detection). This module gives the pieces to avoid that:
 
 * ``usable_cores()``: the cores this process may run on (its CPU affinity, and a cgroup CPU quota if one is set);
-* ``lower_priority(threads)``: background work (a training, scoring) runs at ``nice`` +10 with ``threads`` torch
-  threads (numba's scan kernels follow torch's thread count at every call);
+* ``lower_priority(threads)``: background work (active-learning scoring) runs at ``nice`` +10 with ``threads`` torch
+  threads; ``set_threads(n)`` sizes the pool alone (the app's training: normal priority, it yields by pausing);
+  numba's scan kernels follow torch's thread count at every call;
 * ``foreground(folder)`` / ``foreground_busy(folder)``: a detection someone waits for holds a marker file in
   ``folder`` while it runs; a training polls ``foreground_busy`` between optimisation steps and pauses while it
   says True (``spmamba.train.TrainingBudget.paused``), so the detection gets the cores.
@@ -32,7 +33,7 @@ from typing import Iterator, Optional, Union
 
 from .atomic import write_json
 
-__all__ = ["usable_cores", "lower_priority", "foreground", "foreground_busy", "foreground_holders",
+__all__ = ["usable_cores", "lower_priority", "set_threads", "foreground", "foreground_busy", "foreground_holders",
            "DEFAULT_MAX_AGE_S"]
 
 log = logging.getLogger(__name__)
@@ -77,12 +78,17 @@ def lower_priority(threads: Optional[int] = 1, niceness: int = 10) -> None:
             pass
         _lowered = True
     if threads is not None:
-        try:
-            import torch
+        set_threads(threads)
 
-            torch.set_num_threads(max(1, int(threads)))
-        except Exception:  # noqa: BLE001 - no torch: nothing to limit
-            pass
+
+def set_threads(threads: int) -> None:
+    """Use ``threads`` torch threads in this process (numba's scan kernels follow torch's count)."""
+    try:
+        import torch
+
+        torch.set_num_threads(max(1, int(threads)))
+    except ImportError:  # no torch: nothing to size
+        pass
 
 
 def _pid_start(pid: int) -> Optional[str]:

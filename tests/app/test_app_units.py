@@ -127,19 +127,11 @@ def test_routes_are_module_level_endpoints_put_in_front_once(applib):
     assert [r.name for r in app.router.routes[: len(names)]] == names  # ahead of every stock route
 
 
-def test_slice_axis_is_a_training_setting(applib, tmp_path, tiny_data, tiny_model, monkeypatch):
-    """--conf slice_axis sets the axis new models are trained on; detection always uses the served model's."""
+def _train_detector_arguments(settings, tiny_data, monkeypatch) -> dict:
+    """Run the app's training task with ``train_detector`` replaced by a stub that records its keyword arguments and
+    stops there (no training in a unit test); returns those arguments."""
     import spmamba.train
-    from lib.detection import Detection
-    from lib.model_store import ModelStore
     from lib.trainers import AnomalyTrain
-
-    settings = applib[0].parse_conf(str(tmp_path), str(tmp_path / "studies"),
-                                    {"slice_axis": "sagittal", "model": str(tiny_model)})
-    assert settings.slice_axis == 0
-    detection = Detection(settings, ModelStore(settings.published_model, settings.model, "cpu"))
-    volume, result, detector, _ = detection.run(str(tiny_data["normal"][0]))
-    assert result.slice_axis == detector.preprocessing.slice_axis == 2
 
     seen = {}
 
@@ -152,6 +144,22 @@ def test_slice_axis_is_a_training_setting(applib, tmp_path, tiny_data, tiny_mode
     monkeypatch.setattr(task, "precheck", lambda request, datastore: [str(p) for p in tiny_data["normal"][:2]])
     with pytest.raises(RuntimeError, match="not training"):
         task({}, datastore=None)
+    return seen
+
+
+def test_slice_axis_is_a_training_setting(applib, tmp_path, tiny_data, tiny_model, monkeypatch):
+    """--conf slice_axis sets the axis new models are trained on; detection always uses the served model's."""
+    from lib.detection import Detection
+    from lib.model_store import ModelStore
+
+    settings = applib[0].parse_conf(str(tmp_path), str(tmp_path / "studies"),
+                                    {"slice_axis": "sagittal", "model": str(tiny_model)})
+    assert settings.slice_axis == 0
+    detection = Detection(settings, ModelStore(settings.published_model, settings.model, "cpu"))
+    volume, result, detector, _ = detection.run(str(tiny_data["normal"][0]))
+    assert result.slice_axis == detector.preprocessing.slice_axis == 2
+
+    seen = _train_detector_arguments(settings, tiny_data, monkeypatch)
     assert seen["preprocessing"].slice_axis == 0
 
 
@@ -161,10 +169,8 @@ def test_detection_holds_a_foreground_marker_and_training_pauses_for_it(applib, 
     training task's ``paused`` sees it."""
     import os
 
-    import spmamba.train
     from lib.detection import Detection
     from lib.model_store import ModelStore
-    from lib.trainers import AnomalyTrain
     from spmamba.cpu import foreground, foreground_busy
     from spmamba.detector import Detector
 
@@ -184,17 +190,7 @@ def test_detection_holds_a_foreground_marker_and_training_pauses_for_it(applib, 
     assert seen_busy == [True, False]
     assert not os.listdir(settings.foreground_dir)  # removed after the detection
 
-    seen = {}
-
-    def fake_train_detector(images, **kwargs):
-        seen.update(kwargs)
-        raise RuntimeError("not training in a unit test")
-
-    monkeypatch.setattr(spmamba.train, "train_detector", fake_train_detector)
-    task = AnomalyTrain(settings)
-    monkeypatch.setattr(task, "precheck", lambda request, datastore: [str(p) for p in tiny_data["normal"][:2]])
-    with pytest.raises(RuntimeError, match="not training"):
-        task({}, datastore=None)
+    seen = _train_detector_arguments(settings, tiny_data, monkeypatch)
     assert seen["paused"]() is False
     with foreground(settings.foreground_dir):
         assert seen["paused"]() is True

@@ -139,7 +139,7 @@ class AnomalyTrain(TrainTask):
 
     # ------------------------------------------------------------------ run (in MONAI Label's train subprocess)
     def __call__(self, request, datastore):
-        from spmamba.cpu import foreground_busy, lower_priority, usable_cores
+        from spmamba.cpu import foreground_busy, set_threads, usable_cores
         from spmamba.train import train_detector
 
         s = self.settings
@@ -147,7 +147,7 @@ class AnomalyTrain(TrainTask):
             # torch threads = the usable cores; no lower priority: a clinician's detection is served first by the
             # pause below, and a niced training starved behind any busy program (a Stop under load then could not
             # calibrate within stop_max_s)
-            lower_priority(threads=usable_cores(), niceness=0)
+            set_threads(usable_cores())
         os.makedirs(s.model_dir, exist_ok=True)
         if os.path.exists(s.stop_path):
             os.unlink(s.stop_path)
