@@ -130,8 +130,10 @@ class Detector:
             extra: Any = asdict(self.calibration)
             if self.position_stats is not None:
                 ps = self.position_stats
-                extra = {"calibration": extra,
-                         "position_stats": hashlib.sha256(ps.mean.tobytes() + ps.std.tobytes()).hexdigest()}
+                digest = ps.mean.tobytes() + ps.std.tobytes()
+                if ps.support is not None:  # statistics written before supports keep their version
+                    digest += np.packbits(ps.support).tobytes()
+                extra = {"calibration": extra, "position_stats": hashlib.sha256(digest).hexdigest()}
             if self.alignment is not None:  # models without alignment keep the version they always had
                 al_meta, ref = self.alignment.to_payload()
                 extra = {"model": extra, "alignment": repr(al_meta),
@@ -156,6 +158,8 @@ class Detector:
             ps = self.position_stats
             payload["position_stats"] = {"mean": torch.from_numpy(ps.mean.copy()), "std": torch.from_numpy(ps.std.copy()),
                                          "n": int(ps.n)}
+            if ps.support is not None:
+                payload["position_stats"]["support"] = torch.from_numpy(ps.support.copy())
         if self.alignment is not None:
             payload["alignment"], payload["alignment_reference"] = self.alignment.to_payload()
         return payload
@@ -181,7 +185,8 @@ class Detector:
         except (ValueError, RuntimeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{source} does not fit this version's {name} model: {e}") from e
         ps = obj.get("position_stats")
-        stats = (VoxelwiseStats(ps["mean"].numpy(), ps["std"].numpy(), int(ps["n"])) if ps is not None else None)
+        stats = (VoxelwiseStats.from_dict({k: v.numpy() if torch.is_tensor(v) else v for k, v in ps.items()})
+                 if ps is not None else None)
         aligner = None
         if obj.get("alignment") is not None:  # files written before alignment existed have none
             try:
@@ -309,7 +314,8 @@ class Detector:
                     array, affine = al.array, al.affine
                 res = self.detect(array, affine, aligned=True)
                 canon = to_canonical(res.heatmap.reshape(np.shape(array)), affine)
-                yield np.moveaxis(canon.array, prep.slice_axis, 0)
+                fg = to_canonical(res.foreground.reshape(np.shape(array)), affine)
+                yield np.moveaxis(canon.array, prep.slice_axis, 0), np.moveaxis(fg.array, prep.slice_axis, 0)
                 if progress is not None:
                     progress(i + 1, len(volumes))
 

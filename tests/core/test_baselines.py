@@ -43,6 +43,68 @@ def test_position_normalise_removes_a_fixed_hotspot_and_keeps_a_new_one():
     assert position_normalise(test, st, region).max() == 0
 
 
+def test_support_is_where_most_normals_have_foreground_and_nothing_outside_is_judged():
+    """(array, foreground) pairs give the statistics a support (foreground in >= half of the normals); maps are 0
+    outside it, where the statistics would compare one subject's tissue with the others' background."""
+    rng = np.random.default_rng(3)
+    fgs = []
+    for i in range(4):
+        fg = np.zeros((6, 6, 2), bool)
+        fg[1:5, 1:5] = True
+        if i == 0:
+            fg[5, :, :] = True  # one subject's brain reaches a row no other covers
+        if i < 2:
+            fg[0, :, :] = True  # two of four (a half) cover row 0
+        fgs.append(fg)
+    maps = [np.where(fg, rng.normal(1.0, 0.1, fg.shape), 0.0) for fg in fgs]
+    st = VoxelwiseStats.fit(zip(maps, fgs))
+    expected = np.zeros((6, 6, 2), bool)
+    expected[0:5, :, :] = True
+    expected[5] = False
+    expected[1:5, 0] = expected[1:5, 5] = False
+    expected[1:5, 1:5] = True
+    np.testing.assert_array_equal(st.support, expected)
+    test = np.full((6, 6, 2), 5.0)  # far above normal everywhere
+    z = position_normalise(test, st)
+    assert z[5].max() == 0 and z[1:5, 1:5].min() > 0
+    assert VoxelwiseStats.from_dict(st.to_dict()).support.tolist() == st.support.tolist()
+    plain = VoxelwiseStats.fit(maps)  # arrays alone (statistics written before supports): every voxel judged
+    assert plain.support is None and position_normalise(test, plain)[5].min() > 0
+    with pytest.raises(ValueError, match="foreground"):
+        VoxelwiseStats.fit([(maps[0], fgs[0]), maps[1]])
+
+
+def test_voxelwise_method_keeps_to_the_support_and_reads_files_without_one(tmp_path):
+    """The voxelwise method stores the normals' support; a model file written before it existed loads and detects
+    as it did (every foreground voxel judged)."""
+    from spmamba.checkpoint import save_checkpoint
+    from spmamba.detector import Detector
+    from spmamba.io import Volume
+    from spmamba.train import train_detector
+
+    rng = np.random.default_rng(4)
+
+    def head(extra_row: bool = False):
+        a = np.zeros((20, 20, 8), np.float32)
+        a[3:17, 3:17, 1:7] = 1 + 0.05 * rng.standard_normal((14, 14, 6))
+        if extra_row:
+            a[17, 3:17, 1:7] = 1.0  # tissue where no normal has any
+        return a
+
+    aff = np.eye(4)
+    det = train_detector([Volume(head(), aff) for _ in range(5)], method="voxelwise")
+    support = det.model.support.numpy()
+    assert support.any() and support.sum() < support.size
+    res = det.detect(head(extra_row=True), aff)
+    assert res.foreground[17, 3:17, 1:7].all() and res.heatmap[17].max() == 0
+    payload = det.checkpoint_payload()
+    del payload["state_dict"]["support"]  # as written before the support existed
+    save_checkpoint(tmp_path / "old.pt", payload)
+    old = Detector.load(tmp_path / "old.pt")
+    assert old.model.support.numel() == 0
+    assert old.detect(head(extra_row=True), aff).heatmap[17].max() > 0
+
+
 def test_voxelwise_baseline_finds_a_bright_blob_and_topk():
     rng = np.random.default_rng(2)
 
@@ -100,6 +162,8 @@ def test_detector_position_normalisation_round_trip(tmp_path):
     loaded = Detector.load(path)
     assert loaded.version == det.version
     np.testing.assert_array_equal(loaded.position_stats.std, det.position_stats.std)
+    assert det.position_stats.support is not None and det.position_stats.support.any()
+    np.testing.assert_array_equal(loaded.position_stats.support, det.position_stats.support)
     np.testing.assert_allclose(loaded.detect(vols[0].array, aff).heatmap, res.heatmap, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="template grid"):
         det.detect(phantom((20, 28, 6)), aff)

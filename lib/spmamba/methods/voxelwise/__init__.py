@@ -1,7 +1,7 @@
 """The voxel-wise statistical baseline as a method ("voxelwise"): per-voxel mean and standard deviation of the
 intensity-normalised normal volumes (all on one grid, e.g. registered to a template or aligned with
-``--align affine``); heatmap = |z| smoothed with a Gaussian of ``smooth_sigma`` voxels, 0 outside the foreground;
-volume score = mean of the ``top_k`` highest voxels. Fitted in one pass (no gradient training)."""
+``--align affine``); heatmap = |z| smoothed with a Gaussian of ``smooth_sigma`` voxels, 0 outside the foreground
+and outside the normals' support (``VoxelwiseStats.support``); volume score = mean of the ``top_k`` highest voxels. Fitted in one pass (no gradient training)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
@@ -32,7 +32,9 @@ class VoxelwiseConfig:
 
 
 class VoxelwiseModel(VolumeModel):
-    """Buffers ``mean`` and ``std``: (n, h, w) float32 on the canonical slice-first grid of the normals; ``n``."""
+    """Buffers ``mean`` and ``std``: (n, h, w) float32 on the canonical slice-first grid of the normals; ``n``;
+    ``support``: (n, h, w) bool, where most normals are foreground (empty in files written before it existed: no
+    restriction)."""
 
     method: ClassVar[str] = "voxelwise"
     PRESETS: ClassVar[Mapping[str, VoxelwiseConfig]] = {"default": VoxelwiseConfig()}
@@ -63,14 +65,18 @@ class VoxelwiseModel(VolumeModel):
         self.register_buffer("mean", torch.zeros(0))
         self.register_buffer("std", torch.ones(0))
         self.register_buffer("n", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("support", torch.zeros(0, dtype=torch.bool))
+
+    _BUFFERS = ("mean", "std", "n", "support")
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """The grid is only known from the file: the buffers take the stored shapes."""
+        """The grid is only known from the file: the buffers take the stored shapes. Files written before the
+        support existed have none (their heatmaps stay as they were)."""
         missing = {"mean", "std", "n"} - set(state_dict)
-        extra = set(state_dict) - {"mean", "std", "n"}
+        extra = set(state_dict) - set(self._BUFFERS)
         if (missing or extra) and strict:
             raise RuntimeError(f"voxelwise state: missing {sorted(missing)}, unexpected {sorted(extra)}")
-        for k in ("mean", "std", "n"):
+        for k in self._BUFFERS:
             if k in state_dict:
                 setattr(self, k, state_dict[k].detach().clone().to(getattr(self, k).device))
         return None
@@ -81,7 +87,7 @@ class VoxelwiseModel(VolumeModel):
     def fit(self, data: Sequence[PreparedVolume], progress: Optional[Callable[[int, int], None]] = None) -> None:
         def arrays():
             for i, v in enumerate(data):
-                yield v.norm
+                yield v.norm, v.fg
                 if progress is not None:
                     progress(i + 1, len(data))
 
@@ -89,11 +95,13 @@ class VoxelwiseModel(VolumeModel):
         self.mean = torch.from_numpy(stats.mean)
         self.std = torch.from_numpy(stats.std)
         self.n = torch.tensor(stats.n, dtype=torch.int64)
+        self.support = torch.from_numpy(stats.support)
 
     def _stats(self) -> VoxelwiseStats:
         if self.mean.numel() == 0:
             raise RuntimeError("the voxelwise model is not fitted yet")
-        return VoxelwiseStats(self.mean.cpu().numpy(), self.std.cpu().numpy(), int(self.n))
+        return VoxelwiseStats(self.mean.cpu().numpy(), self.std.cpu().numpy(), int(self.n),
+                              self.support.cpu().numpy() if self.support.numel() else None)
 
     def score_volume(self, volume: PreparedVolume) -> tuple[np.ndarray, float]:
         stats = self._stats()
