@@ -269,7 +269,12 @@ def train_model(normal_dir: str, out: str, *, config: str | None = None, method:
     the teacher before distillation (``train_detector``).
 
     ``time_limit_min`` bounds the whole training in wall time, from reading the volumes to the calibrated model
-    (``train_detector(time_limit=...)``); ``origin`` is recorded in the model (``meta.training.origin``)."""
+    (``train_detector(time_limit=...)``); ``origin`` is recorded in the model (``meta.training.origin``).
+    ``align``: None = the product's default (``registration.DEFAULT_ALIGN``, "auto"; a resumed model keeps its
+    own setting)."""
+    from spmamba.registration import DEFAULT_ALIGN
+
+    align = DEFAULT_ALIGN if align is None else align
     files = _training_files(normal_dir)
     out_path = Path(out)
     if out_path.exists() and out_path.is_dir():
@@ -382,7 +387,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     ref = args.align_reference
     if ref not in ("auto", "normals", "mni152") and not ref.startswith("mni152:") and not Path(ref).is_file():
         raise CLIError(f"--align-reference {ref}: not 'auto', 'normals', 'mni152' or an existing volume file")
-    if ref != "auto" and args.align in (None, "none"):
+    if ref != "auto" and args.align != "affine":
         raise CLIError("--align-reference needs --align affine")
     _check_teacher_options(args.teacher_pretrain, args.pretrain_steps, args.method, args.resume, args.encoder_weights)
     s = train_model(args.normal, args.out, config=args.config, method=args.method, epochs=args.epochs,
@@ -391,7 +396,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                     time_limit_min=args.time_limit, quiet=args.quiet, position_normalise=args.position_normalise,
                     align=args.align, align_reference=ref, teacher_pretrain=args.teacher_pretrain,
                     pretrain_steps=args.pretrain_steps)
-    note = " (stopped early by Ctrl-C; calibrated)" if s["stopped_early"] else ""
+    al = (s.get("training") or {}).get("alignment")
+    note = (f"; aligned to the {al['reference']} reference" if al else "; not aligned") if s.get("training") else ""
+    note += " (stopped early by Ctrl-C; calibrated)" if s["stopped_early"] else ""
     note += " (time limit reached; calibrated)" if s["timed_out"] else ""
     print(f"saved {s['model']} (version {s['version']}) trained on {s['n_volumes']} volumes in "
           f"{s['seconds']:.1f} s{note}")
@@ -738,12 +745,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--position-normalise", action="store_true", default=None,
                    help="for volumes registered to one template grid: z-score every heatmap voxel against the "
                    "heatmaps of the training normals at that position (better volume scores on such data; the "
-                   "model then refuses volumes on another grid). Default: on with --align affine, else off")
+                   "model then refuses volumes on another grid). Default: on when the model aligns, else off")
     t.add_argument("--no-position-normalise", dest="position_normalise", action="store_false",
-                   help="turn position-aware normalisation off (also with --align affine)")
-    t.add_argument("--align", choices=("none", "affine"), default=None,
+                   help="turn position-aware normalisation off (also when the model aligns)")
+    t.add_argument("--align", choices=("auto", "none", "affine"), default=None,
                    help="affine registration of every volume to a reference before training and detection (stored "
-                   "in the model; detect follows it). Default none (when resuming: the model's setting)")
+                   "in the model; detect follows it). auto (default for a new model): to the MNI152 template when "
+                   "the normals are brains that register to it, else none; affine: to --align-reference. When "
+                   "resuming: the model's setting")
     t.add_argument("--align-reference", default="auto", metavar="REF",
                    help="with --align affine: auto (default: MNI152 when the normals are brains that register to "
                    "it, else built from them), normals (built from the training normals), mni152 (nilearn's "

@@ -50,12 +50,13 @@ from .io import Volume, VolumeError, load_volume, validate_array
 from .preprocessing import normalise_intensity, to_canonical
 
 __all__ = [
-    "AlignmentError", "Reference", "Alignment", "AffineAligner", "ALIGN_METHODS", "REFERENCE_KINDS",
+    "AlignmentError", "Reference", "Alignment", "AffineAligner", "ALIGN_METHODS", "DEFAULT_ALIGN", "REFERENCE_KINDS",
     "to_sitk", "from_sitk", "build_reference", "mni152_reference", "reference_from_file", "make_reference",
     "similarity", "ABSOLUTE_FLOOR", "FLOOR_MARGIN", "calibrate_floor",
 ]
 
-ALIGN_METHODS = ("none", "affine")
+ALIGN_METHODS = ("none", "affine", "auto")  # auto: affine to MNI152 for brains that fit it, else none
+DEFAULT_ALIGN = "auto"  # what `spmamba train` and the app do for a new model
 REFERENCE_KINDS = ("auto", "normals", "mni152")  # or a path to a volume file
 ABSOLUTE_FLOOR = 0.5  # no alignment with a lower similarity is ever accepted
 FLOOR_MARGIN = 0.1  # floor = lowest similarity of the training normals minus this
@@ -259,28 +260,39 @@ def build_reference(volumes: Sequence[Volume], aligner: Optional["AffineAligner"
     return Reference((total / used).astype(np.float32), aff, "normals")
 
 
-def mni152_fits(volumes: Sequence[Volume], aligner: Optional["AffineAligner"] = None, n: int = 3) -> bool:
+def auto_spacing(volumes: Sequence[Volume]) -> float:
+    """The grid spacing (mm) of an automatic MNI152 reference: the normals' median voxel size, at least 2 mm (the
+    working resolution of the CPU presets) and at most 8 mm."""
+    sizes = [float(np.mean(np.sqrt((np.asarray(v.affine, float)[:3, :3] ** 2).sum(0)))) for v in volumes]
+    return float(np.clip(np.median(sizes) if sizes else 2.0, 2.0, 8.0))
+
+
+def mni152_fits(volumes: Sequence[Volume], aligner: Optional["AffineAligner"] = None, n: int = 3,
+                spacing: float = 2.0) -> bool:
     """Whether the MNI152 brain template suits these normals: ``n`` of them, spread over the set, register to it
-    with a similarity above ``ABSOLUTE_FLOOR``. Against a template, registration of scanner-placed brains is more
-    accurate than subject to subject (measured: 1-2 mm vs 6-9 mm mean error on the unregistered phantoms); any other
-    anatomy (or a non-brain) fails this test and gets a reference built from its own normals."""
+    (at ``spacing`` mm) with a similarity above ``ABSOLUTE_FLOOR``. Against a template, registration of
+    scanner-placed brains is more accurate than subject to subject (measured: 1-2 mm vs 6-9 mm mean error on the
+    unregistered phantoms); any other anatomy (or a non-brain, a 2-D image) fails this test."""
     import logging
 
+    log = logging.getLogger(__name__)
     if not volumes:
         return False
+    if any(np.ndim(v.array) != 3 or min(np.shape(v.array)) < 8 for v in volumes):
+        log.info("the normals are not 3-D volumes of at least 8 voxels per axis: no MNI152 template")
+        return False
     try:
-        ref = mni152_reference(2.0)
+        ref = mni152_reference(spacing)
     except Exception as e:  # noqa: BLE001 - nilearn missing or its files unreadable: the normals it is
-        logging.getLogger(__name__).info("MNI152 template not available (%s); reference from the normals", e)
+        log.info("MNI152 template not available (%s); reference from the normals", e)
         return False
     al = (aligner or AffineAligner(ref)).with_reference(ref)
     picks = sorted({int(round(i)) for i in np.linspace(0, len(volumes) - 1, min(n, len(volumes)))})
     for i in picks:
         try:
             al.align(volumes[i].array, volumes[i].affine, name=_name(volumes[i], i), check_floor=False)
-        except AlignmentError as e:
-            logging.getLogger(__name__).info("the normals do not fit the MNI152 template (%s); reference built "
-                                             "from the normals", e)
+        except VolumeError as e:  # AlignmentError, or a volume registration cannot take
+            log.info("the normals do not fit the MNI152 template (%s)", e)
             return False
     return True
 
@@ -291,8 +303,9 @@ def make_reference(kind: Union[str, Path], volumes: Sequence[Volume] = (), align
     MNI152 when the normals are brains that register to it (:func:`mni152_fits`), else built from the normals."""
     k = str(kind)
     if k == "auto":
-        if mni152_fits(volumes, aligner):
-            return mni152_reference(2.0)
+        spacing = auto_spacing(volumes)
+        if mni152_fits(volumes, aligner, spacing=spacing):
+            return mni152_reference(spacing)
         return build_reference(volumes, aligner, progress)
     if k == "normals":
         return build_reference(volumes, aligner, progress)

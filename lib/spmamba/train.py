@@ -29,7 +29,8 @@ from .detector import Calibration, Detector, resolve_device
 from .io import Volume, VolumeError, load_volume
 from .methods import DEFAULT_METHOD, PreparedVolume, get_method
 from .preprocessing import Preprocessing, prepare_slices, to_canonical
-from .registration import ALIGN_METHODS, AffineAligner, AlignmentError, calibrate_floor, make_reference
+from .registration import (ALIGN_METHODS, AffineAligner, AlignmentError, auto_spacing, calibrate_floor,
+                           make_reference, mni152_fits)
 from .scoring import calibrate_threshold
 
 __all__ = ["train_detector", "TrainingDataError", "calibrate", "MIN_VOLUMES", "split_normals", "build_or_resume",
@@ -172,17 +173,36 @@ MAX_EXCLUDED_SHARE = 0.2  # normals that fail to align are left out, up to this 
 
 
 def _prepare_alignment(detector: Detector, align: Optional[str], reference: Union[str, Path],
-                       train_vols: list[Volume], val_vols: list[Volume],
-                       emit: Callable[[dict], None]) -> tuple[list[Volume], list[Volume], Optional[dict]]:
+                       train_vols: list[Volume], val_vols: list[Volume], emit: Callable[[dict], None],
+                       resumed: bool = False) -> tuple[list[Volume], list[Volume], Optional[dict]]:
     """Alignment for training (``registration``): set ``detector.alignment`` (a new reference, or the resumed
     model's), register every training and held-out normal to it, calibrate the similarity floor on them, and return
     the training volumes on the reference grid, the held-out volumes that aligned (on their own grids: calibration
     detects them like any input) and a summary; ``(train_vols, val_vols, None)`` without alignment. Normals that
-    fail to align are left out and listed in the summary's ``excluded`` (at most ``MAX_EXCLUDED_SHARE``)."""
+    fail to align are left out and listed in the summary's ``excluded`` (at most ``MAX_EXCLUDED_SHARE``).
+
+    ``align``: None follows a resumed model (a new one: none); "auto" aligns a new model to MNI152 when the
+    normals are brains that fit it (``registration.mni152_fits``, on a grid of ``auto_spacing``), else trains
+    without alignment and says why (a resumed model follows its own setting)."""
     have = "affine" if detector.alignment is not None else "none"
     mode = have if align is None else str(align)
     if mode not in ALIGN_METHODS:
         raise ValueError(f"align={mode!r}: choose one of {', '.join(ALIGN_METHODS)}")
+    if mode == "auto":
+        if resumed:
+            mode = have
+        else:
+            if str(reference) != "auto":
+                raise ValueError("align='auto' chooses its own reference (MNI152); give align='affine' with "
+                                 f"align_reference={str(reference)!r}")
+            emit({"phase": "reference", "step": 0, "total_steps": 1, "unit": "vol"})
+            spacing = auto_spacing(train_vols)
+            if not mni152_fits(train_vols, spacing=spacing):
+                log.warning("no alignment: the normals are not brains that register to the MNI152 template "
+                            "(--align affine --align-reference normals aligns them to a reference built from "
+                            "themselves)")
+                return train_vols, val_vols, None
+            mode, reference = "affine", f"mni152:{spacing:g}"
     if detector.alignment is not None and mode != have:
         raise TrainingDataError(f"the resumed model aligns its inputs (align={have}); resume it with the same "
                                 "setting, or train a new model")
@@ -603,11 +623,14 @@ def train_detector(
             gives the cores to detections that hold ``spmamba.cpu.foreground(folder)``. The time paused is in
             ``meta["training"]["paused_s"]`` (and ``pauses``).
         origin: what trained it (e.g. "spmamba train"), recorded in ``meta["training"]["origin"]``.
-        align: "none" or "affine" (``registration``): register every volume affinely to ``align_reference``
-            and train and detect on the reference grid; stored in the model, so detection follows it. Default
-            (None): "none" for a new model, the resumed model's setting when resuming. Every normal must align
-            (else TrainingDataError naming it); the similarity floor is calibrated on them.
-        align_reference: "auto" (MNI152 when the normals are brains that register to it, else "normals"),
+        align: "none", "affine" or "auto" (``registration``): "affine" registers every volume affinely to
+            ``align_reference`` and trains and detects on the reference grid; stored in the model, so detection
+            follows it. "auto" (what ``spmamba train`` and the app do, ``registration.DEFAULT_ALIGN``): "affine" to
+            the MNI152 template (at the normals' voxel size, 2-8 mm) when the normals are brains that register to
+            it, else "none" (logged). Default (None): "none" for a new model; a resumed model keeps its setting
+            (with None or "auto"). Normals that fail to align are left out (at most a fifth, else
+            TrainingDataError naming one); the similarity floor is calibrated on them.
+        align_reference: with "affine": "auto" (MNI152 when the normals are brains that register to it, else "normals"),
             "normals" (built from the training normals: the median-sized one, then the mean of
             all aligned to it; normals that fail to align are left out), "mni152" (nilearn's skull-stripped MNI152 T1 template at 2 mm; "mni152:SPACING"
             for another spacing) or a volume file. Ignored when resuming (the model's reference is kept).
@@ -642,7 +665,7 @@ def train_detector(
                                            preprocessing=preprocessing, device=dev, resume=resume)
     prep = detector.preprocessing
     train_vols, val_vols, align_info = _prepare_alignment(detector, align, align_reference, train_vols, val_vols,
-                                                          emit)
+                                                          emit, resumed=resume_obj is not None)
     if position_normalise is None:  # aligned volumes share one grid: position-aware normalisation by default
         position_normalise = detector.alignment is not None
     if position_normalise and detector.alignment is None:

@@ -348,6 +348,38 @@ def test_auto_reference_takes_mni152_only_for_brains_that_register_to_it(referen
     assert mni152_fits(brains, AffineAligner(reference)) is True
 
 
+def test_auto_alignment_trains_without_it_for_non_brains_and_resumed_models_follow_their_own(tiny_model, caplog):
+    """align="auto" (the CLI's and the app's default): non-brains (and 2-D images) get no alignment, said in the
+    log; a resumed model keeps its own setting; auto picks its reference itself."""
+    import logging
+
+    from spmamba.detector import Detector
+    from spmamba.registration import auto_spacing
+    from spmamba.train import _prepare_alignment
+
+    rng = np.random.default_rng(1)
+    boxes = []
+    for i in range(4):
+        a = (rng.random((40, 40, 30)) * 0.05).astype(np.float32)
+        a[8:30, 5:35, 4:26] += 1.0
+        boxes.append(Volume(a, INPUT_AFFINE, f"box{i}"))
+    plain = Detector(tiny_model, device="cpu")
+    with caplog.at_level(logging.WARNING, logger="spmamba.train"):
+        assert _prepare_alignment(plain, "auto", "auto", boxes[:3], boxes[3:], lambda d: None) == (
+            boxes[:3], boxes[3:], None)
+    assert "no alignment: the normals are not brains" in caplog.text and plain.alignment is None
+    images = [Volume(np.ones((32, 32), np.float32), np.eye(4), "xray")] * 3
+    assert _prepare_alignment(plain, "auto", "auto", images, images, lambda d: None)[2] is None
+    assert _prepare_alignment(plain, "auto", "auto", ["v"], ["w"], lambda d: None, resumed=True) == (
+        ["v"], ["w"], None)
+    with pytest.raises(ValueError, match="chooses its own reference"):
+        _prepare_alignment(plain, "auto", "normals", boxes[:3], boxes[3:], lambda d: None)
+    # the automatic reference's grid: the normals' voxel size, between 2 and 8 mm
+    assert auto_spacing(boxes) == pytest.approx(float(np.mean(np.abs(np.diag(INPUT_AFFINE)[:3]))))
+    assert auto_spacing([Volume(b.array, np.diag([0.8, 0.8, 1.0, 1.0])) for b in boxes]) == 2.0
+    assert auto_spacing([Volume(b.array, np.diag([9.0, 9.0, 12.0, 1.0])) for b in boxes]) == 8.0
+
+
 def test_normals_that_fail_to_align_are_left_out_and_reported(reference, tiny_model, monkeypatch):
     from spmamba.detector import Detector
     from spmamba.train import TrainingDataError, _prepare_alignment

@@ -81,7 +81,7 @@ class AppSettings:
     stop_grace_s: int = 20  # DELETE /train/: time for the training to notice the stop (finish its step)
     stop_max_s: int = 80  # ... and for the whole graceful stop (calibrate + publish); then it is killed
     keep_versions: int = 5  # published models kept in <model_dir>/versions for rollback (0 = none)
-    align: str = "none"  # training: register every study to a reference first ("affine"); detection follows the model
+    align: str = "auto"  # training: auto (MNI152 for brains that fit it) | affine | none; detection follows the model
     align_reference: str = "auto"  # auto | normals | mni152[:MM] | a volume file
     seed_curation: str = ""
     extra: Dict[str, Any] = field(default_factory=dict)
@@ -200,9 +200,11 @@ def parse_conf(app_dir: str, studies: str, conf: Optional[Dict[str, Any]]) -> Ap
         if teacher_pretrain not in objectives:
             raise ConfError(f"--conf teacher_pretrain {teacher_pretrain!r}: expected none, {', '.join(objectives)}")
 
-    align = str(conf.get("align", "none")).strip().lower() or "none"
-    if align not in ("none", "affine"):
-        raise ConfError(f"--conf align {align!r}: expected none or affine")
+    from spmamba.registration import ALIGN_METHODS, DEFAULT_ALIGN  # torch is loaded by then (method checks)
+
+    align = str(conf.get("align", DEFAULT_ALIGN)).strip().lower() or DEFAULT_ALIGN
+    if align not in ALIGN_METHODS:
+        raise ConfError(f"--conf align {align!r}: expected one of {', '.join(ALIGN_METHODS)}")
     align_reference = str(conf.get("align_reference", "auto")).strip() or "auto"
     if not (align_reference in ("auto", "normals", "mni152") or align_reference.startswith("mni152:")
             or os.path.isfile(os.path.expanduser(align_reference))):
