@@ -67,7 +67,8 @@ def test_align_settings(app_lib, tmp_path):
 
     s = parse_conf(str(tmp_path), str(tmp_path), {"align": "affine", "align_reference": "mni152"})
     assert (s.align, s.align_reference) == ("affine", "mni152")
-    assert parse_conf(str(tmp_path), str(tmp_path), {}).align == "none"
+    assert parse_conf(str(tmp_path), str(tmp_path), {}).align == "auto"  # the product's default, as `spmamba train`
+    assert parse_conf(str(tmp_path), str(tmp_path), {"align": "none"}).align == "none"
     with pytest.raises(ConfError, match="align"):
         parse_conf(str(tmp_path), str(tmp_path), {"align": "deformable"})
     with pytest.raises(ConfError, match="align_reference"):
