@@ -26,6 +26,22 @@ def test_calibration_uses_fewer_volumes_when_its_deadline_comes():
     assert calibrate(det, vols).n_volumes == 3
 
 
+def test_the_time_kept_for_after_training_does_not_shrink_as_training_goes_on():
+    """The reserve for position statistics, calibration and saving is fixed by the time limit: all of it when it
+    fits in half of the limit, else half of the limit; never half of what happens to be left (it then shrank to a
+    few seconds and a 20-minute training fitted its position statistics on 2 of 16 normals)."""
+    from spmamba.train import TrainingBudget
+
+    now = time.time()
+    late = TrainingBudget(deadline=now + 100, started=now - 900, seconds_per_volume=10.0, n_after=20)
+    assert late.reserve() == pytest.approx(1.15 * 10.0 * 20)  # 230 s of a 1000 s limit, though 100 s are left
+    short = TrainingBudget(deadline=now + 200, started=now, seconds_per_volume=10.0, n_after=20)
+    assert short.reserve() == pytest.approx(100.0)  # half of a 200 s limit
+    tiny = TrainingBudget(deadline=now + 10, started=now, seconds_per_volume=10.0, n_after=20)
+    assert tiny.reserve() == pytest.approx(11.5)  # never less than one volume
+    assert TrainingBudget().reserve() == 0.0
+
+
 def test_encoder_norm_adaptation_reports_each_batch_and_can_stop_early():
     torch.manual_seed(0)
     model = SPMamba(get_config("tiny"))
