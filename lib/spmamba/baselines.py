@@ -86,9 +86,12 @@ class VoxelwiseStats:
         support = None if covered is None else covered >= cls.SUPPORT_SHARE * n
         return cls(mean.astype(np.float32), np.maximum(std, max(floor, 1e-6)).astype(np.float32), n, support)
 
-    def judged(self, region: np.ndarray) -> np.ndarray:
-        """``region`` (bool, the grid's shape) restricted to the support, where there is one."""
-        return region if self.support is None else region & self.support
+    def judged(self, region: Optional[np.ndarray]) -> Optional[np.ndarray]:
+        """``region`` (bool, the grid's shape; None = everywhere) restricted to the support, where there is one;
+        None when neither restricts anything."""
+        if self.support is None:
+            return region
+        return self.support if region is None else np.asarray(region, dtype=bool) & self.support
 
     def zscore(self, array: np.ndarray) -> np.ndarray:
         a = np.asarray(array, dtype=np.float32)
@@ -116,8 +119,9 @@ def position_normalise(heatmap: np.ndarray, stats: VoxelwiseStats, region: Optio
     z = stats.zscore(heatmap)
     if clip_negative:
         z = np.maximum(z, 0.0)
-    region = stats.judged(np.ones(z.shape, bool) if region is None else np.asarray(region, dtype=bool))
-    z = np.where(region, z, 0.0)
+    region = stats.judged(region)
+    if region is not None:
+        z = np.where(region, z, 0.0)
     return z.astype(np.float32)
 
 

@@ -333,15 +333,21 @@ def test_resuming_keeps_the_models_alignment_setting(reference, tiny_model):
     assert _prepare_alignment(plain, None, "normals", ["v"], ["w"], lambda d: None) == (["v"], ["w"], None)
 
 
-def test_auto_reference_takes_mni152_only_for_brains_that_register_to_it(reference):
-    from spmamba.registration import mni152_fits
-
-    rng = np.random.default_rng(0)
+def _boxes(n: int, seed: int) -> list:
+    """``n`` volumes that are not brains: a bright box in noise, on the input grid."""
+    rng = np.random.default_rng(seed)
     boxes = []
-    for i in range(3):  # not a brain: a bright box in noise
+    for i in range(n):
         a = (rng.random((40, 40, 30)) * 0.05).astype(np.float32)
         a[8:30, 5:35, 4:26] += 1.0
         boxes.append(Volume(a, INPUT_AFFINE, f"box{i}"))
+    return boxes
+
+
+def test_auto_reference_takes_mni152_only_for_brains_that_register_to_it(reference):
+    from spmamba.registration import mni152_fits
+
+    boxes = _boxes(3, seed=0)
     assert mni152_fits(boxes, AffineAligner(reference)) is False
     brains = [Volume(_posed_input(reference, _known_pose(reference, 8.0 * i, (3.0 * i, -2.0, 1.0), (1.0, 1.0, 1.0)),
                                   seed=i), INPUT_AFFINE, f"brain{i}") for i in range(3)]
@@ -357,12 +363,7 @@ def test_auto_alignment_trains_without_it_for_non_brains_and_resumed_models_foll
     from spmamba.registration import auto_spacing
     from spmamba.train import _prepare_alignment
 
-    rng = np.random.default_rng(1)
-    boxes = []
-    for i in range(4):
-        a = (rng.random((40, 40, 30)) * 0.05).astype(np.float32)
-        a[8:30, 5:35, 4:26] += 1.0
-        boxes.append(Volume(a, INPUT_AFFINE, f"box{i}"))
+    boxes = _boxes(4, seed=1)
     plain = Detector(tiny_model, device="cpu")
     with caplog.at_level(logging.WARNING, logger="spmamba.train"):
         assert _prepare_alignment(plain, "auto", "auto", boxes[:3], boxes[3:], lambda d: None) == (
