@@ -31,6 +31,7 @@ A registration that fails its checks raises ``registration.AlignmentError`` (a `
 from __future__ import annotations
 
 import hashlib
+import itertools
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -98,6 +99,9 @@ class Detector:
 
     #: volume score under position-aware normalisation: mean of this many highest voxels
     POSITION_TOP_K = 50
+    #: position statistics pool each voxel's variance with its neighbours' (Gaussian sigma in mm;
+    #: ``VoxelwiseStats.fit(pool_sigma=...)`` says why)
+    POSITION_POOL_MM = 4.0
 
     def __init__(self, model: AnomalyModel, preprocessing: Optional[Preprocessing] = None,
                  calibration: Optional[Calibration] = None, meta: Optional[dict] = None, device="auto",
@@ -305,6 +309,7 @@ class Detector:
         With alignment the volumes are registered to the reference first (``aligned=True``: they already are)."""
         self.position_stats = None
         prep = self.preprocessing
+        spacing: list = []
 
         def maps():
             for i, v in enumerate(volumes):
@@ -315,10 +320,16 @@ class Detector:
                 res = self.detect(array, affine, aligned=True)
                 canon = to_canonical(res.heatmap.reshape(np.shape(array)), affine)
                 fg = to_canonical(res.foreground.reshape(np.shape(array)), affine)
+                spacing.append(canon.spacing_slice_first(prep.slice_axis))
                 yield np.moveaxis(canon.array, prep.slice_axis, 0), np.moveaxis(fg.array, prep.slice_axis, 0)
                 if progress is not None:
                     progress(i + 1, len(volumes))
 
-        self.position_stats = VoxelwiseStats.fit(maps())
+        maps_and_fg = maps()
+        first = next(maps_and_fg, None)
+        if first is None:
+            raise ValueError("fit_position_stats needs at least 2 normal volumes, got none")
+        pool = [self.POSITION_POOL_MM / float(s) for s in spacing[0]]
+        self.position_stats = VoxelwiseStats.fit(itertools.chain([first], maps_and_fg), pool_sigma=pool)
         self.invalidate_version()
         return self.position_stats

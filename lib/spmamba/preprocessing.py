@@ -16,7 +16,8 @@ from nibabel import orientations
 
 __all__ = [
     "SliceGeometry", "CanonicalVolume", "to_canonical", "normalise_intensity", "slices_to_batch", "batch_to_slices",
-    "SLICE_AXES", "Preprocessing", "prepare_slices",
+    "SLICE_AXES", "Preprocessing", "prepare_slices", "LANDMARK_PERCENTILES", "intensity_landmarks",
+    "standardise_intensity", "fit_landmarks",
 ]
 
 SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
@@ -83,6 +84,59 @@ def normalise_intensity(array: np.ndarray, low_pct: float = 0.5, high_pct: float
     return out, a > cut
 
 
+#: foreground percentiles whose intensities are matched between volumes (standardise_intensity)
+LANDMARK_PERCENTILES: tuple[float, ...] = (1.0, 10.0, 25.0, 50.0, 75.0, 90.0, 99.0)
+
+
+def intensity_landmarks(norm: np.ndarray, fg: np.ndarray,
+                        percentiles: "tuple[float, ...] | list[float]" = LANDMARK_PERCENTILES) -> np.ndarray:
+    """The intensities of ``norm`` at ``percentiles`` of its foreground ``fg`` (a strided sample of at most 2 M
+    voxels). -> (len(percentiles),) float64, non-decreasing."""
+    v = np.asarray(norm, dtype=np.float32)[np.asarray(fg, dtype=bool)]
+    if v.size < 16:
+        raise ValueError(f"{v.size} foreground voxels: too few to standardise the intensities")
+    if v.size > 2_000_000:
+        v = v[:: v.size // 2_000_000 + 1]
+    return np.maximum.accumulate(np.percentile(v, list(percentiles)).astype(np.float64))
+
+
+def standardise_intensity(norm: np.ndarray, fg: np.ndarray, landmarks: "list | tuple", max_value: float = 2.0
+                          ) -> np.ndarray:
+    """Piecewise-linear intensity standardisation (Nyul and Udupa's landmark method): the foreground intensities of
+    ``norm`` at each landmark's percentile are mapped onto the landmark's intensity, linearly in between and beyond
+    the ends (with the slopes of the end segments), clipped to [0, ``max_value``]; voxels outside ``fg`` are kept.
+    ``landmarks``: [(percentile, intensity), ...] as ``fit_landmarks`` makes them.
+
+    Why: scanners, sequences and subjects give the same tissue different intensities, even after the per-volume
+    scaling of ``normalise_intensity`` (which fixes only the two ends of the range); a method that compares a voxel
+    with the normals at the same position, or distils a teacher's features of the slices, then sees contrast where
+    there is only a different grey level of grey matter."""
+    pct = [float(p) for p, _ in landmarks]
+    target = np.asarray([float(v) for _, v in landmarks], dtype=np.float64)
+    own = intensity_landmarks(norm, fg, pct)
+    # strictly increasing knots for np.interp (flat stretches of a histogram would repeat a value)
+    own = own + np.arange(own.size) * 1e-6
+    a = np.asarray(norm, dtype=np.float32)
+    x = a.astype(np.float64)
+    out = np.interp(x, own, target)
+    lo_slope = (target[1] - target[0]) / (own[1] - own[0])
+    hi_slope = (target[-1] - target[-2]) / (own[-1] - own[-2])
+    out = np.where(x < own[0], target[0] + (x - own[0]) * lo_slope, out)
+    out = np.where(x > own[-1], target[-1] + (x - own[-1]) * hi_slope, out)
+    out = np.clip(out, 0.0, max_value).astype(np.float32)
+    return np.where(np.asarray(fg, dtype=bool), out, a)
+
+
+def fit_landmarks(volumes, percentiles: "tuple[float, ...]" = LANDMARK_PERCENTILES) -> list:
+    """The standard scale of ``standardise_intensity`` from normal volumes (an iterable of (norm, fg) pairs): the
+    mean intensity of each percentile over them. -> [[percentile, intensity], ...]."""
+    marks = [intensity_landmarks(n, f, percentiles) for n, f in volumes]
+    if not marks:
+        raise ValueError("fit_landmarks needs at least one volume")
+    mean = np.maximum.accumulate(np.mean(marks, axis=0))
+    return [[float(p), float(round(v, 6))] for p, v in zip(percentiles, mean)]
+
+
 @dataclass
 class SliceGeometry:
     """How a (h, w) slice was padded to a square and resized to S x S, to undo it."""
@@ -129,6 +183,10 @@ class Preprocessing:
     # after the slices are assembled: 3-D Gaussian smoothing of the heatmap inside the foreground, sigma in mm
     # (the Detector, with scoring.smooth_within_mask; 0 = off, as published)
     heatmap_sigma_mm: float = 2.0
+    # intensity standardisation (standardise_intensity): training fits the landmarks on its normals
+    # (fit_landmarks) when ``standardise`` is on; [[percentile, intensity], ...] or None (not standardised)
+    standardise: bool = True
+    intensity_landmarks: Optional[list] = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
@@ -136,6 +194,8 @@ class Preprocessing:
         if d and "intensity_max" not in d:  # files written before these settings existed
             d["intensity_max"] = 1.0  # were trained on [0, 1]
             d.setdefault("heatmap_sigma_mm", 0.0)  # and calibrated on unsmoothed heatmaps
+        if d and "standardise" not in d:  # written before standardisation existed: trained without it
+            d["standardise"] = False
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -145,6 +205,8 @@ def prepare_slices(array: np.ndarray, affine: Optional[np.ndarray], prep: Prepro
     canon = to_canonical(array, affine)
     vol = np.moveaxis(canon.array, prep.slice_axis, 0)
     norm, fg = normalise_intensity(vol, max_value=prep.intensity_max)
+    if prep.intensity_landmarks and fg.sum() >= 16:
+        norm = standardise_intensity(norm, fg, prep.intensity_landmarks, prep.intensity_max)
     fg_share = fg.reshape(fg.shape[0], -1).mean(1)
     keep = [int(i) for i in np.nonzero(fg_share >= prep.min_foreground)[0]]
     return norm, fg, keep, canon

@@ -21,7 +21,8 @@ from .io import Volume
 from .methods import DEFAULT_METHOD, get_method
 from .models.pretrain import TEACHER_FORMAT, encoder_state_torchvision
 from .preprocessing import Preprocessing
-from .train import TrainingDataError, _load_all, check_teacher_pretrain, prepare_volumes, split_normals
+from .train import (TrainingDataError, _load_all, check_teacher_pretrain, prepare_volumes, split_normals,
+                    standardise_volumes)
 
 __all__ = ["pretrain_teacher", "TEACHER_FORMAT"]
 
@@ -66,8 +67,8 @@ def pretrain_teacher(volumes: Sequence[Union[str, Path, Volume]], out: Union[str
     model = cls.build(cfg, encoder_weights=encoder_weights).to(resolve_device(device))
     prep = preprocessing or Preprocessing(**dict(cls.preprocessing_defaults))
     emit({"phase": "prepare", "step": 0, "total_steps": len(train_vols), "unit": "vol"})
-    data = model.training_data(prepare_volumes(
-        train_vols, prep, lambda i, k: emit({"phase": "prepare", "step": i, "total_steps": k, "unit": "vol"})))
+    data = model.training_data(standardise_volumes(prepare_volumes(
+        train_vols, prep, lambda i, k: emit({"phase": "prepare", "step": i, "total_steps": k, "unit": "vol"})), prep))
     pre_deadline = None
     if deadline is not None:
         pre_deadline = deadline - _AFTER_SHARE * max(0.0, deadline - time.time())

@@ -28,19 +28,21 @@ from .checkpoint import load_checkpoint
 from .detector import Calibration, Detector, resolve_device
 from .io import Volume, VolumeError, load_volume
 from .methods import DEFAULT_METHOD, PreparedVolume, get_method
-from .preprocessing import Preprocessing, prepare_slices, to_canonical
+from .preprocessing import Preprocessing, fit_landmarks, prepare_slices, standardise_intensity, to_canonical
 from .registration import (ALIGN_METHODS, AffineAligner, AlignmentError, auto_spacing, calibrate_floor,
                            make_reference, mni152_fits)
 from .scoring import calibrate_threshold
 
 __all__ = ["train_detector", "TrainingDataError", "calibrate", "MIN_VOLUMES", "split_normals", "build_or_resume",
            "prepare_volumes", "publish", "fit", "FitState", "TrainingBudget", "PRETRAIN_SHARE",
-           "check_teacher_pretrain"]
+           "check_teacher_pretrain", "standardise_volumes"]
 
 log = logging.getLogger(__name__)
 MIN_VOLUMES = 3  # at least 2 to train on + 1 held out for calibration
 #: under a deadline, the teacher's pretraining gets at most this share of the time left for training
 PRETRAIN_SHARE = 0.25
+#: under a deadline, the learning rate drops (x0.1) once this share of the optimisation's time has passed
+LR_DROP_SHARE = 0.8
 # per held-out volume, at most this many foreground heatmap values enter the pixel-threshold quantile
 _PIXELS_PER_VOLUME = 200_000
 
@@ -85,6 +87,21 @@ def prepare_volumes(vols: list[Volume], prep: Preprocessing,
         if progress is not None:
             progress(i + 1, len(vols))
     return out
+
+
+def standardise_volumes(prepared: list[PreparedVolume], prep: Preprocessing) -> list[PreparedVolume]:
+    """Intensity standardisation for training (``preprocessing.standardise_intensity``): when ``prep.standardise``
+    is on and ``prep`` has no landmarks yet (a new model), fit them on these normals (``fit_landmarks``) and store
+    them in ``prep`` (so every later detection uses them); then map every volume onto them. Without
+    standardisation the volumes are returned as they are."""
+    if not prep.standardise:
+        return prepared
+    if prep.intensity_landmarks is None:
+        prep.intensity_landmarks = fit_landmarks((v.norm, v.fg) for v in prepared)
+        log.info("intensity landmarks fitted on %d normals: %s", len(prepared), prep.intensity_landmarks)
+        return [v._replace(norm=standardise_intensity(v.norm, v.fg, prep.intensity_landmarks, prep.intensity_max))
+                for v in prepared]
+    return prepared  # prepare_volumes already standardised them with the stored landmarks
 
 
 def build_or_resume(method: Optional[str] = None, config: Any = None, *, encoder_weights: str = "none",
@@ -397,6 +414,7 @@ class FitState:
     stopped: bool = False
     stop_reason: Optional[str] = None  # None (finished), "stopped" (should_stop), "max_steps", "time_limit"
     history: list = field(default_factory=list)
+    lr_drop_step: Optional[int] = None  # the step at which the time limit dropped the learning rate, if it did
     optimizer: Any = None
     scheduler: Any = None
 
@@ -410,6 +428,11 @@ class FitState:
             return None
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "epoch": epoch_done, "loss_history": self.history}
+
+
+def _drop_pending(scheduler: Any) -> bool:
+    """Whether the MultiStepLR still has its drop ahead (not yet reached, nor made earlier by the time limit)."""
+    return bool(scheduler.milestones) and scheduler.last_epoch < max(scheduler.milestones)
 
 
 def fit(detector: Detector, data: Any, budget: Optional[TrainingBudget] = None, *, total_epochs: int,
@@ -497,6 +520,13 @@ def fit(detector: Detector, data: Any, budget: Optional[TrainingBudget] = None, 
     stopped = False
     step_seconds = 0.0  # running estimate of one optimisation step
     epoch = start_epoch
+    # Under a time limit the training usually ends long before ``total_epochs``, so the epoch milestone of the
+    # published schedule (lr x0.1 at 80% of the training) would never come: the drop then also comes at 80% of the
+    # time the optimisation has (from now to the deadline less what is reserved for calibration), whichever is
+    # first, and happens once (the epoch milestone is then removed; a checkpoint keeps both).
+    lr_drop_at = None
+    if scheduler is not None and budget.deadline is not None and _drop_pending(scheduler):
+        lr_drop_at = time.time() + LR_DROP_SHARE * max(0.0, budget.left() - budget.reserve())
     g = torch.Generator().manual_seed(seed + start_epoch)
     emit({"phase": "train", "epoch": start_epoch + 1, "total_epochs": total_epochs, "step": 0,
           "total_steps": steps_per_epoch, "global_step": state.steps_before,
@@ -527,6 +557,14 @@ def fit(detector: Detector, data: Any, budget: Optional[TrainingBudget] = None, 
             if state.stop_reason is not None:
                 stopped = True
                 break
+            if lr_drop_at is not None and time.time() >= lr_drop_at:
+                lr_drop_at = None
+                if _drop_pending(scheduler):
+                    for group in optimizer.param_groups:
+                        group["lr"] *= scheduler.gamma
+                    scheduler.milestones.clear()
+                    state.lr_drop_step = state.steps
+                    log.info("lr x%g at 80%% of the time limit (step %d)", scheduler.gamma, state.steps)
             t_step = time.perf_counter()
             idx = perm[step * batch:(step + 1) * batch]
             loss = model.training_loss(samples[idx].to(dev, non_blocking=True))
@@ -680,8 +718,8 @@ def train_detector(
         raise ValueError("epochs must be >= 1")
 
     emit({"phase": "prepare", "step": 0, "total_steps": len(train_vols), "unit": "vol"})
-    data = model.training_data(prepare_volumes(
-        train_vols, prep, lambda i, k: emit({"phase": "prepare", "step": i, "total_steps": k, "unit": "vol"})))
+    data = model.training_data(standardise_volumes(prepare_volumes(
+        train_vols, prep, lambda i, k: emit({"phase": "prepare", "step": i, "total_steps": k, "unit": "vol"})), prep))
     n = len(data)
 
     # Time budget (time_limit): what follows training (position statistics, calibration, the final save) needs
@@ -712,6 +750,7 @@ def train_detector(
             "stop_reason": st.stop_reason, "time_limit_s": time_limit, "origin": origin,
             "alignment": align_info, "teacher": detector.meta.get("teacher"),
             "paused_s": round(budget.paused_seconds, 1), "pauses": budget.pauses,
+            "lr_drop_step": st.lr_drop_step, "intensity_landmarks": prep.intensity_landmarks,
         }
 
     def save(st: FitState, epoch_done: int) -> None:

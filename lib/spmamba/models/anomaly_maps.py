@@ -5,7 +5,7 @@ assembled volumes (volume scores, 3-D smoothing, thresholds, regions) is ``spmam
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,13 +14,27 @@ from monai.networks.layers import GaussianFilter
 __all__ = ["feature_distance_map", "gaussian_blur", "contrast_term", "concentration_term", "image_score"]
 
 
-def feature_distance_map(enc: Sequence[torch.Tensor], dec: Sequence[torch.Tensor], size: int) -> torch.Tensor:
-    """Mean over levels of (1 - cos(f_enc, f_dec)) upsampled bilinearly to size x size. -> (B, S, S)."""
+def feature_distance_map(enc: Sequence[torch.Tensor], dec: Sequence[torch.Tensor], size: int,
+                         weights: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """Mean over levels of (1 - cos(f_enc, f_dec)) upsampled bilinearly to size x size. -> (B, S, S).
+
+    ``weights``: one per level for a weighted mean (None or all equal: the paper's plain mean); levels of weight 0
+    are not computed."""
+    weights = [1.0] * len(enc) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(enc):
+        raise ValueError(f"{len(weights)} level weights for {len(enc)} feature levels")
+    if sum(weights) <= 0:
+        raise ValueError("every level weight is 0: at least one level must count")
     maps = []
-    for fe, fd in zip(enc, dec):
+    for fe, fd, w in zip(enc, dec, weights):
+        if w == 0:
+            continue
         d = 1.0 - F.cosine_similarity(fe, fd, dim=1)  # (B, h, w)
         maps.append(F.interpolate(d.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False))
-    return torch.stack(maps, 0).mean(0).squeeze(1)
+    kept = [w for w in weights if w != 0]
+    if len(set(kept)) == 1:  # equal weights: the plain mean (bit for bit what model files written before got)
+        return torch.stack(maps, 0).mean(0).squeeze(1)
+    return (sum(w * m for w, m in zip(kept, maps)) / sum(kept)).squeeze(1)
 
 
 _BLURS: dict[tuple[float, str], GaussianFilter] = {}

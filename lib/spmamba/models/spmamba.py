@@ -248,9 +248,11 @@ class SPMamba(SliceModel):
         return loss
 
     def anomaly_map(self, out: SPMambaOutput) -> torch.Tensor:
-        """A = blur(mean_levels(1 - cos), sigma) + map_prototype_weight * d_up. -> (B, S, S)."""
+        """A = blur(mean_levels(1 - cos) weighted by map_level_weights, sigma) + map_prototype_weight * d_up.
+        -> (B, S, S)."""
         cfg = self.config
-        a = gaussian_blur(feature_distance_map(out.enc, out.dec, cfg.image_size), cfg.map_blur_sigma)
+        a = gaussian_blur(feature_distance_map(out.enc, out.dec, cfg.image_size, cfg.map_level_weights),
+                          cfg.map_blur_sigma)
         d_up = self._proto_up(out)
         if d_up is not None:
             a = a + cfg.map_prototype_weight * d_up

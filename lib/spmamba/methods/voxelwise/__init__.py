@@ -1,6 +1,7 @@
 """The voxel-wise statistical baseline as a method ("voxelwise"): per-voxel mean and standard deviation of the
 intensity-normalised normal volumes (all on one grid, e.g. registered to a template or aligned with
-``--align affine``); heatmap = |z| smoothed with a Gaussian of ``smooth_sigma`` voxels, 0 outside the foreground
+``--align affine``); each voxel's variance pooled with its
+neighbours' (``pool_sigma``); heatmap = |z| smoothed with a Gaussian of ``smooth_sigma`` voxels, 0 outside the foreground
 and outside the normals' support (``VoxelwiseStats.support``); volume score = mean of the ``top_k`` highest voxels. Fitted in one pass (no gradient training)."""
 from __future__ import annotations
 
@@ -22,13 +23,16 @@ class VoxelwiseConfig:
     smooth_sigma: float = 1.0  # voxels
     top_k: int = 50
     std_floor: float = 0.5  # see VoxelwiseStats.fit
+    # each voxel's variance pooled with its neighbours' (Gaussian sigma in voxels; VoxelwiseStats.fit says why);
+    # files written before it existed were fitted without (0) and keep their statistics
+    pool_sigma: float = 2.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def validate(self) -> None:
-        if self.smooth_sigma < 0 or self.top_k < 1 or self.std_floor < 0:
-            raise ValueError("voxelwise: smooth_sigma and std_floor must be >= 0 and top_k >= 1")
+        if self.smooth_sigma < 0 or self.top_k < 1 or self.std_floor < 0 or self.pool_sigma < 0:
+            raise ValueError("voxelwise: smooth_sigma, std_floor and pool_sigma must be >= 0 and top_k >= 1")
 
 
 class VoxelwiseModel(VolumeModel):
@@ -50,7 +54,7 @@ class VoxelwiseModel(VolumeModel):
             known = {f.name for f in fields(VoxelwiseConfig)}
             if set(spec) - known:
                 raise ValueError(f"unknown voxelwise settings {sorted(set(spec) - known)}")
-            cfg = VoxelwiseConfig(**spec)
+            cfg = VoxelwiseConfig(**{"pool_sigma": 0.0, **spec})  # stored before pooling existed: fitted without
         elif spec in cls.PRESETS:
             cfg = cls.PRESETS[spec]
         else:
@@ -91,7 +95,7 @@ class VoxelwiseModel(VolumeModel):
                 if progress is not None:
                     progress(i + 1, len(data))
 
-        stats = VoxelwiseStats.fit(arrays(), self.config.std_floor)
+        stats = VoxelwiseStats.fit(arrays(), self.config.std_floor, pool_sigma=self.config.pool_sigma)
         self.mean = torch.from_numpy(stats.mean)
         self.std = torch.from_numpy(stats.std)
         self.n = torch.tensor(stats.n, dtype=torch.int64)
