@@ -387,8 +387,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     ref = args.align_reference
     if ref not in ("auto", "normals", "mni152") and not ref.startswith("mni152:") and not Path(ref).is_file():
         raise CLIError(f"--align-reference {ref}: not 'auto', 'normals', 'mni152' or an existing volume file")
-    if ref != "auto" and args.align != "affine":
-        raise CLIError("--align-reference needs --align affine")
+    if ref != "auto" and args.align not in ("affine", "deformable"):
+        raise CLIError("--align-reference needs --align affine or --align deformable")
     _check_teacher_options(args.teacher_pretrain, args.pretrain_steps, args.method, args.resume, args.encoder_weights)
     s = train_model(args.normal, args.out, config=args.config, method=args.method, epochs=args.epochs,
                     device=args.device, resume=args.resume, encoder_weights=args.encoder_weights,
@@ -397,7 +397,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                     align=args.align, align_reference=ref, teacher_pretrain=args.teacher_pretrain,
                     pretrain_steps=args.pretrain_steps)
     al = (s.get("training") or {}).get("alignment")
-    note = (f"; aligned to the {al['reference']} reference" if al else "; not aligned") if s.get("training") else ""
+    note = ((f"; aligned to the {al['reference']} reference ({al['method']})" if al else "; not aligned")
+            if s.get("training") else "")
     note += " (stopped early by Ctrl-C; calibrated)" if s["stopped_early"] else ""
     note += " (time limit reached; calibrated)" if s["timed_out"] else ""
     print(f"saved {s['model']} (version {s['version']}) trained on {s['n_volumes']} volumes in "
@@ -485,7 +486,8 @@ def cmd_detect(args: argparse.Namespace) -> int:
                     continue
                 output.add(sid, res.heatmap, vol.affine, res.score, res.threshold, res.abnormal)
                 if res.alignment:
-                    aligned[sid] = {k: res.alignment[k] for k in ("similarity", "scales", "seconds", "matrix_ras")}
+                    aligned[sid] = {k: res.alignment[k] for k in ("similarity", "scales", "seconds", "matrix_ras",
+                                                                  "deformable") if k in res.alignment}
                 if args.png:
                     flag = "ABNORMAL" if res.abnormal else "normal"
                     img_ras, heat_ras = to_ras(vol.array, vol.affine), to_ras(res.heatmap, vol.affine)
@@ -504,7 +506,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
                           pixel_threshold=float(detector.calibration.pixel_threshold), n_inputs=n_files,
                           n_done=n_done, failed=failed, seconds=time.time() - t0,
                           alignment=None if alignment is None else {
-                              "method": "affine", "reference": alignment.reference.name,
+                              "method": alignment.method, "reference": alignment.reference.name,
                               "metric_floor": alignment.metric_floor, "volumes": aligned})
     finally:
         if bar is not None:
@@ -748,13 +750,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "model then refuses volumes on another grid). Default: on when the model aligns, else off")
     t.add_argument("--no-position-normalise", dest="position_normalise", action="store_false",
                    help="turn position-aware normalisation off (also when the model aligns)")
-    t.add_argument("--align", choices=("auto", "none", "affine"), default=None,
-                   help="affine registration of every volume to a reference before training and detection (stored "
-                   "in the model; detect follows it). auto (default for a new model): to the MNI152 template when "
-                   "the normals are brains that register to it, else none; affine: to --align-reference. When "
-                   "resuming: the model's setting")
+    t.add_argument("--align", choices=("auto", "none", "affine", "deformable"), default=None,
+                   help="registration of every volume to a reference before training and detection (stored in the "
+                   "model; detect follows it). auto (default for a new model): deformable to the MNI152 template "
+                   "when the normals are brains that register to it, else none; affine: affine to "
+                   "--align-reference; deformable: affine, then a smooth B-spline deformation. When resuming: the "
+                   "model's setting")
     t.add_argument("--align-reference", default="auto", metavar="REF",
-                   help="with --align affine: auto (default: MNI152 when the normals are brains that register to "
+                   help="with --align affine or deformable: auto (default: MNI152 when the normals are brains that register to "
                    "it, else built from them), normals (built from the training normals), mni152 (nilearn's "
                    "skull-stripped MNI152 T1 template, 2 mm; mni152:MM for another spacing) or a volume file")
     t.add_argument("--teacher-pretrain", default="none", metavar="OBJ",

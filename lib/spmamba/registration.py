@@ -40,7 +40,7 @@ below ``ABSOLUTE_FLOOR``); the singular values of the transform's linear part mu
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -55,7 +55,7 @@ __all__ = [
     "similarity", "ABSOLUTE_FLOOR", "FLOOR_MARGIN", "calibrate_floor",
 ]
 
-ALIGN_METHODS = ("none", "affine", "auto")  # auto: affine to MNI152 for brains that fit it, else none
+ALIGN_METHODS = ("none", "affine", "deformable", "auto")  # auto: deformable to MNI152 for brains that fit it, else none
 DEFAULT_ALIGN = "auto"  # what `spmamba train` and the app do for a new model
 REFERENCE_KINDS = ("auto", "normals", "mni152")  # or a path to a volume file
 ABSOLUTE_FLOOR = 0.5  # no alignment with a lower similarity is ever accepted
@@ -388,10 +388,41 @@ class Alignment:
     seconds: float
     reference_name: str = "reference"
     metric_floor: Optional[float] = None
+    # the deformable stage (models aligned with "deformable"): the B-spline transform applied before the affine one
+    # (reference point -> deformed reference point -> input point), or None (affine only, or the stage was left
+    # out for this volume: ``deformable`` says why); its similarity and largest displacement (mm, in the brain)
+    deformation: Any = None
+    deformable: Optional[dict] = None
+    _inverse: Any = field(default=None, repr=False)
 
     @property
     def matrix_ras(self) -> np.ndarray:
+        """The affine stage as a 4x4 matrix on RAS points (reference -> input)."""
         return _transform_matrix_ras(self.transform)
+
+    def full_transform(self):
+        """Reference LPS points -> input LPS points: the affine transform, after the deformation when there is one."""
+        if self.deformation is None:
+            return self.transform
+        sitk = _sitk()
+        return sitk.CompositeTransform([self.transform, self.deformation])  # the last one is applied first
+
+    def inverse_transform(self):
+        """Input LPS points -> reference LPS points (made once: a deformation's inverse is a displacement field,
+        inverted iteratively on the reference grid)."""
+        if self._inverse is None:
+            sitk = _sitk()
+            if self.deformation is None:
+                self._inverse = self.transform.GetInverse()
+            else:
+                grid = to_sitk(np.zeros(self.array.shape, np.uint8), self.affine, "reference grid")
+                fwd = sitk.TransformToDisplacementField(self.deformation, sitk.sitkVectorFloat64, grid.GetSize(),
+                                                        grid.GetOrigin(), grid.GetSpacing(), grid.GetDirection())
+                inv = sitk.InvertDisplacementField(fwd, maximumNumberOfIterations=20, maxErrorToleranceThreshold=0.1,
+                                                   meanErrorToleranceThreshold=0.001, enforceBoundaryCondition=True)
+                inv_tx = sitk.DisplacementFieldTransform(sitk.Cast(inv, sitk.sitkVectorFloat64))
+                self._inverse = sitk.CompositeTransform([inv_tx, self.transform.GetInverse()])
+        return self._inverse
 
     def to_input(self, data: np.ndarray, interpolation: str = "linear", fill: float = 0.0) -> np.ndarray:
         """A map on the reference grid (RAS voxel order, the shape of ``array``) resampled onto the input's grid
@@ -403,16 +434,22 @@ class Alignment:
         src = to_sitk(d.astype(np.float32), self.affine, "reference-grid map")
         grid = to_sitk(np.zeros(self.input_shape, np.uint8), self.input_affine, "input grid")
         interp = sitk.sitkNearestNeighbor if interpolation == "nearest" else sitk.sitkLinear
-        out = sitk.Resample(src, grid, self.transform.GetInverse(), interp, float(fill), sitk.sitkFloat32)
+        out = sitk.Resample(src, grid, self.inverse_transform(), interp, float(fill), sitk.sitkFloat32)
         arr, _ = from_sitk(out)
         return arr > 0.5 if is_bool else arr.astype(np.float32, copy=False)
 
     def summary(self) -> dict:
-        """Plain numbers for results and logs (JSON-ready)."""
-        return {"method": "affine", "reference": self.reference_name, "similarity": round(self.similarity, 4),
-                "metric_floor": None if self.metric_floor is None else round(self.metric_floor, 4),
-                "scales": [round(float(s), 4) for s in self.scales], "seconds": round(self.seconds, 3),
-                "matrix_ras": np.round(self.matrix_ras, 5).tolist()}
+        """Plain numbers for results and logs (JSON-ready). ``similarity`` is the affine stage's (the one the floor
+        checks); a deformable model adds ``deformable``: the final similarity and largest displacement, or why the
+        stage was left out for this volume."""
+        out = {"method": "affine" if self.deformable is None else "deformable", "reference": self.reference_name,
+               "similarity": round(self.similarity, 4),
+               "metric_floor": None if self.metric_floor is None else round(self.metric_floor, 4),
+               "scales": [round(float(s), 4) for s in self.scales], "seconds": round(self.seconds, 3),
+               "matrix_ras": np.round(self.matrix_ras, 5).tolist()}
+        if self.deformable is not None:
+            out["deformable"] = dict(self.deformable)
+        return out
 
 
 @dataclass
@@ -438,14 +475,26 @@ class AffineAligner:
     # each axis, rotation_step_deg apart (2 x 15 deg: -30..30 deg, 125 starts at 1/4 resolution); (0, x): none
     rotation_steps: int = 2
     rotation_step_deg: float = 15.0
+    # deformable stage after the affine one (``method`` "deformable"): diffeomorphic demons (SimpleITK) between
+    # the reference and the affinely aligned volume (histogram-matched to it), on a grid shrunk by each
+    # ``demons_shrink`` in turn with ``demons_iterations`` iterations each, the displacement field smoothed with a
+    # Gaussian of ``demons_sigma`` (the regulariser: larger is stiffer). A deformation that folds (Jacobian
+    # determinant below ``min_jacobian`` in the brain) or moves brain voxels more than ``max_displacement_mm`` is
+    # not used: that volume keeps its affine alignment and the summary says why.
+    deformable: bool = False
+    demons_iterations: tuple = (30, 20)
+    demons_shrink: tuple = (2, 1)
+    demons_sigma: float = 2.0
+    min_jacobian: float = 0.1
+    max_displacement_mm: float = 30.0
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
-    method = "affine"
+    @property
+    def method(self) -> str:
+        return "deformable" if self.deformable else "affine"
 
     def with_reference(self, reference: Reference) -> "AffineAligner":
-        return AffineAligner(reference, self.metric_floor, self.scale_range, self.sampling, self.iterations,
-                             self.shrink, self.smoothing, self.bins, self.seed, self.threads, self.rotation_steps,
-                             self.rotation_step_deg)
+        return replace(self, reference=reference, _cache={})
 
     # -- the reference as SimpleITK images, made once
     def _fixed(self):
@@ -517,6 +566,51 @@ class AffineAligner:
         start.SetTranslation(rigid.GetTranslation())
         return start
 
+    def _deform(self, moved_norm):
+        """The demons stage on the reference grid: ``moved_norm`` (the intensity-normalised input, resampled onto the
+        reference grid by the affine stage) -> displacement field image (reference points -> points of the affinely
+        aligned space, mm, float64 vectors)."""
+        sitk = _sitk()
+        fixed, _ = self._fixed()
+        moving = sitk.HistogramMatching(moved_norm, fixed, numberOfHistogramLevels=64, numberOfMatchPoints=7,
+                                        thresholdAtMeanIntensity=True)
+        disp = None
+        for iterations, shrink in zip(self.demons_iterations, self.demons_shrink):
+            f, m = fixed, moving
+            if shrink > 1:  # a coarse level: shrunk, smoothed against aliasing
+                f = sitk.SmoothingRecursiveGaussian(sitk.Shrink(fixed, [int(shrink)] * 3), float(shrink - 1))
+                m = sitk.SmoothingRecursiveGaussian(sitk.Shrink(moving, [int(shrink)] * 3), float(shrink - 1))
+            demons = sitk.DiffeomorphicDemonsRegistrationFilter()
+            if self.threads:
+                demons.SetNumberOfThreads(int(self.threads))
+            demons.SetNumberOfIterations(int(iterations))
+            demons.SetSmoothDisplacementField(True)
+            demons.SetStandardDeviations(float(self.demons_sigma))
+            demons.SetUseImageSpacing(True)
+            if disp is None:
+                disp = demons.Execute(f, m)
+            else:
+                disp = demons.Execute(f, m, sitk.Resample(disp, f, sitk.Transform(), sitk.sitkLinear, 0.0,
+                                                          disp.GetPixelID()))
+        if disp.GetSize() != fixed.GetSize():
+            disp = sitk.Resample(disp, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, disp.GetPixelID())
+        return sitk.Cast(disp, sitk.sitkVectorFloat64)
+
+    def _deformation_check(self, disp) -> tuple[Optional[str], float, float]:
+        """(why the displacement field is not used or None, largest displacement in the brain (mm), lowest Jacobian
+        determinant there)."""
+        sitk = _sitk()
+        _, mask = self._fixed()
+        inside = sitk.GetArrayFromImage(mask) > 0
+        size = np.linalg.norm(sitk.GetArrayFromImage(disp), axis=-1)[inside]
+        jac = sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(disp))[inside]
+        largest, lowest = float(size.max(initial=0.0)), float(jac.min(initial=1.0))
+        if lowest < self.min_jacobian:
+            return f"it folds the brain (Jacobian {lowest:.2f} < {self.min_jacobian:g})", largest, lowest
+        if largest > self.max_displacement_mm:
+            return f"it moves brain voxels {largest:.1f} mm (> {self.max_displacement_mm:g})", largest, lowest
+        return None, largest, lowest
+
     def align(self, array: np.ndarray, affine: Optional[np.ndarray] = None, name: str = "volume",
               check_floor: bool = True) -> Alignment:
         """Register ``array`` (input grid, voxel->RAS ``affine``) to the reference; raise AlignmentError when it
@@ -537,19 +631,47 @@ class AffineAligner:
                                  f"({str(e).strip().splitlines()[-1][:200]}); is it the same anatomy as the "
                                  "training scans?") from e
         fixed, _ = self._fixed()
-        raw = to_sitk(arr, affine, name)
-        moved_raw = sitk.Resample(raw, fixed, transform, sitk.sitkLinear, float(arr.min()), sitk.sitkFloat32)
         moved_norm = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-        moved_arr, _ = from_sitk(moved_raw)
         sim = similarity(self.reference.array, from_sitk(moved_norm)[0])
         lin = np.asarray(transform.GetMatrix(), dtype=np.float64).reshape(3, 3)
         scales = tuple(float(s) for s in np.linalg.svd(lin, compute_uv=False))
-        result = Alignment(moved_arr.astype(np.float32, copy=False), self.reference.affine.copy(), transform,
+        result = Alignment(np.zeros(0, np.float32), self.reference.affine.copy(), transform,
                            tuple(arr.shape), np.eye(4) if affine is None else np.asarray(affine, np.float64),
-                           sim, scales, time.perf_counter() - t0, self.reference.name,
-                           self.metric_floor if check_floor else None)
-        self._check(result, name, check_floor)
+                           sim, scales, 0.0, self.reference.name, self.metric_floor if check_floor else None)
+        self._check(result, name, check_floor)  # the affine stage must hold before anything is built on it
+        if self.deformable:
+            result.deformable = self._deformable_stage(result, moved_norm, name)
+        moved_raw = sitk.Resample(to_sitk(arr, affine, name), fixed, result.full_transform(), sitk.sitkLinear,
+                                  float(arr.min()), sitk.sitkFloat32)
+        result.array = from_sitk(moved_raw)[0].astype(np.float32, copy=False)
+        result.seconds = time.perf_counter() - t0
         return result
+
+    def _deformable_stage(self, result: Alignment, moved_norm, name: str) -> dict:
+        """Fit the deformation on top of ``result``'s affine stage and keep it (``result.deformation``) when it passes
+        its checks; returns the summary's ``deformable`` entry."""
+        import logging
+
+        sitk = _sitk()
+        t = time.perf_counter()
+        try:
+            disp = self._deform(moved_norm)
+        except RuntimeError as e:  # ITK exceptions: the affine alignment stands
+            why = f"the registration failed ({str(e).strip().splitlines()[-1][:160]})"
+            logging.getLogger(__name__).warning("%s: deformable stage left out: %s; aligned affinely", name, why)
+            return {"used": False, "why": why, "seconds": round(time.perf_counter() - t, 3)}
+        why, largest, lowest = self._deformation_check(disp)
+        info = {"used": why is None, "max_displacement_mm": round(largest, 2), "min_jacobian": round(lowest, 3)}
+        if why is not None:
+            logging.getLogger(__name__).warning("%s: deformable stage left out: %s; aligned affinely", name, why)
+            info["why"] = why
+        else:
+            fixed, _ = self._fixed()
+            result.deformation = sitk.DisplacementFieldTransform(disp)  # takes the field over
+            moved = sitk.Resample(moved_norm, fixed, result.deformation, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+            info["similarity"] = round(similarity(self.reference.array, from_sitk(moved)[0]), 4)
+        info["seconds"] = round(time.perf_counter() - t, 3)
+        return info
 
     def _check(self, al: Alignment, name: str, check_floor: bool) -> None:
         lo, hi = self.scale_range
@@ -576,16 +698,27 @@ class AffineAligner:
                 "iterations": int(self.iterations), "shrink": [int(s) for s in self.shrink],
                 "smoothing": [float(s) for s in self.smoothing], "bins": int(self.bins), "seed": int(self.seed),
                 "rotation_steps": int(self.rotation_steps), "rotation_step_deg": float(self.rotation_step_deg)}
+        if self.deformable:  # "deformable": a file older code must refuse (it would align without the deformation)
+            meta.update(method="deformable", demons_iterations=[int(x) for x in self.demons_iterations],
+                        demons_shrink=[int(x) for x in self.demons_shrink], demons_sigma=float(self.demons_sigma),
+                        min_jacobian=float(self.min_jacobian), max_displacement_mm=float(self.max_displacement_mm))
         return meta, tensor
 
     @classmethod
     def from_payload(cls, meta: dict, tensor: Any) -> "AffineAligner":
-        if meta.get("method", "affine") != "affine":
-            raise ValueError(f"alignment method {meta.get('method')!r} is not supported by this spmamba")
+        method = meta.get("method", "affine")
+        if method not in ("affine", "deformable"):
+            raise ValueError(f"alignment method {method!r} is not supported by this spmamba")
+        deformable = {}
+        if method == "deformable":
+            deformable = dict(deformable=True, demons_iterations=tuple(int(x) for x in meta["demons_iterations"]),
+                              demons_shrink=tuple(int(x) for x in meta["demons_shrink"]),
+                              demons_sigma=float(meta["demons_sigma"]), min_jacobian=float(meta["min_jacobian"]),
+                              max_displacement_mm=float(meta["max_displacement_mm"]))
         return cls(Reference.from_payload(meta["reference"], tensor), float(meta["metric_floor"]),
                    tuple(meta.get("scale_range", (0.6, 1.6))), float(meta.get("sampling", 0.1)),
                    int(meta.get("iterations", 100)), tuple(meta.get("shrink", (4, 2, 1))),
                    tuple(meta.get("smoothing", (2.0, 1.0, 0.0))), int(meta.get("bins", 32)), int(meta.get("seed", 1)),
                    # model files written before the rotation search aligned without it
                    rotation_steps=int(meta.get("rotation_steps", 0)),
-                   rotation_step_deg=float(meta.get("rotation_step_deg", 15.0)))
+                   rotation_step_deg=float(meta.get("rotation_step_deg", 15.0)), **deformable)

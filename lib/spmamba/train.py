@@ -201,7 +201,7 @@ def _prepare_alignment(detector: Detector, align: Optional[str], reference: Unio
     ``align``: None follows a resumed model (a new one: none); "auto" aligns a new model to MNI152 when the
     normals are brains that fit it (``registration.mni152_fits``, on a grid of ``auto_spacing``), else trains
     without alignment and says why (a resumed model follows its own setting)."""
-    have = "affine" if detector.alignment is not None else "none"
+    have = detector.alignment.method if detector.alignment is not None else "none"
     mode = have if align is None else str(align)
     if mode not in ALIGN_METHODS:
         raise ValueError(f"align={mode!r}: choose one of {', '.join(ALIGN_METHODS)}")
@@ -219,7 +219,7 @@ def _prepare_alignment(detector: Detector, align: Optional[str], reference: Unio
                             "(--align affine --align-reference normals aligns them to a reference built from "
                             "themselves)")
                 return train_vols, val_vols, None
-            mode, reference = "affine", f"mni152:{spacing:g}"
+            mode, reference = "deformable", f"mni152:{spacing:g}"
     if detector.alignment is not None and mode != have:
         raise TrainingDataError(f"the resumed model aligns its inputs (align={have}); resume it with the same "
                                 "setting, or train a new model")
@@ -235,7 +235,7 @@ def _prepare_alignment(detector: Detector, align: Optional[str], reference: Unio
             raise TrainingDataError(f"cannot build the alignment reference from the normals: {e}") from e
         except ValueError as e:
             raise TrainingDataError(str(e)) from e
-        detector.alignment = AffineAligner(ref)
+        detector.alignment = AffineAligner(ref, deformable=mode == "deformable")
     t_ref = time.time() - t0
     aligner = detector.alignment
     every = train_vols + val_vols
