@@ -206,8 +206,8 @@ def run_method(name: str, data: Path, args) -> list[dict]:
     weights = args.encoder_weights if name == "spmamba_imagenet" else "none"
     budget = float(args.train_seconds)
     align = args.align
-    if align == "affine" and args.align_reference != "normals":
-        align = f"affine_{Path(args.align_reference).name.replace(':', '_')}"
+    if align in ("affine", "deformable") and args.align_reference != "normals":
+        align = f"{align}_{Path(args.align_reference).name.replace(':', '_')}"
     header = None
     if align == "header":  # benchmark-only: the scanner coordinates trusted, one RAS grid, no registration
         header = HeaderGrid([_load(p) for p in train], spacing=SPACING)
@@ -238,7 +238,7 @@ def run_method(name: str, data: Path, args) -> list[dict]:
             det = Detector.load(mf, device="cpu")
             det.calibration = calibrate(det, [load_train(i) for i in val_idx])
             train_s = float(det.meta["training"]["train_seconds"])
-            mode = "affine" if det.alignment is not None else ("header" if header is not None else "none")
+            mode = det.alignment.method if det.alignment is not None else ("header" if header is not None else "none")
             runs.append((_row_name(name, mode, mf if len(models) > 1 or args.models else None), det, train_s,
                          train_s, mf))
     else:
@@ -249,7 +249,7 @@ def run_method(name: str, data: Path, args) -> list[dict]:
         try:
             det = train_detector(vols, method=method, config=cfg, epochs=args.epochs, device="cpu", seed=0,
                                  encoder_weights=weights, progress=progress, should_stop=stop,
-                                 align="affine" if align.startswith("affine") else "none",
+                                 align=align.split("_")[0] if align.startswith(("affine", "deformable")) else "none",
                                  align_reference=args.align_reference)
         except (ValueError, TrainingDataError) as e:  # e.g. a method that needs one grid, given several
             print(f"[{name}] refused: {e}", flush=True)
@@ -269,7 +269,7 @@ def run_method(name: str, data: Path, args) -> list[dict]:
                   "config": dict(overrides), "encoder_weights": weights, "model_file": mf,
                   "encoder_norm": info.get("encoder_norm"), "teacher": det.meta.get("teacher"),
                   "train_steps": info.get("steps"), "align": align if mf is None else
-                  ("affine" if det.alignment is not None else align),
+                  (det.alignment.method if det.alignment is not None else align),
                   "train_alignment": info.get("alignment"), "n_test": len(test), **extras, **_data_info(data),
                   "heatmap_sigma_mm": det.preprocessing.heatmap_sigma_mm}
         thr = det.calibration.pixel_threshold
@@ -395,13 +395,13 @@ def main() -> None:
                     help="with --make-data: voxel size in mm (2; larger for smoke tests); also the --align header grid")
     ap.add_argument("--methods", nargs="*", default=METHODS)
     ap.add_argument("--one", help="run one method in this process (used internally)")
-    ap.add_argument("--align", choices=("none", "affine", "header"), default="none",
-                    help="train_detector(align=...): none or affine (registration to the normals' reference, maps "
+    ap.add_argument("--align", choices=("none", "affine", "deformable", "header"), default="none",
+                    help="train_detector(align=...): none, affine or deformable (registration to the reference, maps "
                     "back on each input grid); header (benchmark only): every volume resampled by its affine onto "
                     "one RAS grid, no registration")
     ap.add_argument("--align-reference", default="normals",
-                    help="with --align affine: train_detector(align_reference=...): normals (default), mni152 or a "
-                    "file; rows +affine_<reference> when not normals")
+                    help="with --align affine/deformable: train_detector(align_reference=...): normals (default), "
+                    "mni152 or a file; rows +<align>_<reference> when not normals")
     ap.add_argument("--train-seconds", type=float, default=240.0, help="training-loop budget per method")
     ap.add_argument("--epochs", type=int, default=100, help="epoch cap (the time budget usually stops first)")
     ap.add_argument("--encoder-weights", default=None, help="torchvision ResNet34 .pth: adds spmamba_imagenet")

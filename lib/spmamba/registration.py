@@ -23,6 +23,14 @@ random sampling of a fixed fraction of the voxels inside the reference's (dilate
 regular-step gradient descent with scales from physical shift; three resolutions (shrink 4/2/1, smoothing 2/1/0
 voxels), bounded iterations.
 
+Deformable stage (``AffineAligner(deformable=True)``, ``method`` "deformable"; what ``auto`` does for brains): the
+affine stage leaves the non-linear differences between subjects (2-5 mm on the unregistered phantoms), so a voxel of
+one subject still sits beside other anatomy of the normals; after it the volume on the reference grid is
+histogram-matched to the reference and registered to it with diffeomorphic demons (SimpleITK; two resolutions, the
+displacement field smoothed with a Gaussian of ``demons_sigma``). The full transform is the displacement field, then
+the affine one; maps go back through its inverse (the field inverted iteratively on the reference grid). A field
+that folds the brain or moves it absurdly far is not used for that volume (it keeps its affine alignment).
+
 Coordinates: nibabel affines map voxels to RAS mm, SimpleITK works in LPS mm; :func:`to_sitk` / :func:`from_sitk`
 are the one place that converts. A SimpleITK registration transform maps points of the fixed image (the
 reference) to points of the moving image (the input): the input is resampled onto the reference grid with it, and

@@ -304,9 +304,11 @@ class TrainingBudget:
 
     ``deadline``: a ``time.time()`` value or None; ``should_stop``: polled, its first True is remembered (``stop``);
     ``stop_time_limit``: seconds from that first True to the calibrated model (``stop_deadline``); ``progress``:
-    receives the phase dicts (``emit``). ``seconds_per_volume`` (one detection), ``seconds_per_save`` (the slowest
-    checkpoint save so far) and ``n_after`` (detections after the optimisation: held-out volumes, plus training
-    volumes with position statistics) size the time ``reserve``d for what follows the optimisation.
+    receives the phase dicts (``emit``). ``seconds_per_volume`` (one detection), ``seconds_per_aligned_volume`` (one
+    detection of a volume already on the model's reference grid: no registration; None = the same),
+    ``seconds_per_save`` (the slowest checkpoint save so far), ``n_after`` (full detections after the optimisation:
+    the held-out volumes) and ``n_after_aligned`` (the training volumes of the position statistics, already aligned)
+    size the time ``reserve``d for what follows the optimisation.
 
     ``paused``: polled before every optimisation step (and between the batches of the preparation passes and the
     calibration volumes); while it says True the training waits (``wait_while_paused``: sleeps ``pause_poll_s`` at a
@@ -320,6 +322,8 @@ class TrainingBudget:
     seconds_per_volume: float = 0.0
     seconds_per_save: float = 0.0
     n_after: int = 0
+    seconds_per_aligned_volume: Optional[float] = None
+    n_after_aligned: int = 0
     stop_seen_at: Optional[float] = None  # when should_stop first said True
     paused: Optional[Callable[[], bool]] = None
     pause_reason: str = "a detection is running"
@@ -397,8 +401,15 @@ class TrainingBudget:
         if self.deadline is None:
             return 0.0
         per = 1.15 * self.seconds_per_volume
-        full = per * self.n_after + 2 * self.seconds_per_save
+        full = self.after_seconds() + 2 * self.seconds_per_save
         return max(min(full, 0.5 * max(0.0, self.deadline - self.started)), per + self.seconds_per_save)
+
+    def after_seconds(self, n_aligned: Optional[int] = None) -> float:
+        """Expected seconds of the detections after the optimisation (with a 15% margin): ``n_after`` full ones and
+        ``n_aligned`` (default ``n_after_aligned``) of volumes already on the reference grid."""
+        aligned = self.seconds_per_volume if self.seconds_per_aligned_volume is None else self.seconds_per_aligned_volume
+        n_aligned = self.n_after_aligned if n_aligned is None else n_aligned
+        return 1.15 * (self.seconds_per_volume * self.n_after + aligned * n_aligned)
 
 
 @dataclass
@@ -723,13 +734,18 @@ def train_detector(
     n = len(data)
 
     # Time budget (time_limit): what follows training (position statistics, calibration, the final save) needs
-    # about one detection per volume; measure one now (the time does not depend on the weights).
-    budget.n_after = len(val_vols) + (len(train_vols) if position_normalise else 0)
+    # about one detection per volume; measure one now (the time does not depend on the weights). The position
+    # statistics detect training volumes already on the reference grid: no registration, no mapping back.
+    budget.n_after = len(val_vols)
+    budget.n_after_aligned = len(train_vols) if position_normalise else 0
     if budget.deadline is not None:
         emit({"phase": "measure", "step": 0, "total_steps": 1, "unit": "vol"})
         t0 = time.perf_counter()
-        detector.detect(val_vols[0].array, val_vols[0].affine)
+        measured = detector.detect(val_vols[0].array, val_vols[0].affine)
         budget.seconds_per_volume = time.perf_counter() - t0
+        t = measured.timings
+        budget.seconds_per_aligned_volume = (budget.seconds_per_volume if "align_s" not in t else
+                                             t["prepare_s"] + t["model_s"])
         emit({"phase": "measure", "step": 1, "total_steps": 1, "unit": "vol"})
 
     n_calibration_used = len(val_vols)
@@ -770,10 +786,11 @@ def train_detector(
     budget.deadline = budget.stop_deadline()  # a stop request bounds what follows (position statistics, calibration)
     if position_normalise:
         fit_vols = train_vols
-        if budget.deadline is not None:  # a share of the remaining volume slots, the rest stay for calibration
-            slots = int((budget.left() - budget.seconds_per_save) / max(1e-6, 1.15 * budget.seconds_per_volume))
-            if slots < budget.n_after:
-                keep = max(min(2, len(train_vols)), int(slots * len(train_vols) / max(1, budget.n_after)))
+        if budget.deadline is not None:  # a share of the time left, the rest stays for calibration
+            available = budget.left() - budget.seconds_per_save
+            needed = budget.after_seconds()
+            if available < needed:
+                keep = max(min(2, len(train_vols)), int(len(train_vols) * max(0.0, available) / max(1e-6, needed)))
                 fit_vols = train_vols[:keep]
         emit({"phase": "position_stats", "step": 0, "total_steps": len(fit_vols), "unit": "vol"})
         detector.fit_position_stats(fit_vols, lambda i, n: emit({"phase": "position_stats", "step": i,

@@ -67,8 +67,8 @@ def test_train_with_alignment_and_detect_follows_the_model(tiny_data: Path, tmp_
 
 
 def test_by_default_brains_are_aligned_to_mni152_at_their_voxel_size(tiny_data: Path, tmp_path, capsys):
-    """No --align: the product's default (auto) registers brain normals to the MNI152 template, on a grid of their
-    own voxel size (6 mm here), and says so."""
+    """No --align: the product's default (auto) registers brain normals to the MNI152 template (affine, then the
+    deformable stage), on a grid of their own voxel size (6 mm here), and says so."""
     from spmamba.checkpoint import read_checkpoint_meta
 
     model = tmp_path / "default.pt"
@@ -76,9 +76,10 @@ def test_by_default_brains_are_aligned_to_mni152_at_their_voxel_size(tiny_data: 
                "--max-steps", "1", "-q"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    assert "aligned to the mni152 reference" in captured.out
+    assert "aligned to the mni152 reference (deformable)" in captured.out
     meta = read_checkpoint_meta(model)
-    assert meta["alignment"]["reference"]["name"] == "mni152"
+    assert meta["alignment"]["reference"]["name"] == "mni152" and meta["alignment"]["method"] == "deformable"
+    assert meta["meta"]["training"]["alignment"]["method"] == "deformable"
     assert meta["meta"]["training"]["position_normalise"] is True
     spacing = np.sqrt((np.asarray(meta["alignment"]["reference"]["affine"]) ** 2)[:3, :3].sum(0))
     np.testing.assert_allclose(spacing, 6.0, atol=1e-3)

@@ -406,3 +406,67 @@ def test_normals_that_fail_to_align_are_left_out_and_reported(reference, tiny_mo
     train, val, info = _prepare_alignment(det, "affine", "mni152:4", vols[:8], vols[8:], lambda d: None)
     assert info["excluded"] == ["n2.nii.gz", "n5.nii.gz"]
     assert len(train) == 6 and [v.path for v in val] == ["n8.nii.gz", "n9.nii.gz"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# deformable stage
+
+
+def _warped_input(ref: Reference, q: np.ndarray, amplitude_mm: float = 4.0, seed: int = 0) -> np.ndarray:
+    """The reference seen through pose ``q`` and a smooth non-linear warp (a displacement of up to
+    ``amplitude_mm``, one bump per ~40 mm), on the 3 mm L-P-S input grid."""
+    rng = np.random.default_rng(seed)
+    shape = ref.shape
+    coarse = rng.normal(size=(3, 5, 5, 5))
+    from scipy import ndimage
+
+    field = np.stack([ndimage.zoom(c, [s / 5 for s in shape], order=3)[: shape[0], : shape[1], : shape[2]]
+                      for c in coarse])
+    field *= amplitude_mm / np.abs(field).max()
+    ii = np.indices(shape).astype(np.float64) + field / np.asarray(ref.affine.diagonal()[:3]).reshape(3, 1, 1, 1)
+    warped = ndimage.map_coordinates(ref.array, ii, order=1, mode="constant")
+    return _posed_input(Reference(warped.astype(np.float32), ref.affine, "warped"), q, seed)
+
+
+def test_deformable_alignment_matches_a_warped_brain_better_than_affine_and_maps_back(reference):
+    q = _known_pose(reference, 8.0, (5.0, -3.0, 4.0), (1.04, 1.04, 1.04))
+    arr = _warped_input(reference, q)
+    affine_only = AffineAligner(reference).align(arr, INPUT_AFFINE, check_floor=False)
+    al = AffineAligner(reference, deformable=True).align(arr, INPUT_AFFINE, check_floor=False)
+    d = al.summary()["deformable"]
+    assert al.summary()["method"] == "deformable" and d["used"] and al.deformation is not None
+    assert al.similarity == affine_only.similarity  # the floor checks the affine stage, the same in both
+    assert d["similarity"] > affine_only.similarity + 0.02, (d, affine_only.similarity)
+    assert 0.0 < d["max_displacement_mm"] < 15.0 and d["min_jacobian"] > 0.1
+    # the resampled volume is the deformed one; maps go back onto the input grid through the inverse
+    assert al.array.shape == reference.shape and not np.allclose(al.array, affine_only.array)
+    back = al.to_input(al.array)
+    fg = arr > 0.3 * arr.max()
+    assert back.shape == INPUT_SHAPE
+    assert np.median(np.abs(back[fg] - arr[fg])) < 0.1 * arr[fg].mean()  # round trip: close to the input
+    assert al.to_input(reference.foreground()).dtype == bool
+
+
+def test_a_deformation_that_fails_its_checks_is_left_out_and_the_affine_alignment_stands(reference, caplog):
+    arr = _warped_input(reference, _known_pose(reference, 5.0, (2.0, 0.0, 0.0), (1.0, 1.0, 1.0)))
+    strict = AffineAligner(reference, deformable=True, max_displacement_mm=0.01)
+    with caplog.at_level("WARNING"):
+        al = strict.align(arr, INPUT_AFFINE, name="warped.nii.gz", check_floor=False)
+    d = al.summary()["deformable"]
+    assert not d["used"] and "moves brain voxels" in d["why"] and al.deformation is None
+    assert "warped.nii.gz: deformable stage left out" in caplog.text
+    np.testing.assert_allclose(al.array, AffineAligner(reference).align(arr, INPUT_AFFINE, check_floor=False).array,
+                               atol=1e-5)
+
+
+def test_deformable_settings_live_in_the_model_file_under_their_own_method_name(reference):
+    al = AffineAligner(reference, deformable=True, demons_sigma=2.5, metric_floor=0.6)
+    meta, tensor = al.to_payload()
+    assert meta["method"] == "deformable" and meta["demons_sigma"] == 2.5
+    back = AffineAligner.from_payload(meta, tensor)
+    assert back.method == "deformable" and back.demons_sigma == 2.5 and back.demons_iterations == al.demons_iterations
+    plain_meta, _ = AffineAligner(reference).to_payload()
+    assert plain_meta["method"] == "affine" and "demons_sigma" not in plain_meta  # affine files are as before
+    assert AffineAligner.from_payload(plain_meta, tensor).method == "affine"
+    with pytest.raises(ValueError, match="not supported"):
+        AffineAligner.from_payload({**meta, "method": "elastic"}, tensor)

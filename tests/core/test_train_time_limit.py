@@ -40,6 +40,11 @@ def test_the_time_kept_for_after_training_does_not_shrink_as_training_goes_on():
     tiny = TrainingBudget(deadline=now + 10, started=now, seconds_per_volume=10.0, n_after=20)
     assert tiny.reserve() == pytest.approx(11.5)  # never less than one volume
     assert TrainingBudget().reserve() == 0.0
+    # position statistics detect training volumes already on the reference grid (no registration): their own time
+    aligned = TrainingBudget(deadline=now + 1000, started=now, seconds_per_volume=10.0, n_after=4,
+                             seconds_per_aligned_volume=4.0, n_after_aligned=16)
+    assert aligned.reserve() == pytest.approx(1.15 * (10.0 * 4 + 4.0 * 16))
+    assert aligned.after_seconds(n_aligned=0) == pytest.approx(1.15 * 40.0)
 
 
 def test_encoder_norm_adaptation_reports_each_batch_and_can_stop_early():

@@ -207,6 +207,14 @@ def test_detect_parses_multipart_answer(fake, tmp_path):
     result["alignment"] = {"reference": "reference built from 16 normals", "similarity": 0.912, "seconds": 2.1}
     r = AnomalyClient(fake.url).detect(image_id="case1", out_dir=str(tmp_path))
     assert r.alignment_text == "aligned to the model's reference built from 16 normals (similarity 0.91)"
+    result["alignment"] = {"reference": "mni152", "similarity": 0.712, "method": "deformable",
+                           "deformable": {"used": True, "similarity": 0.893}}
+    r = AnomalyClient(fake.url).detect(image_id="case1", out_dir=str(tmp_path))
+    assert r.alignment_text == "aligned to the model's mni152 (similarity 0.71), then deformed (similarity 0.89)"
+    result["alignment"]["deformable"] = {"used": False, "why": "it folds the brain (Jacobian 0.05 < 0.1)"}
+    r = AnomalyClient(fake.url).detect(image_id="case1", out_dir=str(tmp_path))
+    assert r.alignment_text == ("aligned to the model's mni152 (similarity 0.71); not deformed: it folds the brain "
+                                "(Jacobian 0.05 < 0.1)")
     method, path, headers, body = fake.requests[-1]
     assert path == "/infer/spmamba?image=case1"
     parts = {p["name"]: p for p in decode_multipart(body, headers["Content-Type"])}

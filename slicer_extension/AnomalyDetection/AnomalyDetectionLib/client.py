@@ -100,13 +100,22 @@ class DetectionResult:
 
     @property
     def alignment_text(self) -> str:
-        """'' for models without alignment; else e.g. 'aligned to the reference (similarity 0.91)'."""
+        """'' for models without alignment; else e.g. 'aligned to the model's mni152 (similarity 0.71), then deformed
+        (similarity 0.89)' (models that align with the deformable stage; or why it was left out for this study)."""
         al = self.params.get("alignment")
         if not isinstance(al, dict):
             return ""
         sim = al.get("similarity")
         detail = f" (similarity {sim:.2f})" if isinstance(sim, (int, float)) else ""
-        return f"aligned to the model's {al.get('reference') or 'reference'}{detail}"
+        text = f"aligned to the model's {al.get('reference') or 'reference'}{detail}"
+        deformed = al.get("deformable")
+        if isinstance(deformed, dict):
+            if deformed.get("used"):
+                dsim = deformed.get("similarity")
+                text += ", then deformed" + (f" (similarity {dsim:.2f})" if isinstance(dsim, (int, float)) else "")
+            else:
+                text += f"; not deformed: {deformed.get('why') or 'the deformation was left out'}"
+        return text
 
     @property
     def model_version(self) -> Optional[str]:
