@@ -396,12 +396,13 @@ class Alignment:
     seconds: float
     reference_name: str = "reference"
     metric_floor: Optional[float] = None
-    # the deformable stage (models aligned with "deformable"): the B-spline transform applied before the affine one
-    # (reference point -> deformed reference point -> input point), or None (affine only, or the stage was left
-    # out for this volume: ``deformable`` says why); its similarity and largest displacement (mm, in the brain)
+    # the deformable stage (models aligned with "deformable"): the demons displacement-field transform applied before
+    # the affine one (reference point -> deformed reference point -> input point), or None (affine only, or the stage
+    # was left out for this volume: ``deformable`` says why, else it holds the similarity, the largest displacement
+    # and the lowest Jacobian determinant in the brain)
     deformation: Any = None
     deformable: Optional[dict] = None
-    _inverse: Any = field(default=None, repr=False)
+    _inverse: Any = field(default=None, repr=False, compare=False)
 
     @property
     def matrix_ras(self) -> np.ndarray:
@@ -614,7 +615,8 @@ class AffineAligner:
         jac = sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(disp))[inside]
         largest, lowest = float(size.max(initial=0.0)), float(jac.min(initial=1.0))
         if lowest < self.min_jacobian:
-            return f"it folds the brain (Jacobian {lowest:.2f} < {self.min_jacobian:g})", largest, lowest
+            return (f"it folds or collapses part of the brain (Jacobian determinant {lowest:.2f} < "
+                    f"{self.min_jacobian:g})"), largest, lowest
         if largest > self.max_displacement_mm:
             return f"it moves brain voxels {largest:.1f} mm (> {self.max_displacement_mm:g})", largest, lowest
         return None, largest, lowest

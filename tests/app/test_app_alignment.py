@@ -69,8 +69,9 @@ def test_align_settings(app_lib, tmp_path):
     assert (s.align, s.align_reference) == ("affine", "mni152")
     assert parse_conf(str(tmp_path), str(tmp_path), {}).align == "auto"  # the product's default, as `spmamba train`
     assert parse_conf(str(tmp_path), str(tmp_path), {"align": "none"}).align == "none"
-    with pytest.raises(ConfError, match="align"):
-        parse_conf(str(tmp_path), str(tmp_path), {"align": "deformable"})
+    assert parse_conf(str(tmp_path), str(tmp_path), {"align": "Deformable"}).align == "deformable"
+    with pytest.raises(ConfError, match="align 'bspline': expected one of"):
+        parse_conf(str(tmp_path), str(tmp_path), {"align": "bspline"})
     with pytest.raises(ConfError, match="align_reference"):
         parse_conf(str(tmp_path), str(tmp_path), {"align_reference": "no_such_file.nii.gz"})
 

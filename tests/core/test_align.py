@@ -428,15 +428,28 @@ def _warped_input(ref: Reference, q: np.ndarray, amplitude_mm: float = 4.0, seed
     return _posed_input(Reference(warped.astype(np.float32), ref.affine, "warped"), q, seed)
 
 
+def _mismatch(reference: Reference, moved: np.ndarray) -> float:
+    """Mean absolute difference of the two images (each divided by its brain's median) over their foregrounds."""
+    a = reference.array / np.median(reference.array[reference.array > 0.1 * reference.array.max()])
+    b = moved / np.median(moved[moved > 0.1 * moved.max()])
+    region = (a > 0.2) | (b > 0.2)
+    return float(np.abs(a - b)[region].mean())
+
+
 def test_deformable_alignment_matches_a_warped_brain_better_than_affine_and_maps_back(reference):
     q = _known_pose(reference, 8.0, (5.0, -3.0, 4.0), (1.04, 1.04, 1.04))
-    arr = _warped_input(reference, q)
+    arr = _warped_input(reference, q, amplitude_mm=8.0)
     affine_only = AffineAligner(reference).align(arr, INPUT_AFFINE, check_floor=False)
     al = AffineAligner(reference, deformable=True).align(arr, INPUT_AFFINE, check_floor=False)
     d = al.summary()["deformable"]
     assert al.summary()["method"] == "deformable" and d["used"] and al.deformation is not None
-    assert al.similarity == affine_only.similarity  # the floor checks the affine stage, the same in both
-    assert d["similarity"] > affine_only.similarity + 0.02, (d, affine_only.similarity)
+    # the floor checks the affine stage, the same in both (up to the order of SimpleITK's threaded metric sums)
+    assert al.similarity == pytest.approx(affine_only.similarity, rel=1e-6)
+    # the deformation takes out a good part of the warp the affine stage cannot (measured: mismatch 0.097 -> 0.071;
+    # the same brain without the warp, aligned affinely, 0.045: noise and 3 mm -> 4 mm resampling). The trimmed
+    # similarity hardly moves at 4 mm (0.95 -> 0.96): a few-mm warp is a small share of a 4 mm grid's voxels.
+    assert _mismatch(reference, al.array) < 0.85 * _mismatch(reference, affine_only.array)
+    assert d["similarity"] > 0.9
     assert 0.0 < d["max_displacement_mm"] < 15.0 and d["min_jacobian"] > 0.1
     # the resampled volume is the deformed one; maps go back onto the input grid through the inverse
     assert al.array.shape == reference.shape and not np.allclose(al.array, affine_only.array)
