@@ -1,8 +1,9 @@
 """The voxel-wise statistical baseline as a method ("voxelwise"): per-voxel mean and standard deviation of the
 intensity-normalised normal volumes (all on one grid, e.g. registered to a template or aligned with
-``--align affine``); each voxel's variance pooled with its
-neighbours' (``pool_sigma``); heatmap = |z| smoothed with a Gaussian of ``smooth_sigma`` voxels, 0 outside the foreground
-and outside the normals' support (``VoxelwiseStats.support``); volume score = mean of the ``top_k`` highest voxels. Fitted in one pass (no gradient training)."""
+``--align affine``), each voxel's variance pooled with its neighbours' (``pool_sigma``); heatmap = |z| smoothed
+with a Gaussian of ``smooth_sigma`` voxels, 0 outside the foreground and outside the normals' support
+(``VoxelwiseStats.support``); volume score = mean of the ``top_k`` highest voxels. Fitted in one pass (no gradient
+training)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
