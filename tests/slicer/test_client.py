@@ -325,6 +325,25 @@ def test_weaker_preset_refusal_and_warning(fake):
     assert not progress.running and "weaker" in progress.warning
 
 
+def test_a_submitted_training_counts_as_under_way(fake):
+    """Between POST /train/ and the start of its process MONAI Label reports SUBMITTED: the module must keep polling
+    (it once reported "Training ended (submitted)" on a loaded machine), and say that it is queued."""
+    from AnomalyDetectionLib.logic import AnomalyLogic
+
+    fake.routes[("GET", "/info/")] = _json(INFO)
+    fake.routes[("GET", "/train/")] = _json({"id": "t", "status": "SUBMITTED"})
+    progress = AnomalyLogic(fake.url).training_progress()
+    assert progress.running and progress.status == "SUBMITTED" and progress.text.startswith("submitted: ")
+    assert AnomalyClient(fake.url).is_training() is True
+    fake.routes[("GET", "/train/")] = _json({"id": "t", "status": "RUNNING"})
+    progress = AnomalyLogic(fake.url).training_progress()
+    assert progress.running and not progress.text.startswith("running")
+    fake.routes[("GET", "/train/")] = _json({"id": "t", "status": "DONE"})
+    progress = AnomalyLogic(fake.url).training_progress()
+    assert not progress.running and progress.percent == 100 and progress.text.startswith("done: ")
+    assert AnomalyClient(fake.url).is_training() is False
+
+
 def test_next_case_while_studies_are_still_being_scored(fake):
     """The app answers active learning at once; with nothing scored yet the module says so instead of 'none left'."""
     from AnomalyDetectionLib.logic import AnomalyLogic

@@ -43,6 +43,8 @@ UNREVIEWED = "unreviewed"
 
 DEFAULT_MODEL = "spmamba"
 DEFAULT_URL = "http://127.0.0.1:8000"
+#: MONAI Label task states of a training that is under way: queued (its process not started yet) or running
+ACTIVE_TRAIN_STATES = ("SUBMITTED", "RUNNING")
 
 
 class ServerError(Exception):
@@ -584,14 +586,14 @@ class AnomalyClient:
             raise
 
     def is_training(self) -> bool:
-        """True while a training task runs (``GET /train/?check_if_running=true``)."""
+        """True while a training task is submitted or runs (``GET /train/?check_if_running=true``)."""
         try:
             res = self._json("GET", "/train/", {"check_if_running": "true"}, what="GET /train/")
         except ServerError as e:
             if e.status == 404:
                 return False
             raise
-        return bool(res) and str(res.get("status", "RUNNING")).upper() == "RUNNING"
+        return bool(res) and str(res.get("status", "RUNNING")).upper() in ACTIVE_TRAIN_STATES
 
     def stop_training(self) -> Dict[str, Any]:
         """``DELETE /train/``: stop the running training (the app may wait for a graceful stop, hence the long

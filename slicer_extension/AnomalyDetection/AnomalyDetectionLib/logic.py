@@ -34,6 +34,7 @@ import slicer
 import vtk
 
 from .client import (
+    ACTIVE_TRAIN_STATES,
     CURATION_STATES,
     DEFAULT_MODEL,
     AnomalyClient,
@@ -118,7 +119,8 @@ class DetectionJob:
 
 @dataclass
 class TrainingProgress:
-    """One poll of the server while training: for the progress bar and the model-version label."""
+    """One poll of the server while training: for the progress bar and the model-version label. ``running``: the
+    task is submitted or running (``ACTIVE_TRAIN_STATES``)."""
 
     running: bool
     percent: Optional[int]
@@ -777,10 +779,12 @@ class AnomalyLogic:
         summary = self.connect()
         status = self.client.training_status() or {}
         state = str(status.get("status", "")).upper()
-        running = state == "RUNNING"
+        # a submitted task has not started its process yet (seconds on a loaded machine): it is under way, so the
+        # module keeps polling instead of reporting a training that "ended"
+        running = state in ACTIVE_TRAIN_STATES
         task = self.train_task
         percent, text = train_progress(summary.train_stats, task)
-        if state and not running:
+        if state and state != "RUNNING":
             text = f"{state.lower()}: {text}"
             if state == "DONE":
                 percent = 100
