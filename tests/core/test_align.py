@@ -443,8 +443,10 @@ def test_deformable_alignment_matches_a_warped_brain_better_than_affine_and_maps
     al = AffineAligner(reference, deformable=True).align(arr, INPUT_AFFINE, check_floor=False)
     d = al.summary()["deformable"]
     assert al.summary()["method"] == "deformable" and d["used"] and al.deformation is not None
-    # the floor checks the affine stage, the same in both (up to the order of SimpleITK's threaded metric sums)
-    assert al.similarity == pytest.approx(affine_only.similarity, rel=1e-6)
+    # the floor checks the affine stage, the same in both up to ITK's threaded registration, which is not bit-
+    # deterministic (8e-6 apart in a full CI run; the deformed similarity differs by ~5e-3)
+    assert al.similarity == pytest.approx(affine_only.similarity, rel=1e-4)
+    assert al.similarity != pytest.approx(d["similarity"], abs=1e-3)
     # the deformation takes out a good part of the warp the affine stage cannot (measured: mismatch 0.097 -> 0.071;
     # the same brain without the warp, aligned affinely, 0.045: noise and 3 mm -> 4 mm resampling). The trimmed
     # similarity hardly moves at 4 mm (0.95 -> 0.96): a few-mm warp is a small share of a 4 mm grid's voxels.
