@@ -44,7 +44,7 @@ def test_old_file_gives_the_same_heatmap_with_the_compiled_scan(monkeypatch):
 # ulp on an AVX-512 machine). The expected heatmap was written with AVX2 kernels; ONEDNN_MAX_CPU_ISA=AVX2 pins
 # them on any x86-64 CPU that has AVX2.
 _CHILD = """
-import json, sys
+import sys
 import numpy as np, torch
 torch.set_num_threads(1)
 from spmamba.detector import Detector

@@ -81,7 +81,8 @@ class AppSettings:
     stop_grace_s: int = 20  # DELETE /train/: time for the training to notice the stop (finish its step)
     stop_max_s: int = 80  # ... and for the whole graceful stop (calibrate + publish); then it is killed
     keep_versions: int = 5  # published models kept in <model_dir>/versions for rollback (0 = none)
-    align: str = "auto"  # training: auto (deformable to MNI152 for brains that fit it) | affine | deformable | none; detection follows the model
+    # training: auto (deformable to MNI152 for brains that fit it) | affine | deformable | none; detection follows the model
+    align: str = "auto"
     align_reference: str = "auto"  # auto | normals | mni152[:MM] | a volume file
     seed_curation: str = ""
     extra: Dict[str, Any] = field(default_factory=dict)
