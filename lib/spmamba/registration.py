@@ -16,7 +16,8 @@ SimpleITK (a maintained ITK registration framework; no optimiser of our own) and
   constant, a sheared voxel grid) or whose registration failed or diverged (similarity below the floor, absurd
   scale, reflection). Never silently used: the detector raises it, the CLI reports and skips that volume.
 
-Registration (repeatable bit for bit: fixed seed, single-threaded ITK): both images intensity-normalised (``preprocessing.normalise_intensity``); centred
+Registration (repeatable bit for bit: fixed seed, single-threaded ITK): both images intensity-normalised
+(``preprocessing.normalise_intensity``); centred
 moments initialiser; a coarse search of the starting rotation (a 5x5x5 grid, -30..30 deg about each axis, at 1/4
 resolution); 12-parameter affine (rotation, translation, scale, shear); Mattes mutual information with
 random sampling of a fixed fraction of the voxels inside the reference's (dilated) foreground, fixed seed;
