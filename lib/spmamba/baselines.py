@@ -23,7 +23,8 @@ from scipy import ndimage
 from .preprocessing import fit_landmarks, normalise_intensity, standardise_intensity
 from .scoring import smooth_within_mask
 
-__all__ = ["VoxelwiseStats", "VoxelwiseBaseline", "position_normalise", "topk_mean", "zscore_heatmap"]
+__all__ = ["VoxelwiseStats", "VoxelwiseAccumulator", "VoxelwiseBaseline", "position_normalise", "topk_mean",
+           "zscore_heatmap"]
 
 
 def topk_mean(heatmap: np.ndarray, k: int = 50, region: Optional[np.ndarray] = None) -> float:
@@ -70,37 +71,10 @@ class VoxelwiseStats:
         volume its highest z-scores; neighbouring voxels vary alike, so pooling them is a better estimate (measured
         on the unregistered phantoms, sigma 2 voxels: pixel AP of the voxel-wise method 0.087 -> 0.12, of SP-Mamba's
         position-normalised maps 0.090 -> 0.12, image AUROC +0.04-0.08). The mean stays per voxel."""
-        n, mean, m2, shape, covered = 0, None, None, None, None
+        acc = VoxelwiseAccumulator()
         for item in arrays:
-            a, fg = item if isinstance(item, tuple) else (item, None)
-            a = np.asarray(a, dtype=np.float64)
-            if shape is None:
-                shape, mean, m2 = a.shape, np.zeros(a.shape), np.zeros(a.shape)
-                covered = None if fg is None else np.zeros(a.shape, np.int32)
-            elif a.shape != shape:
-                raise ValueError(f"all arrays must share one grid: got {a.shape} after {shape}")
-            if (fg is None) != (covered is None):
-                raise ValueError("give every array with its foreground, or none")
-            if fg is not None:
-                if np.shape(fg) != shape:
-                    raise ValueError(f"a foreground of shape {np.shape(fg)} for an array of shape {shape}")
-                covered += np.asarray(fg, dtype=bool)
-            n += 1
-            d = a - mean
-            mean += d / n
-            m2 += d * (a - mean)
-        if n < 2:
-            raise ValueError("VoxelwiseStats needs at least 2 arrays")
-        support = None if covered is None else covered >= cls.SUPPORT_SHARE * n
-        var = m2 / (n - 1)
-        if np.any(np.asarray(pool_sigma, dtype=float) > 0):
-            domain = support if support is not None and support.any() else np.ones(shape, dtype=bool)
-            pooled = smooth_within_mask(var.astype(np.float32), domain, pool_sigma).astype(np.float64)
-            var = np.where(domain, pooled, var)
-        std = np.sqrt(var)
-        varying = std[std > 1e-8]
-        floor = std_floor * float(np.median(varying)) if varying.size else 1e-6
-        return cls(mean.astype(np.float32), np.maximum(std, max(floor, 1e-6)).astype(np.float32), n, support)
+            acc.add(*(item if isinstance(item, tuple) else (item,)))
+        return acc.stats(std_floor, pool_sigma)
 
     def judged(self, region: Optional[np.ndarray]) -> Optional[np.ndarray]:
         """``region`` (bool, the grid's shape; None = everywhere) restricted to the support, where there is one;
@@ -127,6 +101,50 @@ class VoxelwiseStats:
                    None if support is None else np.asarray(support, dtype=bool))
 
 
+class VoxelwiseAccumulator:
+    """Streaming (Welford) per-voxel mean and variance for :meth:`VoxelwiseStats.fit`, fed one array at a time with
+    :meth:`add` (lets one pass over the normals feed several statistics)."""
+
+    def __init__(self) -> None:
+        self.n, self.mean, self.m2, self.shape, self.covered = 0, None, None, None, None
+
+    def add(self, array: np.ndarray, fg: Optional[np.ndarray] = None) -> None:
+        """``array``: one volume (every one the same shape); ``fg``: its foreground, given for every array or none."""
+        a = np.asarray(array, dtype=np.float64)
+        if self.shape is None:
+            self.shape, self.mean, self.m2 = a.shape, np.zeros(a.shape), np.zeros(a.shape)
+            self.covered = None if fg is None else np.zeros(a.shape, np.int32)
+        elif a.shape != self.shape:
+            raise ValueError(f"all arrays must share one grid: got {a.shape} after {self.shape}")
+        if (fg is None) != (self.covered is None):
+            raise ValueError("give every array with its foreground, or none")
+        if fg is not None:
+            if np.shape(fg) != self.shape:
+                raise ValueError(f"a foreground of shape {np.shape(fg)} for an array of shape {self.shape}")
+            self.covered += np.asarray(fg, dtype=bool)
+        self.n += 1
+        d = a - self.mean
+        self.mean += d / self.n
+        self.m2 += d * (a - self.mean)
+
+    def stats(self, std_floor: float = 0.5, pool_sigma: "float | Sequence[float]" = 0.0) -> "VoxelwiseStats":
+        """The statistics so far (``VoxelwiseStats.fit`` says what ``std_floor`` and ``pool_sigma`` do)."""
+        n, shape = self.n, self.shape
+        if n < 2:
+            raise ValueError("VoxelwiseStats needs at least 2 arrays")
+        support = None if self.covered is None else self.covered >= VoxelwiseStats.SUPPORT_SHARE * n
+        var = self.m2 / (n - 1)
+        if np.any(np.asarray(pool_sigma, dtype=float) > 0):
+            domain = support if support is not None and support.any() else np.ones(shape, dtype=bool)
+            pooled = smooth_within_mask(var.astype(np.float32), domain, pool_sigma).astype(np.float64)
+            var = np.where(domain, pooled, var)
+        std = np.sqrt(var)
+        varying = std[std > 1e-8]
+        floor = std_floor * float(np.median(varying)) if varying.size else 1e-6
+        return VoxelwiseStats(self.mean.astype(np.float32), np.maximum(std, max(floor, 1e-6)).astype(np.float32), n,
+                              support)
+
+
 def position_normalise(heatmap: np.ndarray, stats: VoxelwiseStats, region: Optional[np.ndarray] = None,
                        clip_negative: bool = True) -> np.ndarray:
     """Heatmap -> z-score against the heatmaps of normal volumes at the same positions (>= 0 when
@@ -141,11 +159,13 @@ def position_normalise(heatmap: np.ndarray, stats: VoxelwiseStats, region: Optio
     return z.astype(np.float32)
 
 
-def zscore_heatmap(norm: np.ndarray, fg: np.ndarray, stats: VoxelwiseStats, smooth_sigma: float = 1.0) -> np.ndarray:
-    """|z| of normalised intensities against normal statistics, Gaussian-smoothed (``smooth_sigma`` voxels; 0 =
-    off), 0 outside the foreground ``fg`` and outside the statistics' support. Same shape as ``norm``, float32."""
+def zscore_heatmap(norm: np.ndarray, fg: np.ndarray, stats: VoxelwiseStats,
+                   smooth_sigma: "float | Sequence[float]" = 1.0) -> np.ndarray:
+    """|z| of normalised intensities against normal statistics, Gaussian-smoothed (``smooth_sigma`` voxels, one per
+    axis or one for all; 0 = off), 0 outside the foreground ``fg`` and outside the statistics' support. Same shape
+    as ``norm``, float32."""
     z = np.abs(stats.zscore(norm))
-    if smooth_sigma > 0:
+    if np.any(np.asarray(smooth_sigma, dtype=float) > 0):
         z = ndimage.gaussian_filter(z, smooth_sigma)
     return np.where(stats.judged(np.asarray(fg, dtype=bool)), z, 0.0).astype(np.float32)
 

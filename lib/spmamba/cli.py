@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from spmamba.atomic import json_default, write_json
+from spmamba.scoring import FUSIONS
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 2, 130
 
@@ -261,12 +262,13 @@ def train_model(normal_dir: str, out: str, *, config: str | None = None, method:
                 max_steps: int | None = None, time_limit_min: float | None = None, quiet: bool = False,
                 position_normalise: bool | None = None, origin: str = "spmamba train", align: str | None = None,
                 align_reference: str = "auto", teacher_pretrain: str = "none",
-                pretrain_steps: int | None = None) -> dict:
+                pretrain_steps: int | None = None, fusion: str | None = None) -> dict:
     """What ``spmamba train`` does (also used by ``spmamba demo``); returns a summary dict.
 
     ``method``: a method of the registry (default spmamba, or the resumed model's); ``config``: one of its presets
     (default: the method's default preset). ``teacher_pretrain`` / ``pretrain_steps``: in-domain pretraining of
-    the teacher before distillation (``train_detector``).
+    the teacher before distillation (``train_detector``). ``fusion``: None or "auto" = the product's default
+    (``train_detector(fusion=None)``), else "none" or one of ``scoring.FUSIONS``.
 
     ``time_limit_min`` bounds the whole training in wall time, from reading the volumes to the calibrated model
     (``train_detector(time_limit=...)``); ``origin`` is recorded in the model (``meta.training.origin``).
@@ -306,6 +308,7 @@ def train_model(normal_dir: str, out: str, *, config: str | None = None, method:
                                       align=align, align_reference=align_reference,
                                       time_limit=time_limit_min * 60 if time_limit_min else None,
                                       teacher_pretrain=teacher_pretrain, pretrain_steps=pretrain_steps,
+                                      fusion=None if fusion in (None, "auto") else fusion,
                                       **({"max_steps": max_steps} if max_steps else {}))
         except KeyboardInterrupt:
             progress.close()
@@ -390,12 +393,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if ref != "auto" and args.align not in ("affine", "deformable"):
         raise CLIError("--align-reference needs --align affine or --align deformable")
     _check_teacher_options(args.teacher_pretrain, args.pretrain_steps, args.method, args.resume, args.encoder_weights)
+    if args.fusion not in ("auto", "none") and (args.position_normalise is False or args.align == "none"):
+        raise CLIError(f"--fusion {args.fusion} compares intensities by position: it needs aligned volumes and "
+                       "position-aware normalisation (drop --align none / --no-position-normalise, or use --fusion none)")
     s = train_model(args.normal, args.out, config=args.config, method=args.method, epochs=args.epochs,
                     device=args.device, resume=args.resume, encoder_weights=args.encoder_weights,
                     val_fraction=args.val_fraction, seed=args.seed, max_steps=args.max_steps,
                     time_limit_min=args.time_limit, quiet=args.quiet, position_normalise=args.position_normalise,
                     align=args.align, align_reference=ref, teacher_pretrain=args.teacher_pretrain,
-                    pretrain_steps=args.pretrain_steps)
+                    pretrain_steps=args.pretrain_steps, fusion=args.fusion)
     al = (s.get("training") or {}).get("alignment")
     note = ((f"; aligned to the {al['reference']} reference ({al['method']})" if al else "; not aligned")
             if s.get("training") else "")
@@ -750,11 +756,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "model then refuses volumes on another grid). Default: on when the model aligns, else off")
     t.add_argument("--no-position-normalise", dest="position_normalise", action="store_false",
                    help="turn position-aware normalisation off (also when the model aligns)")
+    t.add_argument("--fusion", choices=("auto", "none", *FUSIONS), default="auto",
+                   help="with position-aware normalisation: fuse the normalised heatmap with the |z| map of each "
+                   "voxel's intensity against the training normals at that position (geometric: sqrt of the product, "
+                   "high only where both depart from normal; mean; max). auto (default): geometric for methods that "
+                   "fuse (not the voxel-wise method) when position-aware normalisation is on; none: the model's map alone"),
     t.add_argument("--align", choices=("auto", "none", "affine", "deformable"), default=None,
                    help="registration of every volume to a reference before training and detection (stored in the "
                    "model; detect follows it). auto (default for a new model): deformable to the MNI152 template "
                    "when the normals are brains that register to it, else none; affine: affine to "
-                   "--align-reference; deformable: affine, then a smooth B-spline deformation. When resuming: the "
+                   "--align-reference; deformable: affine, then a smooth diffeomorphic (demons) deformation. When resuming: the "
                    "model's setting")
     t.add_argument("--align-reference", default="auto", metavar="REF",
                    help="with --align affine or deformable: auto (default: MNI152 when the normals are brains that register to "

@@ -20,6 +20,16 @@ replaced by its z-score against the heatmaps the model gave at that position on 
 clipped to 0, 0 outside the foreground). Slice score = max of the normalised slice, volume score = mean of the 50
 highest voxels (``baselines.topk_mean``). Volumes on another grid are refused with a clear error.
 
+Optional intensity fusion (``Detector.intensity_stats``, fitted in the same pass as the position statistics; on by
+default for methods whose maps are not intensity statistics already, ``AnomalyModel.fuse_intensity``): the
+position-normalised map is fused with the |z|-score of each voxel's standardised intensity against the normals at
+that position (variance pooled over 4 mm, smoothed at 2 mm: the voxel-wise baseline's map) by
+``scoring.fuse_maps`` (``Detector.fusion``; default ``geometric``: sqrt(z_model * z_intensity)). A voxel then scores
+high only where the model's features and its intensity both depart from normal: the model's map alone is blurred
+by its feature resolution (it misses small bright foci), the intensity map alone flags every residual
+misregistration at the brain's edges; the fused map beats both (docs/BENCHMARKS.md, "Intensity fusion"). The
+geometric mean has no weight to tune: the ranking of voxels does not depend on either map's scale.
+
 Optional anatomical alignment (``Detector.alignment``, an ``registration.AffineAligner`` stored in the model file;
 ``train_detector(..., align="affine")``): every input is first registered affinely to the model's reference and
 resampled onto the reference grid, the pipeline above runs there, and the heatmap and foreground are resampled back
@@ -41,15 +51,19 @@ import numpy as np
 import torch
 
 from . import __version__
-from .baselines import VoxelwiseStats, position_normalise, topk_mean
+from .baselines import VoxelwiseAccumulator, VoxelwiseStats, position_normalise, topk_mean, zscore_heatmap
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, weights_digest
 from .io import validate_array
 from .methods import DEFAULT_METHOD, SLICE, AnomalyModel, PreparedVolume, UnknownMethod, get_method
 from .preprocessing import Preprocessing, batch_to_slices, prepare_slices, slices_to_batch, to_canonical
 from .registration import AffineAligner
-from .scoring import aggregate_slice_scores, smooth_within_mask
+from .scoring import FUSIONS, aggregate_slice_scores, fuse_maps, smooth_within_mask
 
-__all__ = ["Detector", "DetectionResult", "Calibration", "resolve_device"]
+__all__ = ["Detector", "DetectionResult", "Calibration", "resolve_device", "DEFAULT_FUSION"]
+
+#: the fusion ``train_detector`` fits by default for methods that fuse (``AnomalyModel.fuse_intensity``) when
+#: position-aware normalisation is on (``scoring.fuse_maps``; measured in docs/BENCHMARKS.md)
+DEFAULT_FUSION = "geometric"
 
 
 def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.device:
@@ -102,10 +116,15 @@ class Detector:
     #: position statistics pool each voxel's variance with its neighbours' (Gaussian sigma in mm;
     #: ``VoxelwiseStats.fit(pool_sigma=...)`` says why)
     POSITION_POOL_MM = 4.0
+    #: intensity fusion: the intensity statistics' variance pooled over this (Gaussian sigma, mm), and their |z| map
+    #: smoothed by this (mm) before it is fused (the voxel-wise baseline's settings at 2 mm: 2 and 1 voxels)
+    INTENSITY_POOL_MM = 4.0
+    INTENSITY_SMOOTH_MM = 2.0
 
     def __init__(self, model: AnomalyModel, preprocessing: Optional[Preprocessing] = None,
                  calibration: Optional[Calibration] = None, meta: Optional[dict] = None, device="auto",
-                 position_stats: Optional[VoxelwiseStats] = None, alignment: Optional[AffineAligner] = None):
+                 position_stats: Optional[VoxelwiseStats] = None, alignment: Optional[AffineAligner] = None,
+                 intensity_stats: Optional[VoxelwiseStats] = None, fusion: str = "geometric"):
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.preprocessing = preprocessing or Preprocessing(**dict(model.preprocessing_defaults))
@@ -113,6 +132,12 @@ class Detector:
         self.meta = dict(meta or {})
         # per-voxel statistics of the heatmaps of normal volumes, on the canonical slice-first grid (or None)
         self.position_stats = position_stats
+        # per-voxel statistics of the normals' standardised intensities on the same grid, fused with the normalised
+        # heatmap (or None); only with position_stats
+        self.intensity_stats = intensity_stats
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {fusion!r}; choose one of {', '.join(FUSIONS)}")
+        self.fusion = fusion  # how the two maps are combined (scoring.fuse_maps); used only with intensity_stats
         # affine registration of every input to a reference (or None: inputs are used on their own grid)
         self.alignment = alignment
         self._version: Optional[str] = None
@@ -133,11 +158,12 @@ class Detector:
         if self._version is None:
             extra: Any = asdict(self.calibration)
             if self.position_stats is not None:
-                ps = self.position_stats
-                digest = ps.mean.tobytes() + ps.std.tobytes()
-                if ps.support is not None:  # statistics written before supports keep their version
-                    digest += np.packbits(ps.support).tobytes()
-                extra = {"calibration": extra, "position_stats": hashlib.sha256(digest).hexdigest()}
+                # (statistics written before supports existed keep their version: no support bytes)
+                extra = {"calibration": extra,
+                         "position_stats": hashlib.sha256(_stats_bytes(self.position_stats)).hexdigest()}
+                if self.intensity_stats is not None:  # models without it keep the version they always had
+                    extra["intensity_stats"] = hashlib.sha256(_stats_bytes(self.intensity_stats)).hexdigest()
+                    extra["fusion"] = self.fusion
             if self.alignment is not None:  # models without alignment keep the version they always had
                 al_meta, ref = self.alignment.to_payload()
                 extra = {"model": extra, "alignment": repr(al_meta),
@@ -159,11 +185,9 @@ class Detector:
             "version": self.version,
         }
         if self.position_stats is not None:
-            ps = self.position_stats
-            payload["position_stats"] = {"mean": torch.from_numpy(ps.mean.copy()), "std": torch.from_numpy(ps.std.copy()),
-                                         "n": int(ps.n)}
-            if ps.support is not None:
-                payload["position_stats"]["support"] = torch.from_numpy(ps.support.copy())
+            payload["position_stats"] = _stats_payload(self.position_stats)
+        if self.intensity_stats is not None:
+            payload["intensity_stats"] = {**_stats_payload(self.intensity_stats), "fusion": self.fusion}
         if self.alignment is not None:
             payload["alignment"], payload["alignment_reference"] = self.alignment.to_payload()
         return payload
@@ -188,9 +212,15 @@ class Detector:
             model.load_state_dict(obj["state_dict"])
         except (ValueError, RuntimeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{source} does not fit this version's {name} model: {e}") from e
-        ps = obj.get("position_stats")
-        stats = (VoxelwiseStats.from_dict({k: v.numpy() if torch.is_tensor(v) else v for k, v in ps.items()})
-                 if ps is not None else None)
+        ist = dict(obj.get("intensity_stats") or {})
+        fusion = ist.pop("fusion", "geometric")
+        if fusion not in FUSIONS:
+            raise CheckpointError(f"{source}: unknown intensity fusion {fusion!r} (this spmamba knows "
+                                  f"{', '.join(FUSIONS)}); it was written by another version")
+        stats, istats = _stats_from_payload(obj.get("position_stats")), _stats_from_payload(ist or None)
+        if istats is not None and stats is None:
+            raise CheckpointError(f"{source}: it holds intensity statistics without position statistics; it was not "
+                                  "written by spmamba")
         aligner = None
         if obj.get("alignment") is not None:  # files written before alignment existed have none
             try:
@@ -198,7 +228,8 @@ class Detector:
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise CheckpointError(f"{source}: its alignment settings cannot be read ({e})") from e
         det = cls(model, Preprocessing.from_dict(obj.get("preprocessing", {})),
-                  Calibration.from_dict(obj.get("calibration", {})), obj.get("meta", {}), device, stats, aligner)
+                  Calibration.from_dict(obj.get("calibration", {})), obj.get("meta", {}), device, stats, aligner,
+                  istats, fusion)
         return det
 
     @classmethod
@@ -248,6 +279,8 @@ class Detector:
                     f"{self.position_stats.mean.shape} (slice axis first, RAS order); this volume gives {heat.shape}. "
                     "Register the volume to the template, or use a model trained without position_normalise.")
             heat = position_normalise(heat, self.position_stats, fg)
+            if self.intensity_stats is not None:
+                heat = fuse_maps(heat, self.intensity_zscores(norm, fg, canon), self.fusion)
             slice_scores = [(i, float(heat[i].max())) for i, _ in slice_scores]
         t2 = time.perf_counter()
         heatmap = canon.to_file_order(np.moveaxis(heat, 0, prep.slice_axis)).astype(np.float32, copy=False)
@@ -276,6 +309,12 @@ class Detector:
             foreground=foreground, alignment=al.summary() if al is not None else None,
         )
 
+    def intensity_zscores(self, norm: np.ndarray, fg: np.ndarray, canon) -> np.ndarray:
+        """|z| of the standardised intensities ``norm`` ((n, h, w), slice-first canonical grid, foreground ``fg``)
+        against ``intensity_stats``, smoothed by INTENSITY_SMOOTH_MM; 0 outside the foreground and the support."""
+        spacing = canon.spacing_slice_first(self.preprocessing.slice_axis)
+        return zscore_heatmap(norm, fg, self.intensity_stats, [self.INTENSITY_SMOOTH_MM / float(s) for s in spacing])
+
     def _model_maps(self, norm: np.ndarray, fg: np.ndarray, keep: list, canon,
                     progress: Optional[Callable[[int, int], None]]) -> tuple[np.ndarray, list, Optional[float]]:
         """The method's part of ``detect`` on the canonical slice-first grid: (heatmap (n, h, w) float32, [(slice,
@@ -303,13 +342,19 @@ class Detector:
         return heat, slice_scores, None
 
     def fit_position_stats(self, volumes, progress: Optional[Callable[[int, int], None]] = None,
-                           aligned: bool = False) -> VoxelwiseStats:
+                           aligned: bool = False, fusion: Optional[str] = None) -> VoxelwiseStats:
         """Fit (and switch on) position-aware normalisation from normal volumes (objects with ``array`` and
         ``affine``, all on one grid). The statistics are of the raw heatmaps, on the canonical slice-first grid.
-        With alignment the volumes are registered to the reference first (``aligned=True``: they already are)."""
-        self.position_stats = None
+        With alignment the volumes are registered to the reference first (``aligned=True``: they already are).
+        ``fusion`` (one of ``scoring.FUSIONS``): in the same pass, fit the statistics of the normals' intensities
+        and fuse their |z| map with the normalised heatmap that way (``Detector.intensity_stats``); None: no fusion."""
+        if fusion is not None and fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {fusion!r}; choose one of {', '.join(FUSIONS)}")
+        self.position_stats = self.intensity_stats = None
+        intensity = fusion is not None
         prep = self.preprocessing
         spacing: list = []
+        intensities = VoxelwiseAccumulator()
 
         def maps():
             for i, v in enumerate(volumes):
@@ -318,6 +363,9 @@ class Detector:
                     al = self.alignment.align(array, affine, name=str(getattr(v, "path", None) or f"volume {i}"))
                     array, affine = al.array, al.affine
                 res = self.detect(array, affine, aligned=True)
+                if intensity:
+                    norm, fg_norm, _, _ = prepare_slices(array, affine, prep)
+                    intensities.add(norm, fg_norm)
                 canon = to_canonical(res.heatmap.reshape(np.shape(array)), affine)
                 fg = to_canonical(res.foreground.reshape(np.shape(array)), affine)
                 spacing.append(canon.spacing_slice_first(prep.slice_axis))
@@ -331,5 +379,27 @@ class Detector:
             raise ValueError("fit_position_stats needs at least 2 normal volumes, got none")
         pool = [self.POSITION_POOL_MM / float(s) for s in spacing[0]]
         self.position_stats = VoxelwiseStats.fit(itertools.chain([first], maps_and_fg), pool_sigma=pool)
+        if intensity:
+            self.intensity_stats = intensities.stats(pool_sigma=[self.INTENSITY_POOL_MM / float(s) for s in spacing[0]])
+            self.fusion = fusion
         self.invalidate_version()
         return self.position_stats
+
+
+def _stats_bytes(stats: VoxelwiseStats) -> bytes:
+    digest = stats.mean.tobytes() + stats.std.tobytes()
+    return digest + (np.packbits(stats.support).tobytes() if stats.support is not None else b"")
+
+
+def _stats_payload(stats: VoxelwiseStats) -> dict:
+    out = {"mean": torch.from_numpy(stats.mean.copy()), "std": torch.from_numpy(stats.std.copy()), "n": int(stats.n)}
+    if stats.support is not None:
+        out["support"] = torch.from_numpy(stats.support.copy())
+    return out
+
+
+def _stats_from_payload(d: Optional[dict]) -> Optional[VoxelwiseStats]:
+    if d is None:
+        return None
+    return VoxelwiseStats.from_dict({k: v.numpy() if torch.is_tensor(v) else v for k, v in d.items()})
+

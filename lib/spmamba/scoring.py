@@ -1,5 +1,5 @@
 """Volume post-processing (numpy): volume scores from slice scores, 3-D smoothing inside the foreground,
-calibration thresholds, what a heatmap calls abnormal and its connected regions.
+calibration thresholds, what a heatmap calls abnormal and its connected regions, the fusion of two z-scale maps.
 
 A model's own anomaly maps and image scores (torch) are in ``spmamba.models.anomaly_maps``.
 """
@@ -15,6 +15,8 @@ __all__ = [
     "smooth_within_mask",
     "calibrate_threshold",
     "find_regions",
+    "FUSIONS",
+    "fuse_maps",
 ]
 
 
@@ -113,3 +115,27 @@ def find_regions(heatmap: np.ndarray, threshold: float, affine: Optional[np.ndar
         r["label"] = k
     return regions
 
+
+#: how :func:`fuse_maps` combines a model's position-normalised map with the intensity |z| map (both >= 0, z-scale)
+FUSIONS = ("geometric", "mean", "max")
+
+
+def fuse_maps(model_z: np.ndarray, intensity_z: np.ndarray, fusion: str = "geometric") -> np.ndarray:
+    """One anomaly map from two z-scale maps of the same shape (a model's position-normalised map and the |z| of
+    the voxel's intensity against the normals at that position), float32:
+
+    * ``geometric``: sqrt(model_z * intensity_z): high only where both depart from normal; the ranking of voxels
+      does not depend on either map's scale (no weight to tune);
+    * ``mean``: (model_z + intensity_z) / 2: high where either departs strongly;
+    * ``max``: the larger of the two."""
+    a = np.maximum(np.asarray(model_z, dtype=np.float32), 0.0)
+    b = np.maximum(np.asarray(intensity_z, dtype=np.float32), 0.0)
+    if a.shape != b.shape:
+        raise ValueError(f"fuse_maps: maps of shapes {a.shape} and {b.shape}")
+    if fusion == "geometric":
+        return np.sqrt(a * b)
+    if fusion == "mean":
+        return (a + b) * np.float32(0.5)
+    if fusion == "max":
+        return np.maximum(a, b)
+    raise ValueError(f"unknown fusion {fusion!r}; choose one of {', '.join(FUSIONS)}")

@@ -25,13 +25,13 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint
-from .detector import Calibration, Detector, resolve_device
+from .detector import DEFAULT_FUSION, Calibration, Detector, resolve_device
 from .io import Volume, VolumeError, load_volume
 from .methods import DEFAULT_METHOD, PreparedVolume, get_method
 from .preprocessing import Preprocessing, fit_landmarks, prepare_slices, standardise_intensity, to_canonical
 from .registration import (ALIGN_METHODS, AffineAligner, AlignmentError, auto_spacing, calibrate_floor,
                            make_reference, mni152_fits)
-from .scoring import calibrate_threshold
+from .scoring import FUSIONS, calibrate_threshold
 
 __all__ = ["train_detector", "TrainingDataError", "calibrate", "MIN_VOLUMES", "split_normals", "build_or_resume",
            "prepare_volumes", "publish", "fit", "FitState", "TrainingBudget", "PRETRAIN_SHARE",
@@ -171,6 +171,21 @@ def calibrate(detector: Detector, vols: list[Volume], pixel_fpr: float = 0.001, 
         pixel_fpr=pixel_fpr, volume_fpr=volume_fpr, n_volumes=len(scores),
         normal_volume_scores=[float(s) for s in scores],
     )
+
+
+def resolve_fusion(fusion: Optional[str], model: Any, position_normalise: bool) -> Optional[str]:
+    """``train_detector(fusion=...)`` -> the fusion to fit (None: none). Raises ValueError for an unknown one, or
+    for a fusion without position-aware normalisation (the intensity statistics compare voxels by position)."""
+    if fusion is None:
+        return DEFAULT_FUSION if position_normalise and getattr(model, "fuse_intensity", False) else None
+    if fusion == "none":
+        return None
+    if fusion not in FUSIONS:
+        raise ValueError(f"unknown fusion {fusion!r}; choose none or one of {', '.join(FUSIONS)}")
+    if not position_normalise:
+        raise ValueError(f"fusion {fusion!r} compares intensities by position and needs position-aware "
+                         "normalisation (aligned volumes, or volumes on one grid with position_normalise=True)")
+    return fusion
 
 
 def _check_one_grid(vols: list[Volume]) -> None:
@@ -636,6 +651,7 @@ def train_detector(
     align_reference: Union[str, Path] = "auto",
     teacher_pretrain: Optional[str] = None,
     pretrain_steps: Optional[int] = None,
+    fusion: Optional[str] = None,
 ) -> Detector:
     """Train a model of ``method`` on normal volumes and calibrate it; see the module docstring.
 
@@ -691,6 +707,10 @@ def train_detector(
             before distillation, for ``pretrain_steps`` steps (None: the method's default), within at most
             ``PRETRAIN_SHARE`` of the time left under ``time_limit``; ended cleanly by a stop request. Not with
             ``resume`` (the resumed model's teacher is kept). ``meta["teacher"]`` records the teacher either way.
+        fusion: with position-aware normalisation, how the normalised heatmap is fused with the |z| map of the
+            voxel intensities against the training normals (``scoring.fuse_maps``: "geometric", "mean", "max"),
+            or "none". Default (None): ``detector.DEFAULT_FUSION`` for methods that fuse (``fuse_intensity``) when
+            position-aware normalisation is on, else none. Fitted in the same pass as the position statistics.
     Returns:
         A calibrated Detector (not yet saved unless checkpoint_path was given; then that file is final too).
     """
@@ -722,6 +742,7 @@ def train_detector(
         position_normalise = detector.alignment is not None
     if position_normalise and detector.alignment is None:
         _check_one_grid(vols)
+    fusion = resolve_fusion(fusion, detector.model, bool(position_normalise))
     model = detector.model
     ts = model.training_settings  # None: fitted in one pass
     total_epochs = int(epochs if epochs is not None else ts.epochs) if ts is not None else 1
@@ -767,6 +788,7 @@ def train_detector(
             "alignment": align_info, "teacher": detector.meta.get("teacher"),
             "paused_s": round(budget.paused_seconds, 1), "pauses": budget.pauses,
             "lr_drop_step": st.lr_drop_step, "intensity_landmarks": prep.intensity_landmarks,
+            "fusion": detector.fusion if detector.intensity_stats is not None else "none",
         }
 
     def save(st: FitState, epoch_done: int) -> None:
@@ -795,7 +817,7 @@ def train_detector(
         emit({"phase": "position_stats", "step": 0, "total_steps": len(fit_vols), "unit": "vol"})
         detector.fit_position_stats(fit_vols, lambda i, n: emit({"phase": "position_stats", "step": i,
                                                                  "total_steps": n, "unit": "vol"}),
-                                    aligned=detector.alignment is not None)
+                                    aligned=detector.alignment is not None, fusion=fusion)
 
     def calibration_deadline() -> Optional[float]:
         limit = budget.stop_deadline()

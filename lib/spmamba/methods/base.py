@@ -67,13 +67,16 @@ class AnomalyModel(nn.Module):
 
     Class attributes: ``method`` (registry name, written into model files), ``kind`` (SLICE or VOLUME),
     ``PRESETS`` (preset name -> architecture config), ``default_preset``, ``preprocessing_defaults`` (settings of
-    ``preprocessing.Preprocessing`` that differ for this method, e.g. no 3-D smoothing)."""
+    ``preprocessing.Preprocessing`` that differ for this method, e.g. no 3-D smoothing), ``fuse_intensity``."""
 
     method: ClassVar[str] = ""
     kind: ClassVar[str] = ""
     PRESETS: ClassVar[Mapping[str, Any]] = {}
     default_preset: ClassVar[str] = ""
     preprocessing_defaults: ClassVar[Mapping[str, Any]] = {}
+    #: whether the Detector fuses this method's position-normalised maps with the |z| map of the voxel intensities by
+    #: default (``Detector.intensity_stats``); False for methods whose maps are intensity statistics already
+    fuse_intensity: ClassVar[bool] = True
 
     config: Any
 

@@ -84,6 +84,9 @@ class AppSettings:
     # training: auto (deformable to MNI152 for brains that fit it) | affine | deformable | none; detection follows the model
     align: str = "auto"
     align_reference: str = "auto"  # auto | normals | mni152[:MM] | a volume file
+    # training: auto (the library's default: geometric for methods that fuse, when the model aligns) | none | one of
+    # spmamba.scoring.FUSIONS: the normalised map fused with the intensity |z| map
+    fusion: str = "auto"
     seed_curation: str = ""
     extra: Dict[str, Any] = field(default_factory=dict)
 
@@ -212,6 +215,15 @@ def parse_conf(app_dir: str, studies: str, conf: Optional[Dict[str, Any]]) -> Ap
         raise ConfError(f"--conf align_reference {align_reference!r}: expected auto, normals, mni152[:MM] or a "
                         "volume file")
 
+    from spmamba.scoring import FUSIONS
+
+    fusion = str(conf.get("fusion", "auto")).strip().lower() or "auto"
+    if fusion not in ("auto", "none", *FUSIONS):
+        raise ConfError(f"--conf fusion {fusion!r}: expected auto, none, {', '.join(FUSIONS)}")
+    if fusion not in ("auto", "none") and align == "none":
+        raise ConfError(f"--conf fusion {fusion!r} compares intensities by position and needs aligned volumes; "
+                        "use align auto/affine/deformable, or fusion none")
+
     seed = conf.get("seed_curation")
     if seed is None:
         seed = os.path.join(studies, "curation.csv") if studies and not studies.startswith("http") else ""
@@ -237,6 +249,7 @@ def parse_conf(app_dir: str, studies: str, conf: Optional[Dict[str, Any]]) -> Ap
         stop_max_s=_int(conf, "stop_max_s", 80, minimum=0) or 0,
         keep_versions=_int(conf, "keep_versions", 5, minimum=0) or 0,
         align=align,
+        fusion=fusion,
         align_reference=os.path.expanduser(align_reference) if os.path.isfile(os.path.expanduser(align_reference))
         else align_reference,
         seed_curation=str(seed),

@@ -227,6 +227,7 @@ class AnomalyTrain(TrainTask):
                 paused=lambda: foreground_busy(s.foreground_dir),
                 align=s.align,
                 align_reference=s.align_reference,
+                fusion=None if s.fusion == "auto" else s.fusion,
                 **extra,
             )
             training = detector.meta.get("training") or {}

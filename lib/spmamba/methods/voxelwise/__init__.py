@@ -46,6 +46,7 @@ class VoxelwiseModel(VolumeModel):
     default_preset: ClassVar[str] = "default"
     # every slice counts, and the method smooths its own maps (in voxels)
     preprocessing_defaults: ClassVar[Mapping[str, Any]] = {"min_foreground": 0.0, "heatmap_sigma_mm": 0.0}
+    fuse_intensity: ClassVar[bool] = False  # its map is the intensity |z| map
 
     @classmethod
     def get_config(cls, spec: Any, **overrides: Any) -> VoxelwiseConfig:
