@@ -40,12 +40,15 @@ def _is_image(p: Path) -> bool:
 
 
 def _list_folder(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(image files, other files) directly inside ``folder``, sorted; hidden files are skipped."""
+    """(volumes, other files) directly inside ``folder``, sorted: a volume is an image file or a subfolder holding
+    a DICOM series (``spmamba.io.is_dicom_folder``); hidden entries are skipped."""
+    from spmamba.io import is_dicom_folder
+
     images, others = [], []
     for p in sorted(folder.iterdir()):
         if p.name.startswith("."):
             continue
-        if p.is_file() and _is_image(p):
+        if (p.is_file() and _is_image(p)) or (p.is_dir() and is_dicom_folder(p)):
             images.append(p)
         elif p.is_file() and not p.name.lower().endswith((".raw", ".raw.gz")):  # .raw = data of a .nhdr
             others.append(p)
@@ -53,20 +56,28 @@ def _list_folder(folder: Path) -> tuple[list[Path], list[Path]]:
 
 
 def iter_inputs(inputs: Sequence[str]) -> Iterator[Path]:
-    """Yield image files from files and folders (folders: their direct image files, sorted), lazily."""
+    """Yield volumes from files and folders, lazily: a folder that holds a DICOM series is one volume; another
+    folder gives its direct image files and DICOM series subfolders, sorted."""
+    from spmamba.io import is_dicom_file, is_dicom_folder
+
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
+            if is_dicom_folder(p):
+                yield p
+                continue
             found = False
             for q in sorted(p.iterdir()):
-                if q.is_file() and _is_image(q):
+                if not q.name.startswith(".") and ((q.is_file() and _is_image(q)) or (q.is_dir() and is_dicom_folder(q))):
                     found = True
                     yield q
             if not found:
-                raise CLIError(f"{p}: folder has no .nii/.nii.gz/.nrrd files")
+                raise CLIError(f"{p}: folder has no .nii/.nii.gz/.nrrd files and no DICOM series")
         elif p.is_file():
+            if is_dicom_file(p):
+                raise CLIError(f"{p}: a single DICOM file; give the folder that holds the whole series")
             if not _is_image(p):
-                raise CLIError(f"{p}: not a .nii/.nii.gz/.nrrd file")
+                raise CLIError(f"{p}: not a .nii/.nii.gz/.nrrd file or a DICOM series folder")
             yield p
         else:
             raise CLIError(f"{p}: no such file or folder")
@@ -246,12 +257,17 @@ def _training_files(folder: str) -> list[Path]:
         raise CLIError(f"{d}: no such folder (--normal needs a folder of normal volumes)")
     if not d.is_dir():
         raise CLIError(f"{d}: not a folder (--normal needs a folder of normal volumes)")
+    from spmamba.io import is_dicom_folder
+
+    if is_dicom_folder(d):
+        raise CLIError(f"{d}: holds a single DICOM series (one volume); --normal needs a folder of normal volumes: "
+                       "put each DICOM series in its own subfolder of DIR")
     images, others = _list_folder(d)
     if others:
         names = ", ".join(p.name for p in others[:5]) + (" ..." if len(others) > 5 else "")
         _eprint(f"[train] ignoring {len(others)} file(s) that are not .nii/.nii.gz/.nrrd in {d}: {names}")
     if not images:
-        raise CLIError(f"{d}: no .nii/.nii.gz/.nrrd volumes found")
+        raise CLIError(f"{d}: no .nii/.nii.gz/.nrrd volumes or DICOM series folders found")
     return images
 
 
@@ -725,7 +741,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train on a folder of normal volumes and calibrate thresholds",
                        description="Train SP-Mamba on normal volumes; a held-out share is used to calibrate the "
                        "pixel and volume thresholds. Ctrl-C stops early and still saves a valid, calibrated model.")
-    t.add_argument("--normal", required=True, metavar="DIR", help="folder of normal .nii/.nii.gz/.nrrd volumes")
+    t.add_argument("--normal", required=True, metavar="DIR",
+                   help="folder of normal volumes: .nii/.nii.gz/.nrrd files and/or subfolders each holding one DICOM "
+                   "series")
     t.add_argument("--out", required=True, metavar="MODEL.pt", help="checkpoint file to write")
     t.add_argument("--method", default=None, metavar="NAME",
                    help="anomaly-detection method: spmamba (default), voxelwise (per-voxel statistics of normals on "
@@ -799,7 +817,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "with --png, DIR/<id>_overlay.png. Volumes are processed one at a time. Exit code 2 when an "
                        "input could not be read (the others are still processed).")
     d.add_argument("--model", required=True, metavar="MODEL.pt")
-    d.add_argument("inputs", nargs="+", metavar="INPUT", help="files or folders of .nii/.nii.gz/.nrrd")
+    d.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="volume files (.nii/.nii.gz/.nrrd), DICOM series folders (one volume each), or folders of "
+                   "either")
     d.add_argument("--out", required=True, metavar="DIR")
     d.add_argument("--png", action="store_true", help="also write a slice mosaic with the heatmap overlaid")
     d.add_argument("--device", default="auto")
