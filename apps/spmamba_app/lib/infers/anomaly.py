@@ -29,6 +29,12 @@ logger = logging.getLogger(__name__)
 RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
 
 
+def _flag(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
 def _result_extension(request: Dict[str, Any]) -> str:
     ext = request.get("result_extension") or ".nii.gz"
     ext = str(ext).strip().lower()
@@ -76,13 +82,33 @@ class _BaseAnomalyInfer(InferTask):
             raise
         return path, time.perf_counter() - t0
 
+    def _store_in_pacs(self, request: Dict[str, Any]) -> bool:
+        """Whether this detection goes back into the PACS: ``params.store_results`` (true/false), else the app's
+        ``pacs_results`` setting for series of a PACS. Asked for where there is no PACS series: a 400."""
+        ds = getattr(self.detection, "datastore", None)
+        pacs_series = bool(getattr(ds, "remote", False) and request.get("image_id"))
+        asked = request.get("store_results")
+        if asked is None:
+            return pacs_series and self.detection.settings.pacs_results
+        if _flag(asked) and not pacs_series:
+            raise bad_request("store_results needs a series of the PACS (?image=SeriesInstanceUID) and the app "
+                              "started with --studies http[s]://HOST/dicom-web; an uploaded file has no series to "
+                              "reference")
+        return _flag(asked)
+
     def _answer(self, request: Dict[str, Any], write_result, result: str) -> Tuple[str, Dict[str, Any]]:
         """Detect, summarise, write the result file with ``write_result(volume, detection_result, path)``; returns
         (path, JSON) with the latencies of each part."""
         begin = time.perf_counter()
+        store = self._store_in_pacs(request)
         volume, res, detector, lat = self.detection.run(request.get("image"), request.get("upload_name"))
         summary, t_regions = self.detection.summary(volume, res, detector)
         path, t_write = self._write(request, lambda p: write_result(volume, res, p))
+        if store:
+            from ..pacs import store_results
+
+            summary["pacs"] = store_results(self.detection.datastore, request["image_id"], volume, res, detector)
+            lat["pacs"] = summary["pacs"].get("seconds", 0.0)
         lat.update({"regions": t_regions, "write": t_write, "total": time.perf_counter() - begin})
         summary["latencies"] = rounded(lat, 4)
         summary["result"] = result
