@@ -15,6 +15,7 @@ import threading
 from typing import Any, Callable, Dict
 
 import spmamba
+from spmamba.server import exposure_warning
 from lib.activelearning import MostAnomalousUnreviewed, SuspectNormal
 from lib.configs import CURATION_KEY, CURATION_STATES, ConfError, parse_conf
 from lib.datastore import CuratedDatastore
@@ -37,6 +38,21 @@ from monailabel.tasks.activelearning.random import Random
 import lib.routes as routes
 
 logger = logging.getLogger(__name__)
+
+
+def served_host() -> str:
+    """The address ``monailabel start_server`` binds (its ``--host``/``-i``, default 0.0.0.0); 127.0.0.1 outside
+    it (tests, task subprocesses)."""
+    main = sys.modules.get("__main__")
+    if getattr(getattr(main, "__spec__", None), "name", None) != "monailabel.main":
+        return "127.0.0.1"
+    argv = sys.argv
+    for i, arg in enumerate(argv):
+        if arg in ("-i", "--host") and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--host="):
+            return arg.split("=", 1)[1]
+    return "0.0.0.0"
 
 
 def refuse_to_start(error: Exception) -> None:
@@ -267,6 +283,9 @@ class SPMambaApp(MONAILabelApp):
             routes.install(server.app)
         except Exception:  # noqa: BLE001 - the stock routes still work
             logger.exception("Could not install the validating routes; using MONAI Label's stock ones")
+        warning = exposure_warning(served_host(), bool(ml_settings.MONAI_LABEL_AUTH_ENABLE))
+        if warning:
+            logger.warning(warning)
         super().on_init_complete()
         if self.settings.auto_train and not self.model_store.available():
             trainer = self._trainers.get(self.settings.method)

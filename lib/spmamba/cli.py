@@ -1,4 +1,4 @@
-"""The ``spmamba`` command: synth, pretrain, train, detect, evaluate, serve, demo.
+"""The ``spmamba`` command: synth, pretrain, train, detect, evaluate, serve, demo, login, logout.
 
 The contract (docs/CLI.md, docs/ARCHITECTURE.md "CLI") is stable: scripts and checks drive it. Everything scientific is
 in the library; this module parses arguments, streams files, draws progress bars on stderr and turns the library's
@@ -595,8 +595,8 @@ class _StopSignals:
             signal.signal(sig, old)
 
 
-def _run_server(tag: str, studies: Path, args: argparse.Namespace, conf: dict, log_dir: Path | None,
-                requested_model: Path | None, hint_model_option: bool) -> int:
+def _run_server(tag: str, studies: Path | str, args: argparse.Namespace, conf: dict, log_dir: Path | None,
+                requested_model: Path | None, hint_model_option: bool, env: dict | None = None) -> int:
     """Serve until Ctrl-C (or SIGTERM / SIGHUP): then stop the server and its children quietly, print one line and
     return 0 (stopping a server is not an error)."""
     from spmamba import server
@@ -604,7 +604,7 @@ def _run_server(tag: str, studies: Path, args: argparse.Namespace, conf: dict, l
     with _StopSignals():
         try:
             rc = server.serve(studies=str(studies), app_dir=args.app_dir, host=args.host, port=args.port,
-                              conf=conf or None, block=True, log_dir=str(log_dir) if log_dir else None,
+                              conf=conf or None, block=True, log_dir=str(log_dir) if log_dir else None, env=env,
                               on_ready=lambda url: _eprint(server.ready_report(tag, url, studies, requested_model,
                                                                                hint_model_option)))
         except KeyboardInterrupt:
@@ -635,6 +635,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise CLIError(f"{args.model}: model file not found")
         requested = Path(args.model).resolve()
         conf["model"] = str(requested)
+    from spmamba import server
+
+    env = server.auth_env(args.auth_issuer, args.auth_client_id)
+    warning = server.exposure_warning(args.host, bool(env))
+    if warning:
+        _eprint(f"[serve] {warning}")
+    if server.is_remote(args.studies):  # a DICOMweb PACS: its image series are the studies
+        url = args.studies.rstrip("/")
+        _eprint(f"[serve] starting the MONAI Label app on http://{args.host}:{args.port} with the image series of the "
+                f"PACS at {url} (Ctrl-C stops it)")
+        return _run_server("serve", url, args, conf, Path(args.log_dir) if args.log_dir else None, requested,
+                           hint_model_option=True, env=env)
     studies = Path(args.studies)
     if not studies.exists():
         if not args.create:
@@ -649,7 +661,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _eprint(f"[serve] {studies.resolve()} holds no .nii/.nii.gz/.nrrd volumes yet")
     _eprint(f"[serve] starting the MONAI Label app on http://{args.host}:{args.port} (Ctrl-C stops it)")
     return _run_server("serve", studies.resolve(), args, conf, Path(args.log_dir) if args.log_dir else None,
-                       requested, hint_model_option=True)
+                       requested, hint_model_option=True, env=env)
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    from spmamba import remote
+
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        import getpass
+
+        password = getpass.getpass(f"password of {args.user} at {args.url}: ")
+    if not password:
+        raise CLIError("no password given")
+    try:
+        remote.sign_in(args.url, args.user, password)
+    except remote.SignInError as e:
+        raise CLIError(str(e)) from None
+    stored = remote.remember(args.url, args.user, None if args.no_remember else password)
+    where = ("the password is in the system keyring" if stored else
+             "the password was not stored (" + ("--no-remember" if args.no_remember else "no system keyring") +
+             "): you will be asked again")
+    print(f"signed in to {args.url} as {args.user}; {where}")
+    return EXIT_OK
+
+
+def cmd_logout(args: argparse.Namespace) -> int:
+    from spmamba import remote
+
+    remote.forget(args.url)
+    print(f"forgot the sign-in of {args.url}")
+    return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -846,8 +889,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "model it serves (version, preset, how and when it was trained) and what to do next. Without "
                        "--model the app serves the model it published last (apps/spmamba_app/model/spmamba.pt, or "
                        "--conf model_dir=DIR), if any. Ctrl-C stops it (exit 0).")
-    v.add_argument("--studies", default="studies", metavar="DIR",
-                   help="folder of .nii/.nii.gz/.nrrd studies (default ./studies); it must exist unless --create")
+    v.add_argument("--studies", default="studies", metavar="DIR|URL",
+                   help="folder of .nii/.nii.gz/.nrrd studies (default ./studies; it must exist unless --create), or "
+                   "the DICOMweb URL of a PACS (e.g. http://127.0.0.1:8042/dicom-web): its image series are the "
+                   "studies (docs/DEPLOY.md)")
     v.add_argument("--create", action="store_true", help="create the studies folder when it does not exist")
     v.add_argument("--model", default=None, metavar="MODEL.pt",
                    help="serve this checkpoint (a `spmamba train` output); default: the app's published model")
@@ -857,7 +902,28 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE", help="app option (repeatable)")
+    v.add_argument("--auth-issuer", default=None, metavar="URL",
+                   help="turn sign-in on: the OpenID Connect issuer (e.g. a Keycloak realm URL) whose tokens the "
+                   "server accepts; roles admin/reviewer/annotator/user (docs/DEPLOY.md). Default: no sign-in, "
+                   "which is only safe on 127.0.0.1")
+    v.add_argument("--auth-client-id", default=None, metavar="ID",
+                   help="the issuer's client id for password sign-in (default MONAI Label's monailabel-app)")
     v.set_defaults(func=cmd_serve)
+
+    li = sub.add_parser("login", help="sign in to an SP-Mamba server that has sign-in on",
+                        description="Checks the user name and password with the server (its OpenID Connect "
+                        "issuer) and remembers the URL and user name; the password goes to the system keyring when "
+                        "there is one (never to a file), so later commands sign in without asking.")
+    li.add_argument("url", metavar="URL", help="the server, e.g. https://spmamba.hospital.example")
+    li.add_argument("--user", required=True, metavar="NAME")
+    li.add_argument("--password-stdin", action="store_true",
+                    help="read the password from standard input (scripts) instead of asking")
+    li.add_argument("--no-remember", action="store_true", help="do not store the password in the keyring")
+    li.set_defaults(func=cmd_login)
+
+    lo = sub.add_parser("logout", help="forget the user name and the stored password of a server")
+    lo.add_argument("url", metavar="URL")
+    lo.set_defaults(func=cmd_logout)
 
     m = sub.add_parser("demo", help="make demo studies and a quick model, then serve them on 127.0.0.1:8000",
                        description="Makes ./demo with `synth` (skipped if present), trains a quick model into "
