@@ -233,3 +233,95 @@ def test_malformed_and_non_image_series_are_clear_4xx_and_the_server_stays_up(pa
     r = c.post("/infer/spmamba?image=1.2.3.4.5.6", data={"params": "{}"}, headers=auth["user"])
     assert r.status_code == 404
     assert c.get("/info/", headers=auth["user"]).status_code == 200
+
+
+def test_the_app_starts_and_answers_when_the_pacs_is_unreachable(tmp_path, monkeypatch):
+    """A PACS that does not answer at start-up: the app starts, lists nothing (nothing cached yet), says why, and
+    a study id is a clear 404, not a 500."""
+    from fastapi.testclient import TestClient
+    from monailabel.config import settings
+
+    dead = f"http://127.0.0.1:{free_port()}/dicom-web"
+    conf = {"model_dir": str(tmp_path / "model"), "auto_score": "false", "dicomweb_cache": str(tmp_path / "cache"),
+            "dicomweb_timeout_s": "2"}
+    for k, v in {"MONAI_LABEL_APP_DIR": str(APP_DIR), "MONAI_LABEL_STUDIES": dead, "MONAI_LABEL_APP_CONF": conf,
+                 "MONAI_LABEL_DATASTORE_AUTO_RELOAD": False, "MONAI_LABEL_SERVER_PORT": free_port(),
+                 "MONAI_LABEL_AUTH_ENABLE": False}.items():
+        monkeypatch.setattr(settings, k, v)
+    from monailabel.app import app
+
+    with TestClient(app) as c:
+        r = c.get("/info/")
+        assert r.status_code == 200, r.text
+        studies = r.json()["spmamba"]["studies"]
+        assert studies["kind"] == "dicomweb" and studies["pacs"]["reachable"] is False
+        assert "ConnectionError" in studies["pacs"]["error"]
+        assert c.get("/datastore/?output=all").json()["objects"] == {}
+        r = c.post("/infer/spmamba?image=1.2.3", data={"params": "{}"})
+        assert r.status_code in (404, 409), r.text  # 409: no model yet, asked before the PACS
+
+
+@pytest.mark.slow
+def test_spmamba_serve_on_the_pacs_offline_with_sign_in(pacs, tmp_path):
+    """`spmamba serve --studies URL --auth-issuer URL` as a real process, with every address but 127.0.0.1
+    unreachable (a dead proxy): it starts (no dcmqi download), asks for sign-in, and the Slicer module's client signs
+    in and sees the PACS's series; `spmamba login` signs in without storing the password where there is no keyring."""
+    import signal
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(APP_DIR.parents[1] / "slicer_extension" / "AnomalyDetection"))
+    from AnomalyDetectionLib.client import AnomalyClient, ServerError
+
+    port = free_port()
+    dead = "http://127.0.0.1:9"
+    env = {**os.environ, "HTTP_PROXY": dead, "HTTPS_PROXY": dead, "http_proxy": dead, "https_proxy": dead,
+           "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost", "XDG_CONFIG_HOME": str(tmp_path),
+           "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring", "OMP_NUM_THREADS": "1"}
+    env.pop("MONAI_LABEL_AUTH_ENABLE", None)
+    cmd = [sys.executable, "-m", "spmamba", "serve", "--studies", pacs["orthanc"].url, "--port", str(port),
+           "--auth-issuer", pacs["issuer"].url, "--log-dir", str(tmp_path / "logs"),
+           "--conf", f"model_dir={tmp_path / 'model'}", "--conf", f"dicomweb_cache={tmp_path / 'cache'}",
+           "--conf", "auto_score=false"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    lines = []
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            line = proc.stdout.readline().decode("utf-8", "replace")
+            if not line and proc.poll() is not None:
+                break
+            lines.append(line)
+            if "Next:" in line:
+                break
+        text = "".join(lines)
+        assert "ready on" in text and "sign-in is on" in text, text[-3000:]
+        url = f"http://127.0.0.1:{port}"
+        client = AnomalyClient(url)
+        assert client.auth_enabled()
+        with pytest.raises(ServerError) as e:
+            client.info()
+        assert e.value.kind == "auth"
+        with pytest.raises(ServerError) as e:
+            client.login("user", "nope")
+        assert e.value.kind == "auth" and "password" in str(e.value)
+        client.login("user", "user-pw")
+        info = client.info()
+        assert info["spmamba"]["studies"]["pacs"]["reachable"] is True
+        assert set(client.curation_states()) >= set(pacs["uids"].values())
+        with pytest.raises(ServerError) as e:  # a plain user may not train
+            client.start_training("spmamba", {})
+        assert e.value.kind == "forbidden"
+        r = subprocess.run([sys.executable, "-m", "spmamba", "login", url, "--user", "annotator", "--password-stdin"],
+                           input="annotator-pw\n", text=True, capture_output=True, env=env, timeout=120)
+        assert r.returncode == 0 and "not stored (no system keyring)" in r.stdout, r.stderr
+        saved = (tmp_path / "spmamba" / "client.json").read_text()
+        assert "annotator" in saved and "annotator-pw" not in saved
+        assert not list((APP_DIR / "bin").glob("*"))  # MONAI Label's dcmqi download never ran (bin/ stays empty)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

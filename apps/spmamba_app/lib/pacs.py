@@ -94,9 +94,13 @@ def make_client(url: str, timeout: float, username: str = "", password: str = ""
     session = TimeoutSession(timeout)
     if username and password:
         session.auth = (username, password)
-    return DICOMwebClientX(url=url, session=session, qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
-                           wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
-                           stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
+    client = DICOMwebClientX(url=url, session=session, qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+                             wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+                             stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
+    # dicomweb-client retries every failed request 5 times with waits doubling from 2 s (about 30 s, also for a
+    # refused connection); one retry after 0.5 s keeps an unreachable PACS from holding a request for minutes
+    client.set_http_retry_params(retry=True, max_attempts=2, wait_exponential_multiplier=250)
+    return client
 
 
 class PacsDatastore(CuratedDatastore):
