@@ -77,8 +77,9 @@ def test_every_settings_field_and_monailabel_key_is_a_valid_key(configs, tmp_pat
 
     keys = configs.settings.conf_keys()
     for f in fields(configs.AppSettings):
-        if f.name not in ("app_dir", "extra"):
+        if f.name not in ("app_dir", "extra", "dicomweb"):  # dicomweb: the --studies URL, not a --conf key
             assert f.name in keys
+    assert "dicomweb" not in keys
     assert "keep_versions" in keys  # helper C's rollback setting
     s = configs.parse_conf(str(tmp_path), "x", {"server_mode": "true", "keep_versions": "3"})
     assert s.extra == {"server_mode": "true"}  # MONAI Label's own key passes through
