@@ -133,3 +133,16 @@ def test_teacher_pretrain_is_validated_against_the_method(configs, tmp_path):
         configs.parse_conf(str(tmp_path), "x", {"teacher_pretrain": "jigsaw"})
     with pytest.raises(configs.ConfError, match="method voxelwise has no teacher"):
         configs.parse_conf(str(tmp_path), "x", {"method": "voxelwise", "teacher_pretrain": "inpaint"})
+
+
+def test_dicomweb_studies_settings(configs, tmp_path):
+    s = configs.parse_conf(str(tmp_path), "http://127.0.0.1:8042/dicom-web/",
+                           {"dicomweb_cache": str(tmp_path / "c"), "dicomweb_modality": "mr,ct",
+                            "pacs_results": "true", "dicomweb_refresh_s": "5"})
+    assert s.dicomweb == "http://127.0.0.1:8042/dicom-web" and s.dicomweb_cache == str((tmp_path / "c").resolve())
+    assert s.dicomweb_modality == "MR,CT" and s.pacs_results and s.dicomweb_refresh_s == 5
+    assert s.seed_curation == ""  # no curation.csv beside a PACS
+    local = configs.parse_conf(str(tmp_path), str(tmp_path), {})
+    assert local.dicomweb == "" and local.dicomweb_cache == "" and not local.pacs_results
+    with pytest.raises(configs.ConfError, match="dicomweb_modality"):
+        configs.parse_conf(str(tmp_path), "http://x/dicom-web", {"dicomweb_modality": "MR;rm -rf"})
