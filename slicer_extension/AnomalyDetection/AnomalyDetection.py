@@ -138,57 +138,29 @@ class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     def setupSignIn(self):
-        """User name, password and Sign in under the server URL (servers with sign-in on), and 'Store results in
-        the PACS' under Detect (servers on a PACS)."""
-        form = self.ui.serverFormLayout
-        row = qt.QHBoxLayout()
-        self.userLineEdit = qt.QLineEdit()
-        self.userLineEdit.placeholderText = "user name"
-        self.userLineEdit.text = slicer.util.settingsValue(SETTINGS_USER_KEY, "")
-        self.passwordLineEdit = qt.QLineEdit()
-        self.passwordLineEdit.placeholderText = "password"
-        self.passwordLineEdit.setEchoMode(qt.QLineEdit.Password)
-        self.signInButton = qt.QPushButton("Sign in")
-        self.signInButton.toolTip = "Sign in to a server that has sign-in on (docs/DEPLOY.md)"
-        for w in (self.userLineEdit, self.passwordLineEdit, self.signInButton):
-            row.addWidget(w)
-        form.insertRow(1, "Sign-in:", row)
-        self.rememberCheckBox = qt.QCheckBox("Remember the password in the system keyring")
-        self.rememberCheckBox.enabled = credentials.available()
-        self.rememberCheckBox.checked = credentials.available()
-        self.rememberCheckBox.toolTip = ("Stored by the system keyring (never in a file or the scene)" if
-                                         credentials.available() else
-                                         "No system keyring in Slicer's Python (pip_install('keyring')): the "
-                                         "password is kept for this session only")
-        form.insertRow(2, "", self.rememberCheckBox)
-        self.storeInPacsCheckBox = qt.QCheckBox("Store results in the PACS (Parametric Map + Segmentation)")
-        self.storeInPacsCheckBox.toolTip = ("Servers on a PACS: each detection of a PACS series is stored there too, "
-                                            "referencing the series")
-        self.storeInPacsCheckBox.visible = False
-        self.ui.detectFormLayout.addRow("", self.storeInPacsCheckBox)
-        self.storeInPacsCheckBox.connect("toggled(bool)", lambda on: setattr(self.logic, "store_in_pacs", bool(on)))
-        self.signInButton.connect("clicked(bool)", self.onSignIn)
-        self.passwordLineEdit.connect("returnPressed()", self.onSignIn)
+        """Sign-in row (servers with sign-in on) and 'Store results in the PACS' (servers on a PACS)."""
+        self.ui.userLineEdit.text = slicer.util.settingsValue(SETTINGS_USER_KEY, "")
+        self.ui.rememberPasswordCheckBox.enabled = credentials.available()
+        self.ui.rememberPasswordCheckBox.checked = credentials.available()
+        if not credentials.available():
+            self.ui.rememberPasswordCheckBox.toolTip = ("No system keyring in Slicer's Python "
+                                                        "(slicer.util.pip_install('keyring')): the password is kept "
+                                                        "for this session only")
+        self.ui.storeInPacsCheckBox.visible = False
+        self.ui.storeInPacsCheckBox.connect("toggled(bool)",
+                                            lambda on: setattr(self.logic, "store_in_pacs", bool(on)))
+        self.ui.signInButton.connect("clicked(bool)", self.onSignIn)
+        self.ui.passwordLineEdit.connect("returnPressed()", self.onSignIn)
 
     def onSignIn(self, *unused):
         self.applyServerUrl()
-        user = self.userLineEdit.text.strip()
-        password = self.passwordLineEdit.text
-        self.passwordLineEdit.text = ""
+        user = self.ui.userLineEdit.text.strip()
+        password = self.ui.passwordLineEdit.text
+        self.ui.passwordLineEdit.text = ""
         if not user:
             self.setStatus("Enter your user name (and password) first.", error=True)
             return
         qt.QSettings().setValue(SETTINGS_USER_KEY, user)
-        remember = bool(self.rememberCheckBox.checked)
-
-        def work():
-            if password:
-                stored = self.logic.sign_in(user, password, remember)
-            elif self.logic.sign_in_remembered(user):
-                stored = True
-            else:
-                raise ServerError("Enter your password: none is remembered for this server.", kind="auth")
-            return stored, self.logic.connect()
 
         def done(result):
             stored, summary = result
@@ -196,7 +168,8 @@ class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.setStatus(f"Signed in to {self.logic.server_url} as {user}"
                            + ("; the password is in the system keyring." if stored and password else "."))
 
-        self.run("connect", f"Signing in to {self.logic.server_url} ...", work, onDone=done)
+        self.run("connect", f"Signing in to {self.logic.server_url} ...", self.logic.sign_in_and_connect, user,
+                 password, bool(self.ui.rememberPasswordCheckBox.checked), onDone=done)
 
     def cleanup(self):
         self.removeObservers()
@@ -357,21 +330,12 @@ class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ----------------------------------------------------------------------------------------------- server
     def onConnect(self, *unused):
         self.applyServerUrl()
-        user = self.userLineEdit.text.strip()
-
-        def work():
-            try:
-                return self.logic.connect()
-            except ServerError as e:  # sign-in on: use the keyring's password when there is one
-                if e.kind == "auth" and user and self.logic.sign_in_remembered(user):
-                    return self.logic.connect()
-                raise
-
-        self.run("connect", f"Connecting to {self.logic.server_url} ...", work, onDone=self.showSummary)
+        self.run("connect", f"Connecting to {self.logic.server_url} ...", self.logic.connect_signed_in,
+                 self.ui.userLineEdit.text.strip(), onDone=self.showSummary)
 
     def showSummary(self, summary):
         self.summary = summary
-        self.storeInPacsCheckBox.visible = summary.pacs
+        self.ui.storeInPacsCheckBox.visible = summary.pacs
         wanted = self.logic.parameters().method
         self._updatingGUIFromParameterNode = True
         try:

@@ -405,6 +405,27 @@ class AnomalyLogic:
         self.client.login(user, password)
         return True
 
+    def sign_in_and_connect(self, user: str, password: str, remember: bool = True) -> Tuple[bool, ServerSummary]:
+        """(worker) Sign in (with ``password``, or the keyring's when it is empty), then Connect. Returns (whether
+        the password is in the keyring, the server summary)."""
+        if password:
+            stored = self.sign_in(user, password, remember)
+        elif self.sign_in_remembered(user):
+            stored = True
+        else:
+            raise ServerError("Enter your password: none is remembered for this server.", kind="auth")
+        return stored, self.connect()
+
+    def connect_signed_in(self, user: str = "") -> ServerSummary:
+        """(worker) Connect; when the server asks for sign-in and the keyring holds ``user``'s password for it, sign
+        in with it and connect again."""
+        try:
+            return self.connect()
+        except ServerError as e:
+            if e.kind == "auth" and user and self.sign_in_remembered(user):
+                return self.connect()
+            raise
+
     def sign_out(self, forget: bool = False) -> None:
         from . import credentials
 
