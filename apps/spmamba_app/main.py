@@ -1,6 +1,10 @@
 """SP-Mamba MONAI Label app: unsupervised anomaly detection, training on curated normals, curation.
 
     monailabel start_server --app apps/spmamba_app --studies DIR [--conf preset fast] [--conf model PATH] ...
+    monailabel start_server --app apps/spmamba_app --studies http://127.0.0.1:8042/dicom-web ...   (a PACS)
+
+Studies come from a folder or a DICOMweb PACS (lib/pacs.py); sign-in is MONAI Label's, fixed (lib/auth.py);
+docs/DEPLOY.md.
 
 Glue only: every scientific step is a call into ``spmamba`` (see docs/LIBRARY_API.md); the REST surface and the
 ``--conf`` options are documented in docs/APP.md.

@@ -136,8 +136,9 @@ def verify(token: str) -> User:
                 roles=effective_roles(roles))
 
 
-async def current_user(token: Optional[str] = Depends(_bearer)) -> User:
-    """Replaces MONAI Label's ``get_current_user``: everyone is its default admin user while auth is off."""
+def current_user(token: Optional[str] = Depends(_bearer)) -> User:
+    """Replaces MONAI Label's ``get_current_user``: everyone is its default admin user while auth is off. A plain
+    ``def``: FastAPI runs it in its thread pool, so reading the issuer's keys never holds the event loop."""
     if not enabled():
         return DEFAULT_USER
     if not token:
@@ -152,7 +153,7 @@ class Require:
     def __init__(self, role: str):
         self.role = role
 
-    async def __call__(self, user: User = Depends(current_user)) -> User:
+    def __call__(self, user: User = Depends(current_user)) -> User:
         if not enabled():
             return user
         if self.role not in user.roles:

@@ -347,6 +347,10 @@ class PacsDatastore(CuratedDatastore):
         return [pydicom.dcmread(os.path.join(folder, f), stop_before_pixels=True)
                 for f in sorted(os.listdir(folder)) if not f.startswith(".")]
 
+    def store(self, datasets: list) -> None:
+        """STOW-RS ``datasets`` (pydicom) into the PACS."""
+        self._client.store_instances(datasets)
+
     # ------------------------------------------------------------------ what the PACS owns
     def add_image(self, image_id: str, image_filename: str, image_info: Dict[str, Any]) -> str:
         raise conflict(f"the studies come from the PACS at {self.url}: store new series there (this app lists them "
@@ -381,7 +385,7 @@ def store_results(datastore: PacsDatastore, image_id: str, volume, result, detec
     except DicomResultError as e:
         return {"stored": False, "error": f"not written as DICOM: {e}"}
     try:
-        datastore._client.store_instances([pm, seg])
+        datastore.store([pm, seg])
     except (requests.RequestException, OSError, ValueError) as e:
         logger.warning(f"Storing the results of {image_id} in {datastore.url} failed: {e}")
         return {"stored": False, "error": f"the PACS at {datastore.url} refused the results ({type(e).__name__}: {e})"}

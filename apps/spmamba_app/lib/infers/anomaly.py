@@ -7,6 +7,10 @@ Both call ``spmamba`` only, through :class:`lib.detection.Detection`: read with 
 ``spmamba.scoring.find_regions`` and write heatmap and label with ``spmamba.io.save_volume`` (nibabel/pynrrd;
 NRRD in LPS as Slicer expects; MONAI Label's ITK writer is slow and its ``Restored`` transform needs torchvision,
 so neither is used).
+
+A study from a PACS (``--studies http[s]://.../dicom-web``) can go back into it: ``params.store_results`` (or the
+app's ``pacs_results``) stores the heatmap as a DICOM Parametric Map and the abnormal voxels as a Segmentation
+referencing the series (``lib.pacs.store_results``); the JSON's ``pacs`` says what was stored.
 """
 from __future__ import annotations
 
