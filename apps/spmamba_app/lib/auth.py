@@ -34,6 +34,7 @@ import jwt
 import requests
 from fastapi import Depends, Form, HTTPException, status
 from fastapi.security import OAuth2PasswordBearer
+from starlette.concurrency import run_in_threadpool
 from monailabel.config import settings
 from monailabel.endpoints.user.auth import DEFAULT_USER, User
 
@@ -136,15 +137,16 @@ def verify(token: str) -> User:
                 roles=effective_roles(roles))
 
 
-def current_user(token: Optional[str] = Depends(_bearer)) -> User:
-    """Replaces MONAI Label's ``get_current_user``: everyone is its default admin user while auth is off. A plain
-    ``def``: FastAPI runs it in its thread pool, so reading the issuer's keys never holds the event loop."""
+async def current_user(token: Optional[str] = Depends(_bearer)) -> User:
+    """Replaces MONAI Label's ``get_current_user``: everyone is its default admin user while auth is off (answered
+    on the event loop, as MONAI Label's). The check itself runs in the thread pool: reading the issuer's keys never
+    holds the event loop."""
     if not enabled():
         return DEFAULT_USER
     if not token:
         raise unauthorized("sign in first: this server needs a bearer token (POST /auth/token with your user name "
                            "and password, or sign in from the Slicer module / `spmamba login`)")
-    return verify(token)
+    return await run_in_threadpool(verify, token)
 
 
 class Require:
@@ -153,7 +155,7 @@ class Require:
     def __init__(self, role: str):
         self.role = role
 
-    def __call__(self, user: User = Depends(current_user)) -> User:
+    async def __call__(self, user: User = Depends(current_user)) -> User:
         if not enabled():
             return user
         if self.role not in user.roles:
