@@ -1,6 +1,10 @@
 """SP-Mamba MONAI Label app: unsupervised anomaly detection, training on curated normals, curation.
 
     monailabel start_server --app apps/spmamba_app --studies DIR [--conf preset fast] [--conf model PATH] ...
+    monailabel start_server --app apps/spmamba_app --studies http://127.0.0.1:8042/dicom-web ...   (a PACS)
+
+Studies come from a folder or a DICOMweb PACS (lib/pacs.py); sign-in is MONAI Label's, fixed (lib/auth.py);
+docs/DEPLOY.md.
 
 Glue only: every scientific step is a call into ``spmamba`` (see docs/LIBRARY_API.md); the REST surface and the
 ``--conf`` options are documented in docs/APP.md.
@@ -15,11 +19,12 @@ import threading
 from typing import Any, Callable, Dict
 
 import spmamba
+from spmamba.server import exposure_warning
 from lib.activelearning import MostAnomalousUnreviewed, SuspectNormal
 from lib.configs import CURATION_KEY, CURATION_STATES, ConfError, parse_conf
 from lib.datastore import CuratedDatastore
 from lib.detection import Detection
-from lib.errors import bad_request, check_id, conflict, not_found
+from lib.errors import bad_request, conflict, not_found
 from lib.infers import AnomalyInfer, AnomalySegmentationInfer
 from lib.model_store import ModelStore
 from lib.scoring import AnomalyScoring
@@ -37,6 +42,21 @@ from monailabel.tasks.activelearning.random import Random
 import lib.routes as routes
 
 logger = logging.getLogger(__name__)
+
+
+def served_host() -> str:
+    """The address ``monailabel start_server`` binds (its ``--host``/``-i``, default 0.0.0.0); 127.0.0.1 outside
+    it (tests, task subprocesses)."""
+    main = sys.modules.get("__main__")
+    if getattr(getattr(main, "__spec__", None), "name", None) != "monailabel.main":
+        return "127.0.0.1"
+    argv = sys.argv
+    for i, arg in enumerate(argv):
+        if arg in ("-i", "--host") and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--host="):
+            return arg.split("=", 1)[1]
+    return "0.0.0.0"
 
 
 def refuse_to_start(error: Exception) -> None:
@@ -58,9 +78,6 @@ def refuse_to_start(error: Exception) -> None:
 class SPMambaApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: Dict[str, str]):
         try:
-            if studies.startswith(("http://", "https://")):
-                raise ConfError("--studies: the SP-Mamba app needs a local studies folder (curation lives in its "
-                                "datastore)")
             self.settings = parse_conf(app_dir, studies, conf)
         except ConfError as e:
             refuse_to_start(e)
@@ -84,6 +101,16 @@ class SPMambaApp(MONAILabelApp):
 
     # ------------------------------------------------------------------ tasks
     def init_datastore(self) -> Datastore:
+        """A local studies folder, or the image series of a DICOMweb PACS (``--studies http[s]://...``,
+        lib/pacs.py; MONAI Label's stock DICOMweb set-up, which downloads dcmqi at start-up, is not used)."""
+        s = self.settings
+        if s.dicomweb:
+            from lib.pacs import PacsDatastore, cache_folder
+
+            self.studies = s.dicomweb
+            return PacsDatastore(s.dicomweb, cache_folder(s.dicomweb_cache, s.dicomweb), s.dicomweb_refresh_s,
+                                 s.dicomweb_modality.split(",") if s.dicomweb_modality else (),
+                                 timeout=s.dicomweb_timeout_s, read_only=ml_settings.MONAI_LABEL_DATASTORE_READ_ONLY)
         return CuratedDatastore(
             self.studies,
             auto_reload=ml_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
@@ -94,6 +121,7 @@ class SPMambaApp(MONAILabelApp):
         """One heatmap task and one segmentation task named after the app's method (``--conf method``): spmamba and
         spmamba_seg by default, e.g. voxelwise and voxelwise_seg with ``--conf method voxelwise``."""
         method = self.settings.method
+        self.detection.datastore = self._datastore  # PACS results are stored through it
         return {
             method: AnomalyInfer(self.detection),
             f"{method}_seg": AnomalySegmentationInfer(self.detection),
@@ -130,8 +158,18 @@ class SPMambaApp(MONAILabelApp):
             "scoring": self.scoring_state(),
             "versions": [v["version"] for v in self.versions.list()],  # kept for rollback: GET /model/versions
             "settings": self.settings.to_json(),
+            "studies": self.studies_state(),
         }
         return meta
+
+    def studies_state(self) -> Dict[str, Any]:
+        """``/info/`` -> ``spmamba.studies``: where the studies come from (``local`` folder or ``dicomweb`` PACS,
+        with whether it answered last time) and whether detections are stored back into the PACS."""
+        ds = self._datastore
+        if getattr(ds, "remote", False):
+            return {"kind": "dicomweb", "url": ds.url, "pacs": dict(ds.pacs_state),
+                    "refresh_s": self.settings.dicomweb_refresh_s, "store_results": self.settings.pacs_results}
+        return {"kind": "local", "folder": self.studies}
 
     # ------------------------------------------------------------------ model versions
     def model_versions(self) -> Dict[str, Any]:
@@ -177,16 +215,15 @@ class SPMambaApp(MONAILabelApp):
         if isinstance(image, str):
             ds = datastore if datastore else self.datastore()
             ds.sync()
-            if image not in ds.list_images():
-                if os.path.isabs(image) and os.path.isfile(image):
-                    real = os.path.realpath(image)
-                    roots = [tempfile.gettempdir(), ml_settings.MONAI_LABEL_SESSION_PATH or "",
-                             os.path.join(os.path.expanduser("~"), ".cache", "monailabel", "sessions")]
-                    if not any(r and real.startswith(os.path.realpath(r) + os.sep) for r in roots):
-                        raise bad_request("image must be a datastore id or an uploaded file")
-                else:
-                    check_id(image)
-                    raise not_found(f"image {image!r} not found in the datastore")
+            if os.path.isabs(image) and os.path.isfile(image):
+                real = os.path.realpath(image)
+                roots = [tempfile.gettempdir(), ml_settings.MONAI_LABEL_SESSION_PATH or "",
+                         os.path.join(os.path.expanduser("~"), ".cache", "monailabel", "sessions")]
+                if not any(r and real.startswith(os.path.realpath(r) + os.sep) for r in roots):
+                    raise bad_request("image must be a datastore id or an uploaded file")
+            else:
+                ds.require_image(image)  # 400 path-like, 404 unknown, 422 a PACS series that is not an image
+                request = {**request, "image_id": image}  # the tasks store PACS results under the series' id
         return super().infer(request, datastore)
 
     # ------------------------------------------------------------------ active learning / scoring
@@ -250,6 +287,9 @@ class SPMambaApp(MONAILabelApp):
             routes.install(server.app)
         except Exception:  # noqa: BLE001 - the stock routes still work
             logger.exception("Could not install the validating routes; using MONAI Label's stock ones")
+        warning = exposure_warning(served_host(), bool(ml_settings.MONAI_LABEL_AUTH_ENABLE))
+        if warning:
+            logger.warning(warning)
         super().on_init_complete()
         if self.settings.auto_train and not self.model_store.available():
             trainer = self._trainers.get(self.settings.method)

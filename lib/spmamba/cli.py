@@ -1,4 +1,4 @@
-"""The ``spmamba`` command: synth, pretrain, train, detect, evaluate, serve, demo.
+"""The ``spmamba`` command: synth, pretrain, train, detect, evaluate, serve, demo, login, logout.
 
 The contract (docs/CLI.md, docs/ARCHITECTURE.md "CLI") is stable: scripts and checks drive it. Everything scientific is
 in the library; this module parses arguments, streams files, draws progress bars on stderr and turns the library's
@@ -41,12 +41,15 @@ def _is_image(p: Path) -> bool:
 
 
 def _list_folder(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(image files, other files) directly inside ``folder``, sorted; hidden files are skipped."""
+    """(volumes, other files) directly inside ``folder``, sorted: a volume is an image file or a subfolder holding
+    a DICOM series (``spmamba.io.is_dicom_folder``); hidden entries are skipped."""
+    from spmamba.io import is_dicom_folder
+
     images, others = [], []
     for p in sorted(folder.iterdir()):
         if p.name.startswith("."):
             continue
-        if p.is_file() and _is_image(p):
+        if (p.is_file() and _is_image(p)) or (p.is_dir() and is_dicom_folder(p)):
             images.append(p)
         elif p.is_file() and not p.name.lower().endswith((".raw", ".raw.gz")):  # .raw = data of a .nhdr
             others.append(p)
@@ -54,20 +57,28 @@ def _list_folder(folder: Path) -> tuple[list[Path], list[Path]]:
 
 
 def iter_inputs(inputs: Sequence[str]) -> Iterator[Path]:
-    """Yield image files from files and folders (folders: their direct image files, sorted), lazily."""
+    """Yield volumes from files and folders, lazily: a folder that holds a DICOM series is one volume; another
+    folder gives its direct image files and DICOM series subfolders, sorted."""
+    from spmamba.io import is_dicom_file, is_dicom_folder
+
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
+            if is_dicom_folder(p):
+                yield p
+                continue
             found = False
             for q in sorted(p.iterdir()):
-                if q.is_file() and _is_image(q):
+                if not q.name.startswith(".") and ((q.is_file() and _is_image(q)) or (q.is_dir() and is_dicom_folder(q))):
                     found = True
                     yield q
             if not found:
-                raise CLIError(f"{p}: folder has no .nii/.nii.gz/.nrrd files")
+                raise CLIError(f"{p}: folder has no .nii/.nii.gz/.nrrd files and no DICOM series")
         elif p.is_file():
+            if is_dicom_file(p):
+                raise CLIError(f"{p}: a single DICOM file; give the folder that holds the whole series")
             if not _is_image(p):
-                raise CLIError(f"{p}: not a .nii/.nii.gz/.nrrd file")
+                raise CLIError(f"{p}: not a .nii/.nii.gz/.nrrd file or a DICOM series folder")
             yield p
         else:
             raise CLIError(f"{p}: no such file or folder")
@@ -247,12 +258,17 @@ def _training_files(folder: str) -> list[Path]:
         raise CLIError(f"{d}: no such folder (--normal needs a folder of normal volumes)")
     if not d.is_dir():
         raise CLIError(f"{d}: not a folder (--normal needs a folder of normal volumes)")
+    from spmamba.io import is_dicom_folder
+
+    if is_dicom_folder(d):
+        raise CLIError(f"{d}: holds a single DICOM series (one volume); --normal needs a folder of normal volumes: "
+                       "put each DICOM series in its own subfolder of DIR")
     images, others = _list_folder(d)
     if others:
         names = ", ".join(p.name for p in others[:5]) + (" ..." if len(others) > 5 else "")
         _eprint(f"[train] ignoring {len(others)} file(s) that are not .nii/.nii.gz/.nrrd in {d}: {names}")
     if not images:
-        raise CLIError(f"{d}: no .nii/.nii.gz/.nrrd volumes found")
+        raise CLIError(f"{d}: no .nii/.nii.gz/.nrrd volumes or DICOM series folders found")
     return images
 
 
@@ -585,8 +601,8 @@ class _StopSignals:
             signal.signal(sig, old)
 
 
-def _run_server(tag: str, studies: Path, args: argparse.Namespace, conf: dict, log_dir: Path | None,
-                requested_model: Path | None, hint_model_option: bool) -> int:
+def _run_server(tag: str, studies: Path | str, args: argparse.Namespace, conf: dict, log_dir: Path | None,
+                requested_model: Path | None, hint_model_option: bool, env: dict | None = None) -> int:
     """Serve until Ctrl-C (or SIGTERM / SIGHUP): then stop the server and its children quietly, print one line and
     return 0 (stopping a server is not an error)."""
     from spmamba import server
@@ -594,7 +610,7 @@ def _run_server(tag: str, studies: Path, args: argparse.Namespace, conf: dict, l
     with _StopSignals():
         try:
             rc = server.serve(studies=str(studies), app_dir=args.app_dir, host=args.host, port=args.port,
-                              conf=conf or None, block=True, log_dir=str(log_dir) if log_dir else None,
+                              conf=conf or None, block=True, log_dir=str(log_dir) if log_dir else None, env=env,
                               on_ready=lambda url: _eprint(server.ready_report(tag, url, studies, requested_model,
                                                                                hint_model_option)))
         except KeyboardInterrupt:
@@ -625,6 +641,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise CLIError(f"{args.model}: model file not found")
         requested = Path(args.model).resolve()
         conf["model"] = str(requested)
+    from spmamba import server
+
+    env = server.auth_env(args.auth_issuer, args.auth_client_id)
+    warning = server.exposure_warning(args.host, bool(env))
+    if warning:
+        _eprint(f"[serve] {warning}")
+    if server.is_remote(args.studies):  # a DICOMweb PACS: its image series are the studies
+        url = args.studies.rstrip("/")
+        _eprint(f"[serve] starting the MONAI Label app on http://{args.host}:{args.port} with the image series of the "
+                f"PACS at {url} (Ctrl-C stops it)")
+        return _run_server("serve", url, args, conf, Path(args.log_dir) if args.log_dir else None, requested,
+                           hint_model_option=True, env=env)
     studies = Path(args.studies)
     if not studies.exists():
         if not args.create:
@@ -639,7 +667,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _eprint(f"[serve] {studies.resolve()} holds no .nii/.nii.gz/.nrrd volumes yet")
     _eprint(f"[serve] starting the MONAI Label app on http://{args.host}:{args.port} (Ctrl-C stops it)")
     return _run_server("serve", studies.resolve(), args, conf, Path(args.log_dir) if args.log_dir else None,
-                       requested, hint_model_option=True)
+                       requested, hint_model_option=True, env=env)
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    from spmamba import remote
+
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        import getpass
+
+        password = getpass.getpass(f"password of {args.user} at {args.url}: ")
+    if not password:
+        raise CLIError("no password given")
+    try:
+        remote.sign_in(args.url, args.user, password)
+    except remote.SignInError as e:
+        raise CLIError(str(e)) from None
+    stored = remote.remember(args.url, args.user, None if args.no_remember else password)
+    where = ("the password is in the system keyring" if stored else
+             "the password was not stored (" + ("--no-remember" if args.no_remember else "no system keyring") +
+             "): you will be asked again")
+    print(f"signed in to {args.url} as {args.user}; {where}")
+    return EXIT_OK
+
+
+def cmd_logout(args: argparse.Namespace) -> int:
+    from spmamba import remote
+
+    remote.forget(args.url)
+    print(f"forgot the sign-in of {args.url}")
+    return EXIT_OK
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -731,7 +790,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train on a folder of normal volumes and calibrate thresholds",
                        description="Train SP-Mamba on normal volumes; a held-out share is used to calibrate the "
                        "pixel and volume thresholds. Ctrl-C stops early and still saves a valid, calibrated model.")
-    t.add_argument("--normal", required=True, metavar="DIR", help="folder of normal .nii/.nii.gz/.nrrd volumes")
+    t.add_argument("--normal", required=True, metavar="DIR",
+                   help="folder of normal volumes: .nii/.nii.gz/.nrrd files and/or subfolders each holding one DICOM "
+                   "series")
     t.add_argument("--out", required=True, metavar="MODEL.pt", help="checkpoint file to write")
     t.add_argument("--method", default=None, metavar="NAME",
                    help="anomaly-detection method: spmamba (default), voxelwise (per-voxel statistics of normals on "
@@ -810,7 +871,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "with --png, DIR/<id>_overlay.png. Volumes are processed one at a time. Exit code 2 when an "
                        "input could not be read (the others are still processed).")
     d.add_argument("--model", required=True, metavar="MODEL.pt")
-    d.add_argument("inputs", nargs="+", metavar="INPUT", help="files or folders of .nii/.nii.gz/.nrrd")
+    d.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="volume files (.nii/.nii.gz/.nrrd), DICOM series folders (one volume each), or folders of "
+                   "either")
     d.add_argument("--out", required=True, metavar="DIR")
     d.add_argument("--png", action="store_true", help="also write a slice mosaic with the heatmap overlaid")
     d.add_argument("--device", default="auto")
@@ -837,8 +900,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "model it serves (version, preset, how and when it was trained) and what to do next. Without "
                        "--model the app serves the model it published last (apps/spmamba_app/model/spmamba.pt, or "
                        "--conf model_dir=DIR), if any. Ctrl-C stops it (exit 0).")
-    v.add_argument("--studies", default="studies", metavar="DIR",
-                   help="folder of .nii/.nii.gz/.nrrd studies (default ./studies); it must exist unless --create")
+    v.add_argument("--studies", default="studies", metavar="DIR|URL",
+                   help="folder of .nii/.nii.gz/.nrrd studies (default ./studies; it must exist unless --create), or "
+                   "the DICOMweb URL of a PACS (e.g. http://127.0.0.1:8042/dicom-web): its image series are the "
+                   "studies (docs/DEPLOY.md)")
     v.add_argument("--create", action="store_true", help="create the studies folder when it does not exist")
     v.add_argument("--model", default=None, metavar="MODEL.pt",
                    help="serve this checkpoint (a `spmamba train` output); default: the app's published model")
@@ -848,7 +913,28 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE", help="app option (repeatable)")
+    v.add_argument("--auth-issuer", default=None, metavar="URL",
+                   help="turn sign-in on: the OpenID Connect issuer (e.g. a Keycloak realm URL) whose tokens the "
+                   "server accepts; roles admin/reviewer/annotator/user (docs/DEPLOY.md). Default: no sign-in, "
+                   "which is only safe on 127.0.0.1")
+    v.add_argument("--auth-client-id", default=None, metavar="ID",
+                   help="the issuer's client id for password sign-in (default MONAI Label's monailabel-app)")
     v.set_defaults(func=cmd_serve)
+
+    li = sub.add_parser("login", help="sign in to an SP-Mamba server that has sign-in on",
+                        description="Checks the user name and password with the server (its OpenID Connect "
+                        "issuer) and remembers the URL and user name; the password goes to the system keyring when "
+                        "there is one (never to a file), so later commands sign in without asking.")
+    li.add_argument("url", metavar="URL", help="the server, e.g. https://spmamba.hospital.example")
+    li.add_argument("--user", required=True, metavar="NAME")
+    li.add_argument("--password-stdin", action="store_true",
+                    help="read the password from standard input (scripts) instead of asking")
+    li.add_argument("--no-remember", action="store_true", help="do not store the password in the keyring")
+    li.set_defaults(func=cmd_login)
+
+    lo = sub.add_parser("logout", help="forget the user name and the stored password of a server")
+    lo.add_argument("url", metavar="URL")
+    lo.set_defaults(func=cmd_logout)
 
     m = sub.add_parser("demo", help="make demo studies and a quick model, then serve them on 127.0.0.1:8000",
                        description="Makes ./demo with `synth` (skipped if present), trains a quick model into "

@@ -1,7 +1,13 @@
-"""Volumes in and out: reading NIfTI and NRRD with clear errors, atomic writing, volume file names and ids.
+"""Volumes in and out: reading NIfTI, NRRD and DICOM series with clear errors, atomic writing, volume file names
+and ids.
 
-The one place that touches volume files (a future home for DICOM series too); what the detector does to a volume
-once read (canonical grid, intensity scaling, slice batches) is ``spmamba.preprocessing``'s.
+The one place that reads volume files; what the detector does to a volume once read (canonical grid, intensity
+scaling, slice batches) is ``spmamba.preprocessing``'s.
+
+A DICOM series is a folder that holds the files of one image series (``load_volume(folder)``): the headers are
+checked first with pydicom (one series, image objects only, one slice size and orientation, evenly spaced slices),
+then the voxels are read with SimpleITK's GDCM reader (as MONAI Label's own DICOM conversion does), with the rescale
+slope and intercept applied.
 """
 from __future__ import annotations
 
@@ -18,7 +24,8 @@ from spmamba.atomic import atomic_path
 
 __all__ = [
     "VolumeError", "Volume", "load_volume", "validate_array", "save_volume", "volume_id", "volume_suffix",
-    "is_volume_file", "VOLUME_SUFFIXES",
+    "is_volume_file", "VOLUME_SUFFIXES", "DicomSeries", "inspect_dicom_series", "load_dicom_series",
+    "is_dicom_folder", "is_dicom_file", "IMAGE_SOP_CLASSES",
 ]
 
 #: the volume files the library reads (``.nhdr``: a detached NRRD header beside its data file), longest first
@@ -151,11 +158,14 @@ def _load_nrrd(path: Path, name: str) -> Volume:
 
 
 def load_volume(path: Union[str, Path], name: Optional[str] = None) -> Volume:
-    """Read a .nii/.nii.gz/.nrrd/.nhdr volume; raise VolumeError naming ``name`` (default: the path)."""
+    """Read a .nii/.nii.gz/.nrrd/.nhdr volume or a folder holding one DICOM image series
+    (:func:`load_dicom_series`); raise VolumeError naming ``name`` (default: the path)."""
     path = Path(path)
     name = name or str(path)
     if not path.exists():
         raise VolumeError(f"{name}: no such file")
+    if path.is_dir():
+        return load_dicom_series(path, name)
     if not path.is_file():
         raise VolumeError(f"{name}: not a file")
     if path.stat().st_size == 0:
@@ -165,7 +175,9 @@ def load_volume(path: Union[str, Path], name: Optional[str] = None) -> Volume:
         return _load_nifti(path, name)
     if low.endswith((".nrrd", ".nhdr")):
         return _load_nrrd(path, name)
-    raise VolumeError(f"{name}: unsupported file type; give a .nii, .nii.gz or .nrrd volume")
+    if is_dicom_file(path):
+        raise VolumeError(f"{name}: a single DICOM file; give the folder that holds the whole series")
+    raise VolumeError(f"{name}: unsupported file type; give a .nii, .nii.gz or .nrrd volume or a DICOM series folder")
 
 
 def save_volume(array: np.ndarray, affine: np.ndarray, path: Union[str, Path], dtype=np.float32) -> Path:
@@ -197,3 +209,219 @@ def save_volume(array: np.ndarray, affine: np.ndarray, path: Union[str, Path], d
     else:
         raise VolumeError(f"{path}: cannot write this file type; use .nii.gz, .nii or .nrrd")
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DICOM series
+# ---------------------------------------------------------------------------------------------------------------
+#: SOP classes of the images a volume can be made of (CT, MR, PET, NM: classic, enhanced and legacy-converted);
+#: anything else in a series folder (Segmentation, Parametric Map, structured reports, presentation states, ...)
+#: is not an image of the patient and is refused.
+IMAGE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.4": "MR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.4.4": "Legacy Converted Enhanced MR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.128": "Positron Emission Tomography Image Storage",
+    "1.2.840.10008.5.1.4.1.1.128.1": "Legacy Converted Enhanced PET Image Storage",
+    "1.2.840.10008.5.1.4.1.1.130": "Enhanced PET Image Storage",
+    "1.2.840.10008.5.1.4.1.1.20": "Nuclear Medicine Image Storage",
+}
+#: relative spread of the gaps between neighbouring slices beyond which a series is refused (a missing slice)
+SLICE_GAP_TOLERANCE = 0.05
+
+
+def sop_class_name(uid: str) -> str:
+    """A readable name of a DICOM SOP class UID (pydicom's dictionary), or the UID itself."""
+    try:
+        from pydicom.uid import UID
+
+        name = UID(str(uid)).name
+    except Exception:  # noqa: BLE001 - any odd value: show it as it is
+        return str(uid)
+    return name or str(uid)
+
+
+def is_dicom_file(path: Union[str, Path]) -> bool:
+    """Whether ``path`` starts like a DICOM Part 10 file (128-byte preamble + ``DICM``)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def is_dicom_folder(path: Union[str, Path]) -> bool:
+    """Whether ``path`` is a folder with DICOM files directly inside and no NIfTI/NRRD volumes (a series folder)."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    found = False
+    for q in p.iterdir():
+        if q.name.startswith(".") or not q.is_file():
+            continue
+        if is_volume_file(q):
+            return False
+        found = found or is_dicom_file(q)
+    return found
+
+
+@dataclass
+class DicomSeries:
+    """What :func:`inspect_dicom_series` found: one image series, its files sorted along the slice normal."""
+
+    folder: str
+    files: list  # paths, sorted by position along the slice normal (one file for a multi-frame image)
+    series_uid: str
+    study_uid: str
+    sop_class_uid: str
+    modality: str
+    description: str
+    rows: int
+    columns: int
+    ignored: list  # files that are not DICOM (skipped)
+
+    @property
+    def sop_class(self) -> str:
+        return sop_class_name(self.sop_class_uid)
+
+
+def _describe_groups(groups: dict) -> str:
+    parts = []
+    for key, items in list(groups.items())[:5]:
+        parts.append(f"{key} ({len(items)} file{'s' if len(items) != 1 else ''})")
+    return "; ".join(parts) + (f"; and {len(groups) - 5} more" if len(groups) > 5 else "")
+
+
+def inspect_dicom_series(folder: Union[str, Path], name: Optional[str] = None) -> DicomSeries:
+    """Check the DICOM headers in ``folder`` (no voxel data is read) and return the one image series it holds.
+
+    Raises :class:`VolumeError` naming ``name`` when the folder has no DICOM file, holds non-image objects
+    (Segmentation, Parametric Map, reports ...) or several series, or its slices do not make one volume (different
+    sizes or orientations, missing positions, slices at the same position, uneven gaps)."""
+    try:
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+    except ImportError as e:  # pragma: no cover - a pinned dependency
+        raise VolumeError(f"{name or folder}: reading DICOM needs pydicom (pip install 'pydicom<3')") from e
+    folder = Path(folder)
+    name = name or str(folder)
+    headers, ignored = [], []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or not p.is_file():
+            continue
+        try:
+            ds = pydicom.dcmread(str(p), stop_before_pixels=True)
+        except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, AttributeError, KeyError):
+            ignored.append(str(p))
+            continue
+        if "SOPClassUID" not in ds:  # a DICOMDIR or another file without an object in it
+            ignored.append(str(p))
+            continue
+        headers.append((str(p), ds))
+    if not headers:
+        raise VolumeError(f"{name}: no DICOM files found; give a folder that holds the files of one DICOM image "
+                          "series")
+    non_image: dict = {}
+    for path, ds in headers:
+        uid = str(ds.SOPClassUID)
+        if uid not in IMAGE_SOP_CLASSES:
+            non_image.setdefault(sop_class_name(uid), []).append(path)
+    if non_image:
+        raise VolumeError(f"{name}: holds DICOM objects that are not images: {_describe_groups(non_image)}. A DICOM "
+                          "volume folder must hold one image series only (CT, MR, PET or NM): move the others out")
+    series: dict = {}
+    for path, ds in headers:
+        series.setdefault(str(ds.get("SeriesInstanceUID", "?")), []).append((path, ds))
+    if len(series) > 1:
+        labels = {f"{uid} '{items[0][1].get('SeriesDescription', '')}'": items for uid, items in series.items()}
+        raise VolumeError(f"{name}: holds {len(series)} DICOM series: {_describe_groups(labels)}. Put each series "
+                          "in its own folder and give one folder per volume")
+    (series_uid, items), = series.items()
+    first = items[0][1]
+    sizes: dict = {}
+    for path, ds in items:
+        sizes.setdefault(f"{ds.get('Rows', '?')}x{ds.get('Columns', '?')}", []).append(path)
+    if len(sizes) > 1:
+        raise VolumeError(f"{name}: its slices have different sizes ({_describe_groups(sizes)}); a volume needs one "
+                          "slice size: the series is damaged or mixes several acquisitions")
+    multiframe = int(first.get("NumberOfFrames", 1) or 1) > 1
+    files = [path for path, _ in items]
+    if multiframe:
+        if len(items) > 1:
+            raise VolumeError(f"{name}: holds {len(items)} multi-frame images of one series; give one multi-frame "
+                              "image per folder")
+    elif len(items) > 1:
+        files = _sorted_slices(items, name)
+    return DicomSeries(str(folder), files, series_uid, str(first.get("StudyInstanceUID", "")),
+                       str(first.SOPClassUID), str(first.get("Modality", "")),
+                       str(first.get("SeriesDescription", "")), int(first.get("Rows", 0) or 0),
+                       int(first.get("Columns", 0) or 0), ignored)
+
+
+def _sorted_slices(items: list, name: str) -> list:
+    """The files of single-frame slices sorted along the slice normal; refuses what is not one evenly spaced
+    volume."""
+    orientations, positions = [], []
+    for path, ds in items:
+        iop, ipp = ds.get("ImageOrientationPatient"), ds.get("ImagePositionPatient")
+        if iop is None or ipp is None or len(iop) != 6 or len(ipp) != 3:
+            raise VolumeError(f"{name}: {Path(path).name} has no ImagePositionPatient/ImageOrientationPatient, so "
+                              "its slices cannot be placed in a volume")
+        orientations.append(np.asarray([float(v) for v in iop]))
+        positions.append(np.asarray([float(v) for v in ipp]))
+    iop0 = orientations[0]
+    if any(np.abs(o - iop0).max() > 1e-4 for o in orientations):
+        raise VolumeError(f"{name}: its slices have different orientations; a volume needs parallel slices (a "
+                          "localiser or a mixed series?)")
+    normal = np.cross(iop0[:3], iop0[3:])
+    depth = np.asarray([float(p @ normal) for p in positions])
+    order = np.argsort(depth, kind="stable")
+    gaps = np.diff(depth[order])
+    if np.any(gaps < 1e-3):
+        n = int(np.sum(gaps < 1e-3))
+        raise VolumeError(f"{name}: {n + 1} slices share a position; this looks like a 4-D, multi-echo or "
+                          "duplicated series: split it into one folder per volume")
+    median = float(np.median(gaps))
+    if np.abs(gaps - median).max() > SLICE_GAP_TOLERANCE * median:
+        raise VolumeError(f"{name}: its slices are not evenly spaced (gaps from {gaps.min():.3g} to "
+                          f"{gaps.max():.3g} mm): a slice is missing or the series mixes acquisitions")
+    return [items[i][0] for i in order]
+
+
+def load_dicom_series(folder: Union[str, Path], name: Optional[str] = None) -> Volume:
+    """Read the DICOM image series in ``folder`` as one volume (float32 (X, Y, Z), voxel -> RAS affine; X runs
+    along a row (columns), Y along a column (rows), Z along the slice normal). The headers are checked first
+    (:func:`inspect_dicom_series`); the voxels, with rescale slope and intercept, are read by SimpleITK."""
+    folder = Path(folder)
+    name = name or str(folder)
+    if not folder.is_dir():
+        raise VolumeError(f"{name}: not a folder")
+    series = inspect_dicom_series(folder, name)
+    try:
+        import SimpleITK as sitk
+    except ImportError as e:  # pragma: no cover - a pinned dependency
+        raise VolumeError(f"{name}: reading DICOM needs SimpleITK (pip install SimpleITK)") from e
+    from spmamba.registration import from_sitk
+
+    try:
+        if len(series.files) == 1:
+            reader = sitk.ImageFileReader()
+            reader.SetImageIO("GDCMImageIO")
+            reader.SetFileName(series.files[0])
+        else:
+            reader = sitk.ImageSeriesReader()
+            reader.SetImageIO("GDCMImageIO")
+            reader.SetFileNames(series.files)
+        image = reader.Execute()
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VolumeError(f"{name}: the voxel data of the DICOM series could not be read ({first}); the files are "
+                          "truncated, or compressed in a way this installation cannot decode") from e
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise VolumeError(f"{name}: colour (RGB) DICOM images are not supported; give a grey-level series")
+    array, affine = from_sitk(image)
+    return Volume(validate_array(array, name), affine, str(folder))

@@ -9,8 +9,9 @@ no child sees the SIGINT, so none prints a ``KeyboardInterrupt`` traceback. :fun
 
 Where MONAI Label writes: ``start_server`` puts its log in ``APP/logs/`` unless given ``--log_config``
 (:func:`serve` passes one when ``log_dir`` is given, or ``log_file``'s folder), and the app publishes trained models in
-``--conf model_dir`` (default ``APP/model``). Nothing else goes into the app folder (``APP/bin`` only for DICOMweb
-studies, which this app refuses).
+``--conf model_dir`` (default ``APP/model``). Nothing else goes into the app folder: with DICOMweb studies
+(``studies`` = ``http[s]://HOST/dicom-web``) the series are cached in ``--conf dicomweb_cache`` (default
+``~/.cache/spmamba/dicomweb``), and MONAI Label's download of dcmqi into ``APP/bin`` is never run.
 """
 from __future__ import annotations
 
@@ -29,6 +30,11 @@ from pathlib import Path
 from typing import IO, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 PathLike = Union[str, os.PathLike]
+
+
+def is_remote(studies: PathLike) -> bool:
+    """Whether ``studies`` is the URL of a DICOMweb server (``http[s]://HOST/dicom-web``) rather than a folder."""
+    return str(studies).lower().startswith(("http://", "https://"))
 
 
 def default_app_dir() -> Path:
@@ -100,8 +106,37 @@ def log_config(log_dir: PathLike, log_file: str = "app.log") -> Path:
     return path
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (127.0.0.0/8, localhost, ::1)."""
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def exposure_warning(host: str, auth: bool) -> Optional[str]:
+    """The warning for a server bound to a network address without sign-in, else None."""
+    if is_loopback(host) or auth:
+        return None
+    return (f"WARNING: serving on {host} without sign-in: anyone who can reach this machine can read the studies, "
+            "change their curation and retrain the model. Turn sign-in on (--auth-issuer URL, docs/DEPLOY.md) or "
+            "serve on 127.0.0.1 behind a TLS reverse proxy that signs users in.")
+
+
+def auth_env(issuer: Optional[str], client_id: Optional[str] = None) -> Dict[str, str]:
+    """MONAI Label's settings that turn its sign-in on for the OIDC ``issuer`` (a Keycloak realm URL or any OIDC
+    issuer with a password grant), as environment variables for :func:`serve`; empty without an issuer."""
+    if not issuer:
+        return {}
+    env = {"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": issuer.rstrip("/")}
+    if client_id:
+        env["MONAI_LABEL_AUTH_CLIENT_ID"] = client_id
+    return env
+
+
 def wait_until_ready(host: str, port: int, timeout: float = 120.0, proc: Optional[subprocess.Popen] = None) -> None:
-    """Poll ``GET /info/`` until the server answers 200; raises ``RuntimeError`` on timeout or early exit."""
+    """Poll ``GET /info/`` until the server answers (200, or 401/403 when sign-in is on); raises ``RuntimeError``
+    on timeout or early exit."""
     url = f"http://{host}:{port}/info/"
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -111,6 +146,9 @@ def wait_until_ready(host: str, port: int, timeout: float = 120.0, proc: Optiona
             with urllib.request.urlopen(url, timeout=5) as r:
                 if r.status == 200:
                     return
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403):  # up, and asking for sign-in
+                return
         except (urllib.error.URLError, OSError, ValueError):
             pass
         time.sleep(0.5)
@@ -197,12 +235,17 @@ def serve(
     """
     if not port_is_free(host, port):
         raise RuntimeError(f"{host}:{port} is already in use: stop the other server or choose another port")
-    Path(studies).mkdir(parents=True, exist_ok=True)  # the CLI refuses a missing folder before it gets here
+    if not is_remote(studies):
+        Path(studies).mkdir(parents=True, exist_ok=True)  # the CLI refuses a missing folder before it gets here
     if log_dir is None and log_file is not None:
         log_dir = Path(log_file).resolve().parent
     cmd = server_command(studies, app_dir, host, port, conf, log_config(log_dir) if log_dir else None)
     full_env = {**os.environ, **(env or {})}
     full_env.setdefault("PYTHONUNBUFFERED", "1")
+    # this interpreter's scripts first on PATH: dcmqi's itkimage2segimage from the pinned wheel is found there, so
+    # MONAI Label never tries to download dcmqi (an offline start), even when the environment is not activated
+    bindir = str(Path(sys.executable).parent)
+    full_env["PATH"] = os.pathsep.join([bindir] + [p for p in full_env.get("PATH", "").split(os.pathsep) if p])
     if not block:
         stdout = open(log_file, "ab") if log_file else None
         try:
@@ -262,9 +305,10 @@ def repo_root() -> Path | None:
     return root if (root / "slicer_extension").is_dir() else None
 
 
-def get_json(url: str, timeout: float = 10.0):
-    """The JSON answer of a GET on ``url``."""
-    with urllib.request.urlopen(url, timeout=timeout) as r:
+def get_json(url: str, timeout: float = 10.0, token: Optional[str] = None):
+    """The JSON answer of a GET on ``url`` (with the bearer ``token`` when given)."""
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read().decode())
 
 
@@ -298,11 +342,27 @@ def ready_report(tag: str, url: str, studies: Path, requested_model: Optional[Pa
     itself), and what to do next (``spmamba serve`` / ``spmamba demo``; ``tag`` prefixes the lines)."""
     from spmamba.demo import describe_model
 
-    lines = [f"[{tag}] ready on {url} with the studies in {studies}"]
+    remote = is_remote(studies)
+    lines = [f"[{tag}] ready on {url} with the studies " + (f"of the PACS at {studies}" if remote else f"in {studies}")]
+    info: dict = {}
     try:
         info = get_json(url + "/info/")
+    except urllib.error.HTTPError as e:
+        if e.code != 401:
+            lines.append(f"[{tag}] (could not read {url}/info/: {e})")
+        else:
+            from spmamba.remote import SignInError, token_for
+
+            try:
+                token = token_for(url)
+            except SignInError:
+                token = None
+            if token:
+                info = get_json(url + "/info/", token=token)
+            else:
+                lines.append(f"[{tag}] sign-in is on: clients sign in (Slicer module, `spmamba login {url} --user "
+                             "NAME`) before they see the studies")
     except Exception as e:  # noqa: BLE001 - the server is up; the summary is a courtesy
-        info = {}
         lines.append(f"[{tag}] (could not read {url}/info/: {e})")
     sp = info.get("spmamba") or {}
     counts = sp.get("curation") or {}
@@ -330,7 +390,10 @@ def ready_report(tag: str, url: str, studies: Path, requested_model: Optional[Pa
                      "normal and train from the Slicer module")
     from spmamba.io import is_volume_file, volume_id
 
-    ids = sorted(volume_id(p) for p in studies.iterdir()
-                 if p.is_file() and is_volume_file(p) and not p.name.startswith(".")) if studies.is_dir() else []
+    if remote:
+        ids = []
+    else:
+        ids = sorted(volume_id(p) for p in studies.iterdir()
+                     if p.is_file() and is_volume_file(p) and not p.name.startswith(".")) if studies.is_dir() else []
     lines += next_steps(url, ids[0] if ids else "STUDY_ID")
     return "\n".join(lines)

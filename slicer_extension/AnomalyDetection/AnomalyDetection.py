@@ -35,10 +35,12 @@ from AnomalyDetectionLib.client import (
     ServerError,
     train_progress,
 )
+from AnomalyDetectionLib import credentials
 from AnomalyDetectionLib.logic import REF_HEATMAP, AnomalyLogic
 from AnomalyDetectionLib.tasks import TaskRunner
 
 SETTINGS_URL_KEY = "AnomalyDetection/ServerURL"
+SETTINGS_USER_KEY = "AnomalyDetection/UserName"  # the password is never in the settings (keyring or nothing)
 POLL_INTERVAL_MS = 100
 TRAIN_POLL_INTERVAL_MS = 2000
 
@@ -104,6 +106,8 @@ class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.trainTimer.setInterval(TRAIN_POLL_INTERVAL_MS)
         self.trainTimer.connect("timeout()", self.pollTraining)
 
+        self.setupSignIn()
+
         self.ui.regionsTableWidget.setColumnCount(len(self.logic.REGION_COLUMNS))
         self.ui.regionsTableWidget.setHorizontalHeaderLabels(list(self.logic.REGION_COLUMNS))
 
@@ -132,6 +136,40 @@ class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneEndImport)
         self.initializeParameterNode()
         self.updateButtons()
+
+    def setupSignIn(self):
+        """Sign-in row (servers with sign-in on) and 'Store results in the PACS' (servers on a PACS)."""
+        self.ui.userLineEdit.text = slicer.util.settingsValue(SETTINGS_USER_KEY, "")
+        self.ui.rememberPasswordCheckBox.enabled = credentials.available()
+        self.ui.rememberPasswordCheckBox.checked = credentials.available()
+        if not credentials.available():
+            self.ui.rememberPasswordCheckBox.toolTip = ("No system keyring in Slicer's Python "
+                                                        "(slicer.util.pip_install('keyring')): the password is kept "
+                                                        "for this session only")
+        self.ui.storeInPacsCheckBox.visible = False
+        self.ui.storeInPacsCheckBox.connect("toggled(bool)",
+                                            lambda on: setattr(self.logic, "store_in_pacs", bool(on)))
+        self.ui.signInButton.connect("clicked(bool)", self.onSignIn)
+        self.ui.passwordLineEdit.connect("returnPressed()", self.onSignIn)
+
+    def onSignIn(self, *unused):
+        self.applyServerUrl()
+        user = self.ui.userLineEdit.text.strip()
+        password = self.ui.passwordLineEdit.text
+        self.ui.passwordLineEdit.text = ""
+        if not user:
+            self.setStatus("Enter your user name (and password) first.", error=True)
+            return
+        qt.QSettings().setValue(SETTINGS_USER_KEY, user)
+
+        def done(result):
+            stored, summary = result
+            self.showSummary(summary)
+            self.setStatus(f"Signed in to {self.logic.server_url} as {user}"
+                           + ("; the password is in the system keyring." if stored and password else "."))
+
+        self.run("connect", f"Signing in to {self.logic.server_url} ...", self.logic.sign_in_and_connect, user,
+                 password, bool(self.ui.rememberPasswordCheckBox.checked), onDone=done)
 
     def cleanup(self):
         self.removeObservers()
@@ -273,7 +311,7 @@ class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         hasHeat = self.currentHeatmap() is not None
         self.ui.regionsButton.enabled = hasHeat
         self.ui.thresholdSlider.enabled = hasHeat
-        hasStudy = volume is not None and bool(self.logic.image_id_of(volume))
+        hasStudy = volume is not None and bool(self.logic.study_id(volume))
         for button in (self.ui.markNormalButton, self.ui.markAbnormalButton, self.ui.markExcludedButton):
             button.enabled = hasStudy and not self.runner.busy("mark")
         self.ui.nextCaseButton.enabled = self.ui.strategyComboBox.count > 0 and not self.runner.busy("next")
@@ -292,10 +330,12 @@ class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ----------------------------------------------------------------------------------------------- server
     def onConnect(self, *unused):
         self.applyServerUrl()
-        self.run("connect", f"Connecting to {self.logic.server_url} ...", self.logic.connect, onDone=self.showSummary)
+        self.run("connect", f"Connecting to {self.logic.server_url} ...", self.logic.connect_signed_in,
+                 self.ui.userLineEdit.text.strip(), onDone=self.showSummary)
 
     def showSummary(self, summary):
         self.summary = summary
+        self.ui.storeInPacsCheckBox.visible = summary.pacs
         wanted = self.logic.parameters().method
         self._updatingGUIFromParameterNode = True
         try:
@@ -368,7 +408,18 @@ class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.showError(e)
             return
         self.run("detect", f"Detecting anomalies in {volume.GetName()} (the server may take a while) ...",
-                 self.logic.run_detection, job, onDone=lambda result: self.showDetection(volume, result))
+                 self.logic.run_detection, job, onDone=lambda result: self.showDetectionOf(job, volume, result))
+
+    def showDetectionOf(self, job, volume, result):
+        """As showDetection, then what differed from the request (job.note) and where the PACS stored the results."""
+        self.showDetection(volume, result)
+        extra = [job.note] if job.note else []
+        pacs = result.params.get("pacs") if isinstance(result.params.get("pacs"), dict) else None
+        if pacs:
+            extra.append("Stored in the PACS (anomaly map and regions)." if pacs.get("stored") else
+                         f"Not stored in the PACS: {pacs.get('error')}")
+        if extra:
+            self.setStatus(" ".join([self.ui.statusLabel.text] + extra), error=bool(pacs and not pacs.get("stored")))
 
     def showDetection(self, volume, result):
         if not slicer.mrmlScene.IsNodePresent(volume):
@@ -458,7 +509,7 @@ class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ----------------------------------------------------------------------------------------------- curate
     def onMark(self, state):
         volume = self.currentVolume()
-        image_id = self.logic.image_id_of(volume)
+        image_id = self.logic.study_id(volume)  # a PACS series from Slicer's DICOM browser: its SeriesInstanceUID
         self.applyServerUrl()
         self.run("mark", f"Marking {image_id} {state} ...", self.logic.mark, image_id, state,
                  onDone=lambda counts: (self.showCounts(counts), self.setStatus(f"{image_id} marked {state}.")))

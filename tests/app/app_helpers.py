@@ -105,13 +105,16 @@ def load_bytes(data: bytes, suffix: str):
         os.unlink(p)
 
 
-def wait_for_training(client, timeout: float = 300) -> dict:
-    """Poll ``GET /train/`` until the training task ends (DONE, ERROR or STOPPED) or ``timeout`` s pass; its JSON."""
+def wait_for_training(client, timeout: float = 300, headers=None) -> dict:
+    """Poll ``GET /train/`` until the training task ends (DONE, ERROR or STOPPED) or ``timeout`` s pass; its JSON.
+    ``headers``: e.g. the bearer token when sign-in is on."""
     import time
 
     deadline, task = time.time() + timeout, {}
     while time.time() < deadline:
-        task = client.get("/train/").json()
+        r = client.get("/train/", headers=headers)
+        assert r.status_code in (200, 404), r.text
+        task = r.json()
         if task.get("status") in ("DONE", "ERROR", "STOPPED"):
             break
         time.sleep(1)

@@ -77,8 +77,9 @@ def test_every_settings_field_and_monailabel_key_is_a_valid_key(configs, tmp_pat
 
     keys = configs.settings.conf_keys()
     for f in fields(configs.AppSettings):
-        if f.name not in ("app_dir", "extra"):
+        if f.name not in ("app_dir", "extra", "dicomweb"):  # dicomweb: the --studies URL, not a --conf key
             assert f.name in keys
+    assert "dicomweb" not in keys
     assert "keep_versions" in keys  # helper C's rollback setting
     s = configs.parse_conf(str(tmp_path), "x", {"server_mode": "true", "keep_versions": "3"})
     assert s.extra == {"server_mode": "true"}  # MONAI Label's own key passes through
@@ -132,3 +133,16 @@ def test_teacher_pretrain_is_validated_against_the_method(configs, tmp_path):
         configs.parse_conf(str(tmp_path), "x", {"teacher_pretrain": "jigsaw"})
     with pytest.raises(configs.ConfError, match="method voxelwise has no teacher"):
         configs.parse_conf(str(tmp_path), "x", {"method": "voxelwise", "teacher_pretrain": "inpaint"})
+
+
+def test_dicomweb_studies_settings(configs, tmp_path):
+    s = configs.parse_conf(str(tmp_path), "http://127.0.0.1:8042/dicom-web/",
+                           {"dicomweb_cache": str(tmp_path / "c"), "dicomweb_modality": "mr,ct",
+                            "pacs_results": "true", "dicomweb_refresh_s": "5"})
+    assert s.dicomweb == "http://127.0.0.1:8042/dicom-web" and s.dicomweb_cache == str((tmp_path / "c").resolve())
+    assert s.dicomweb_modality == "MR,CT" and s.pacs_results and s.dicomweb_refresh_s == 5
+    assert s.seed_curation == ""  # no curation.csv beside a PACS
+    local = configs.parse_conf(str(tmp_path), str(tmp_path), {})
+    assert local.dicomweb == "" and local.dicomweb_cache == "" and not local.pacs_results
+    with pytest.raises(configs.ConfError, match="dicomweb_modality"):
+        configs.parse_conf(str(tmp_path), "http://x/dicom-web", {"dicomweb_modality": "MR;rm -rf"})

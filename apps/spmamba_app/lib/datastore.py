@@ -158,6 +158,13 @@ class CuratedDatastore(LocalDatastore):
         logger.info(f"Added image {image_id} ({name})")
         return image_id
 
+    def require_image(self, image_id: str) -> None:
+        """400 for an id that is not a safe name, 404 for one that is not a study."""
+        check_id(image_id)
+        self.sync()
+        if image_id not in self._datastore.objects:
+            raise not_found(f"image {image_id!r} not found in the datastore")
+
     def _require(self, image_id: str):
         check_id(image_id)
         self.sync()

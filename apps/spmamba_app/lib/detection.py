@@ -61,6 +61,7 @@ class Detection:
     def __init__(self, settings: AppSettings, store: ModelStore):
         self.settings = settings
         self.store = store
+        self.datastore = None  # the app's datastore (set by the app): PACS results are stored through it
         self._slots = threading.BoundedSemaphore(max(1, settings.infer_workers))
 
     def read(self, image: Any, shown_name: Optional[str] = None):

@@ -21,8 +21,12 @@ MONAI Label 0.8.5 offers no hook to validate a request before it spends work on 
   they load a model or score); an active-learning answer may carry ``pending`` without an ``id`` (studies still
   being scored in the background), which the stock handler cannot pass on.
 
+Who may call what (with sign-in on, lib/auth.py): detection, info, model versions and active learning need the
+``user`` role; curation, uploads and scoring ``annotator``; training, stopping it and rollback ``reviewer`` (a role
+includes those below it). ``POST /auth/token`` (sign in) answers 401 for wrong credentials instead of a 500.
+
 Two routes are the app's own (no stock equivalent): ``GET /model/versions`` (the served model and the versions kept
-for rollback; any user) and ``POST /model/rollback?version=V`` (admin, like training: 404 for a version not kept,
+for rollback; any user) and ``POST /model/rollback?version=V`` (reviewer, like training: 404 for a version not kept,
 409 while a training runs). They are registered before MONAI Label's ``/model/{model}`` download route.
 
 The stock handlers do the rest, so the REST surface is unchanged for stock clients. The endpoints are plain
@@ -47,10 +51,11 @@ from monailabel.endpoints import infer as ep_infer
 from monailabel.endpoints import info as ep_info
 from monailabel.endpoints import scoring as ep_scoring
 from monailabel.endpoints import train as ep_train
-from monailabel.endpoints.user.auth import RBAC, User
+from monailabel.endpoints.user.auth import User
 from monailabel.interfaces.utils.app import app_instance
 from monailabel.utils.async_tasks.utils import processes, tasks
 
+from . import auth
 from .datastore import require_volume_name
 from .errors import bad_request, check_id, not_found
 
@@ -89,7 +94,7 @@ def spmamba_infer(
     file: UploadFile = File(None),
     label: UploadFile = File(None),
     output: Optional[ep_infer.ResultType] = None,
-    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
+    user: User = Depends(auth.user_role()),
 ):
     instance = app_instance()
     if model not in instance._infers:
@@ -117,11 +122,7 @@ def spmamba_infer(
     elif not session_id:
         if not image:
             raise bad_request("no input: give ?image=ID of a datastore study or upload a file")
-        check_id(image)
-        ds = instance.datastore()
-        ds.sync()
-        if image not in ds.list_images():
-            raise not_found(f"image {image!r} not found in the datastore")
+        instance.datastore().require_image(image)  # 400 / 404 / 422 (a PACS series that is not an image)
     return ep_infer.run_inference(background_tasks, model, image, session_id, json.dumps(p), file, label, output)
 
 
@@ -130,7 +131,7 @@ def spmamba_train(
     params: Optional[dict] = None,
     run_sync: Optional[bool] = False,
     enqueue: Optional[bool] = False,
-    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN)),
+    user: User = Depends(auth.reviewer_role()),
 ):
     instance = app_instance()
     task = instance._trainers.get(model)
@@ -151,7 +152,7 @@ def _clear_stop_request(s) -> None:
         _remove(s.stop_path)
 
 
-def spmamba_train_stop(user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+def spmamba_train_stop(user: User = Depends(auth.reviewer_role())):
     instance = app_instance()
     s = instance.settings
     running = dict(processes("train"))
@@ -221,7 +222,7 @@ def spmamba_add_image(
     image: Optional[str] = None,
     params: str = Form("{}"),
     file: UploadFile = File(...),
-    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
+    user: User = Depends(auth.annotator_role()),
 ):
     _json_object(params, "params")
     if image is not None:
@@ -234,18 +235,18 @@ def spmamba_add_image(
 def spmamba_put_image_info(
     image: str,
     info: str = Form("{}"),
-    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
+    user: User = Depends(auth.annotator_role()),
 ):
     _json_object(info, "info")
     check_id(image)
     return ep_datastore.update_image_info(image, info, user.username)
 
 
-def spmamba_model_versions(user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+def spmamba_model_versions(user: User = Depends(auth.user_role())):
     return app_instance().model_versions()
 
 
-def spmamba_model_rollback(version: str, user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ADMIN))):
+def spmamba_model_rollback(version: str, user: User = Depends(auth.reviewer_role())):
     instance = app_instance()
     check_id(version, "model version")
     if task_running("train"):
@@ -254,14 +255,14 @@ def spmamba_model_rollback(version: str, user: User = Depends(RBAC(settings.MONA
     return instance.rollback_model(version)
 
 
-def spmamba_info(user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+def spmamba_info(user: User = Depends(auth.user_role())):
     return ep_info.app_info()
 
 
 def spmamba_activelearning(
     strategy: str,
     params: Optional[dict] = None,
-    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
+    user: User = Depends(auth.user_role()),
 ):
     instance = app_instance()
     params = params if params is not None else {}
@@ -285,12 +286,16 @@ def spmamba_scoring(
     method: str,
     params: Optional[dict] = None,
     run_sync: Optional[bool] = False,
-    user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR)),
+    user: User = Depends(auth.annotator_role()),
 ):
     instance = app_instance()
     if method not in instance._scoring_methods:
         raise not_found(f"no scoring method {method!r}; available: {', '.join(sorted(instance._scoring_methods))}")
     return ep_scoring.run_method(method, params, run_sync)
+
+
+def spmamba_login(username: str = Form(...), password: str = Form(...)):
+    return auth.login(username, password)
 
 
 #: (path under MONAI Label's API prefix, endpoint, methods, summary), put in front of the stock routes in this order
@@ -305,6 +310,7 @@ ROUTES = [
     ("/info/", spmamba_info, ["GET"], "App info (thread pool: answers while others work)"),
     ("/activelearning/{strategy}", spmamba_activelearning, ["POST"], "Next study to review (never waits for scoring)"),
     ("/scoring/{method}", spmamba_scoring, ["POST"], "Score every study (background unless run_sync)"),
+    ("/auth/token", spmamba_login, ["POST"], "Sign in (password grant at the OIDC issuer; 401 for wrong credentials)"),
 ]
 
 
@@ -316,5 +322,6 @@ def install(fastapi_app) -> None:
     for path, endpoint, methods, summary in ROUTES:
         router.add_api_route(api + path, endpoint, methods=methods, name=endpoint.__name__, summary=summary)
         router.routes.insert(0, router.routes.pop())
+    auth.install(fastapi_app)  # MONAI Label's token check, fixed, for the stock routes too
     fastapi_app.openapi_schema = None
     logger.info("SP-Mamba app: validating routes installed for /infer/{model}, /train/{model}, DELETE /train/")

@@ -20,7 +20,13 @@ Endpoints used (see ``monailabel/endpoints/*.py``):
 ``DELETE /train/``                    stop the running training
 ``GET  /model/versions``              the served model and the versions the app keeps (SP-Mamba app)
 ``POST /model/rollback?version=V``    serve a kept version again (SP-Mamba app; 404 unknown, 409 training)
+``GET  /auth/``                       whether the server has sign-in on
+``POST /auth/token``                  form ``username``, ``password`` -> ``{"access_token": ...}``
 ====================================  ===============================================================
+
+Sign-in: with :meth:`AnomalyClient.login` the client keeps the bearer token (and, in memory only, the password, to
+sign in again when the short-lived token expires) and sends it with every call. Remembering the password between
+sessions is the caller's choice (:mod:`.credentials`: the system keyring or nothing).
 """
 from __future__ import annotations
 
@@ -51,7 +57,8 @@ class ServerError(Exception):
     """A failed server call, with a message for the user that says what to do.
 
     ``kind`` is one of ``unreachable``, ``timeout``, ``wrong_url``, ``no_model``, ``not_found``,
-    ``refused``, ``bad_request``, ``server``, ``bad_response``; ``status`` is the HTTP status (or None).
+    ``refused``, ``auth`` (sign in), ``forbidden`` (a role is missing), ``bad_request``, ``server``,
+    ``bad_response``; ``status`` is the HTTP status (or None).
     """
 
     def __init__(self, message: str, kind: str = "server", status: Optional[int] = None, detail: str = ""):
@@ -238,10 +245,38 @@ class AnomalyClient:
     :param long_timeout: seconds for uploads, downloads and inference
     """
 
-    def __init__(self, url: str = DEFAULT_URL, timeout: float = 10.0, long_timeout: float = 600.0):
+    def __init__(self, url: str = DEFAULT_URL, timeout: float = 10.0, long_timeout: float = 600.0,
+                 token: Optional[str] = None):
         self.url = normalize_url(url)
         self.timeout = float(timeout)
         self.long_timeout = float(long_timeout)
+        self.token = token
+        self.username: Optional[str] = None
+        self._password: Optional[str] = None  # in memory only: to sign in again when the token expires
+
+    # ---------------------------------------------------------------------------------------------- sign-in
+    def auth_enabled(self) -> bool:
+        """``GET /auth/``: whether the server asks for sign-in."""
+        res = self._json("GET", "/auth/", what="GET /auth/")
+        return bool(isinstance(res, dict) and res.get("enabled"))
+
+    def login(self, username: str, password: str) -> None:
+        """``POST /auth/token``: sign in; the token is sent with every later call."""
+        body = urllib.parse.urlencode({"username": username, "password": password}).encode()
+        self.token = None
+        _, _, data = self._request("POST", "/auth/token", body=body,
+                                   content_type="application/x-www-form-urlencoded", what="POST /auth/token",
+                                   retry_login=False)
+        try:
+            token = json.loads(data.decode("utf-8") or "{}").get("access_token")
+        except (ValueError, AttributeError):
+            token = None
+        if not token:
+            raise ServerError(f"The server at {self.url} has sign-in off: no need to sign in.", kind="bad_response")
+        self.token, self.username, self._password = str(token), username, password
+
+    def logout(self) -> None:
+        self.token = self.username = self._password = None
 
     # ---------------------------------------------------------------------------------------------- transport
     def _request(
@@ -253,6 +288,7 @@ class AnomalyClient:
         content_type: Optional[str] = None,
         timeout: Optional[float] = None,
         what: str = "",
+        retry_login: bool = True,
     ) -> Tuple[int, Dict[str, str], bytes]:
         url = self.url + path
         if query:
@@ -261,6 +297,8 @@ class AnomalyClient:
         if content_type:
             req.add_header("Content-Type", content_type)
         req.add_header("Accept", "application/json, multipart/form-data, */*")
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
         timeout = self.timeout if timeout is None else timeout
         what = what or f"{method} {path}"
         try:
@@ -273,6 +311,9 @@ class AnomalyClient:
                 payload = e.read()
             except Exception:  # noqa: BLE001 - best effort to read the error body
                 pass
+            if e.code == 401 and retry_login and self.token and self.username and self._password:
+                self.login(self.username, self._password)  # the token expired: sign in again, once
+                return self._request(method, path, query, body, content_type, timeout, what, retry_login=False)
             raise self._http_error(e.code, payload, what) from None
         except (socket.timeout, TimeoutError):
             raise ServerError(
@@ -348,7 +389,7 @@ class AnomalyClient:
                 status=status,
                 detail=detail,
             )
-        if status == 429 or (what.startswith("POST /train") and status in (400, 403, 409, 422)):
+        if status == 429 or (what.startswith("POST /train") and status in (400, 409, 422)):
             return ServerError(
                 f"Training refused ({status}).{suffix} A training may already be running (press Stop first) or "
                 "there are not enough studies marked normal.",
@@ -356,11 +397,19 @@ class AnomalyClient:
                 status=status,
                 detail=detail,
             )
-        if status in (401, 403):
+        if status == 401:
             return ServerError(
-                f"The server refused {what} ({status}): it needs authentication or a role this client does not "
-                f"have.{suffix}",
-                kind="refused",
+                (f"Wrong user name or password.{suffix}" if what.startswith("POST /auth/token") else
+                 f"The server at {self.url} asks you to sign in ({what}): enter your user name and password and "
+                 f"press Sign in.{suffix}"),
+                kind="auth",
+                status=status,
+                detail=detail,
+            )
+        if status == 403:
+            return ServerError(
+                f"Your account may not do this ({what}): ask an administrator for the role it needs.{suffix}",
+                kind="forbidden",
                 status=status,
                 detail=detail,
             )
@@ -676,6 +725,12 @@ class ServerSummary:
     trainers: List[str] = field(default_factory=list)
     train_stats: Dict[str, Any] = field(default_factory=dict)
     methods: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    studies: Dict[str, Any] = field(default_factory=dict)  # spmamba.studies: kind local|dicomweb, url, pacs state
+
+    @property
+    def pacs(self) -> bool:
+        """Whether the server's studies are the image series of a PACS (ids = SeriesInstanceUIDs)."""
+        return self.studies.get("kind") == "dicomweb"
 
     def model_version(self, model: str) -> str:
         return self.model_versions.get(model, "")
@@ -723,6 +778,8 @@ def summarize_info(info: Dict[str, Any]) -> ServerSummary:
         trainers=list(trainers),
         train_stats=train_stats,
         methods={name: dict(models[name]) for name in names},
+        studies=dict(((info.get("spmamba") or {}).get("studies") or {}) if isinstance(info.get("spmamba"), dict)
+                     else {}),
     )
 
 

@@ -115,6 +115,9 @@ class DetectionJob:
     add_to_studies: bool
     upload_name: str
     method: str = ""  # the infer task to run (the Logic's method when the job was prepared)
+    series_uid: Optional[str] = None  # a volume from Slicer's DICOM database: its SeriesInstanceUID
+    store_results: bool = False  # PACS studies: store the heatmap and regions in the PACS (Parametric Map, SEG)
+    note: str = ""  # what run_detection did differently from what was asked (set by the worker)
 
 
 @dataclass
@@ -181,6 +184,9 @@ class AnomalyLogic:
         self.summary: Optional[ServerSummary] = None  # the last GET /info/ (Connect)
         self.regions_source = ""  # how the last make_regions made its rows: "server", "server+heatmap", "heatmap"
         self.regions_note = ""  # why the server's regions were not used ('' when they were, or there were none)
+        # a server on a PACS: store each detection of a PACS series there too (a Parametric Map and a Segmentation
+        # referencing the series); the server's own pacs_results setting stores them whatever this says
+        self.store_in_pacs = False
 
     # ============================================================================================ settings
     @property
@@ -352,28 +358,126 @@ class AnomalyLogic:
     def image_id_of(node) -> Optional[str]:
         return node.GetAttribute(ATTR_IMAGE_ID) if node is not None else None
 
+    @staticmethod
+    def dicom_series_uid(node) -> Optional[str]:
+        """The SeriesInstanceUID of a volume loaded from Slicer's DICOM database (its subject hierarchy item's
+        ``DICOM`` UID, which Slicer's DICOM plugins set), else None."""
+        if node is None:
+            return None
+        scene = node.GetScene() or slicer.mrmlScene
+        sh = scene.GetSubjectHierarchyNode() if scene is not None else None
+        if sh is None:
+            return None
+        item = sh.GetItemByDataNode(node)
+        uid = sh.GetItemUID(item, "DICOM") if item else ""
+        return uid or None
+
+    def study_id(self, node) -> Optional[str]:
+        """The server's id for ``node``: the one it was loaded or uploaded as, else (a server on a PACS) the
+        SeriesInstanceUID of a volume from Slicer's DICOM database."""
+        image_id = self.image_id_of(node)
+        if image_id:
+            return image_id
+        if self.summary is not None and self.summary.pacs:
+            return self.dicom_series_uid(node)
+        return None
+
+    # ============================================================================================ sign-in
+    def sign_in(self, user: str, password: str, remember: bool = True) -> bool:
+        """(worker) Sign in to the server; with ``remember`` the password goes to the system keyring when there is
+        one (:mod:`.credentials`). Returns whether the password was stored."""
+        from . import credentials
+
+        self.client.login(user, password)
+        if remember:
+            return credentials.save_password(self.client.url, user, password)
+        credentials.forget_password(self.client.url, user)
+        return False
+
+    def sign_in_remembered(self, user: str) -> bool:
+        """(worker) Sign in with the password the keyring holds for ``user`` at this server; False when it holds
+        none (ask the user)."""
+        from . import credentials
+
+        password = credentials.load_password(self.client.url, user)
+        if not password:
+            return False
+        self.client.login(user, password)
+        return True
+
+    def sign_in_and_connect(self, user: str, password: str, remember: bool = True) -> Tuple[bool, ServerSummary]:
+        """(worker) Sign in (with ``password``, or the keyring's when it is empty), then Connect. Returns (whether
+        the password is in the keyring, the server summary)."""
+        if password:
+            stored = self.sign_in(user, password, remember)
+        elif self.sign_in_remembered(user):
+            stored = True
+        else:
+            raise ServerError("Enter your password: none is remembered for this server.", kind="auth")
+        return stored, self.connect()
+
+    def connect_signed_in(self, user: str = "") -> ServerSummary:
+        """(worker) Connect; when the server asks for sign-in and the keyring holds ``user``'s password for it, sign
+        in with it and connect again."""
+        try:
+            return self.connect()
+        except ServerError as e:
+            if e.kind == "auth" and user and self.sign_in_remembered(user):
+                return self.connect()
+            raise
+
+    def sign_out(self, forget: bool = False) -> None:
+        from . import credentials
+
+        if forget and self.client.username:
+            credentials.forget_password(self.client.url, self.client.username)
+        self.client.logout()
+
     # ============================================================================================ detect
     def prepare_detection(self, volume, add_to_studies: bool = True) -> DetectionJob:
         """(main) Decide how to send ``volume``: by its datastore id, or as a file written now."""
         if volume is None:
             raise ValueError("Select an input volume first.")
+        if volume.IsA("vtkMRMLLabelMapVolumeNode") or not volume.IsA("vtkMRMLScalarVolumeNode"):
+            raise ValueError(f"{volume.GetName()} is not a grey-level scalar volume (a label map, a colour or a "
+                             "multi-volume): select an image")
+        if volume.GetImageData() is None:
+            raise ValueError(f"{volume.GetName()} has no voxels loaded")
         image_id = self.image_id_of(volume)
+        series_uid = self.dicom_series_uid(volume)
+        pacs = self.summary is not None and self.summary.pacs
         file_path = None
-        if not image_id:
+        if not image_id and not (pacs and series_uid):
+            # a volume from a file or from Slicer's DICOM database (its storage node, if any, is left alone; a
+            # parent transform, e.g. DICOM's acquisition transform, is not applied: the heatmap comes back on the
+            # same voxel grid and is shown under the same transform)
             safe = _safe_id(volume.GetName())
             file_path = self.write_volume(volume, os.path.join(tempfile.mkdtemp(dir=self.work_dir), safe + ".nrrd"))
-        return DetectionJob(volume.GetID(), image_id, file_path, add_to_studies, _safe_id(volume.GetName()),
-                            method=self._method)
+        return DetectionJob(volume.GetID(), image_id, file_path, add_to_studies and not pacs,
+                            _safe_id(volume.GetName()), method=self._method, series_uid=series_uid,
+                            store_results=bool(pacs and self.store_in_pacs))
 
     def run_detection(self, job: DetectionJob) -> DetectionResult:
         """(worker) Upload the volume if needed, run ``POST /infer/{model}`` and download the heatmap."""
         image_id = job.image_id
-        if not image_id and job.add_to_studies:
-            image_id = self.client.upload_image(job.file_path, image_id=job.upload_name)
         out_dir = tempfile.mkdtemp(dir=self.work_dir)
         method = job.method or self._method
+        params = {"store_results": True} if job.store_results else None
+        if not image_id and job.series_uid and not job.file_path:  # a PACS series opened from Slicer's DICOM browser
+            try:
+                result = self.client.detect(image_id=job.series_uid, model=method, out_dir=out_dir, params=params)
+                result.image_id = job.series_uid
+                return result
+            except ServerError as e:
+                if e.kind != "not_found":
+                    raise
+                job.note = "This series is not in the server's PACS: detected as a file, not added to the studies."
+                job.file_path = self.write_volume(self.scene.GetNodeByID(job.reference_id), os.path.join(
+                    tempfile.mkdtemp(dir=self.work_dir), job.upload_name + ".nrrd"))
+        if not image_id and job.add_to_studies:
+            image_id = self.client.upload_image(job.file_path, image_id=job.upload_name)
         if image_id:
-            result = self.client.detect(image_id=image_id, model=method, out_dir=out_dir)
+            result = self.client.detect(image_id=image_id, model=method, out_dir=out_dir, params=params)
         else:
             result = self.client.detect(file_path=job.file_path, model=method, out_dir=out_dir)
         result.image_id = image_id

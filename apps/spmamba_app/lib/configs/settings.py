@@ -88,6 +88,15 @@ class AppSettings:
     # spmamba.scoring.FUSIONS: the normalised map fused with the intensity |z| map
     fusion: str = "auto"
     seed_curation: str = ""
+    # studies from a PACS (--studies http[s]://HOST/dicom-web): its URL, where series are cached and curated, how
+    # often the series list is asked again, which modalities, the PACS's timeout, and whether every detection of a
+    # PACS series is stored back as a DICOM Parametric Map + Segmentation (else only when a request asks)
+    dicomweb: str = ""
+    dicomweb_cache: str = ""
+    dicomweb_refresh_s: int = 30
+    dicomweb_modality: str = ""
+    dicomweb_timeout_s: int = 30
+    pacs_results: bool = False
     extra: Dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -123,7 +132,7 @@ class AppSettings:
 
 def conf_keys() -> set:
     """Every key ``--conf`` accepts: the settings' fields (not ``app_dir``/``extra``) and MONAI Label's own."""
-    own = {f.name for f in fields(AppSettings)} - {"app_dir", "extra"}
+    own = {f.name for f in fields(AppSettings)} - {"app_dir", "extra", "dicomweb"}
     return own | set(MONAILABEL_KEYS)
 
 
@@ -224,9 +233,20 @@ def parse_conf(app_dir: str, studies: str, conf: Optional[Dict[str, Any]]) -> Ap
         raise ConfError(f"--conf fusion {fusion!r} compares intensities by position and needs aligned volumes; "
                         "use align auto/affine/deformable, or fusion none")
 
+    remote = bool(studies) and studies.lower().startswith(("http://", "https://"))
     seed = conf.get("seed_curation")
     if seed is None:
-        seed = os.path.join(studies, "curation.csv") if studies and not studies.startswith("http") else ""
+        seed = os.path.join(studies, "curation.csv") if studies and not remote else ""
+    dicomweb_cache = ""
+    if remote:
+        from monailabel.config import settings as ml
+
+        root = (conf.get("dicomweb_cache") or ml.MONAI_LABEL_DATASTORE_CACHE_PATH or ml.MONAI_LABEL_DICOMWEB_CACHE_PATH
+                or os.path.join(os.path.expanduser("~"), ".cache", "spmamba", "dicomweb"))
+        dicomweb_cache = os.path.realpath(os.path.expanduser(str(root).strip()))
+    modalities = str(conf.get("dicomweb_modality", "")).strip().upper()
+    if modalities and not all(m.strip().isalnum() for m in modalities.split(",")):
+        raise ConfError(f"--conf dicomweb_modality {modalities!r}: expected modalities such as MR or MR,CT")
 
     return AppSettings(
         app_dir=app_dir,
@@ -253,5 +273,11 @@ def parse_conf(app_dir: str, studies: str, conf: Optional[Dict[str, Any]]) -> Ap
         align_reference=os.path.expanduser(align_reference) if os.path.isfile(os.path.expanduser(align_reference))
         else align_reference,
         seed_curation=str(seed),
+        dicomweb=studies.rstrip("/") if remote else "",
+        dicomweb_cache=dicomweb_cache,
+        dicomweb_refresh_s=_int(conf, "dicomweb_refresh_s", 30, minimum=0) or 0,
+        dicomweb_modality=modalities,
+        dicomweb_timeout_s=_int(conf, "dicomweb_timeout_s", 30, minimum=1) or 30,
+        pacs_results=_bool(conf, "pacs_results", False),
         extra={k: v for k, v in conf.items() if k in MONAILABEL_KEYS},
     )

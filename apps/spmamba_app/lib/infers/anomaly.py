@@ -7,6 +7,10 @@ Both call ``spmamba`` only, through :class:`lib.detection.Detection`: read with 
 ``spmamba.scoring.find_regions`` and write heatmap and label with ``spmamba.io.save_volume`` (nibabel/pynrrd;
 NRRD in LPS as Slicer expects; MONAI Label's ITK writer is slow and its ``Restored`` transform needs torchvision,
 so neither is used).
+
+A study from a PACS (``--studies http[s]://.../dicom-web``) can go back into it: ``params.store_results`` (or the
+app's ``pacs_results``) stores the heatmap as a DICOM Parametric Map and the abnormal voxels as a Segmentation
+referencing the series (``lib.pacs.store_results``); the JSON's ``pacs`` says what was stored.
 """
 from __future__ import annotations
 
@@ -27,6 +31,12 @@ from ..errors import bad_request
 logger = logging.getLogger(__name__)
 
 RESULT_EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
 
 
 def _result_extension(request: Dict[str, Any]) -> str:
@@ -76,13 +86,33 @@ class _BaseAnomalyInfer(InferTask):
             raise
         return path, time.perf_counter() - t0
 
+    def _store_in_pacs(self, request: Dict[str, Any]) -> bool:
+        """Whether this detection goes back into the PACS: ``params.store_results`` (true/false), else the app's
+        ``pacs_results`` setting for series of a PACS. Asked for where there is no PACS series: a 400."""
+        ds = getattr(self.detection, "datastore", None)
+        pacs_series = bool(getattr(ds, "remote", False) and request.get("image_id"))
+        asked = request.get("store_results")
+        if asked is None:
+            return pacs_series and self.detection.settings.pacs_results
+        if _flag(asked) and not pacs_series:
+            raise bad_request("store_results needs a series of the PACS (?image=SeriesInstanceUID) and the app "
+                              "started with --studies http[s]://HOST/dicom-web; an uploaded file has no series to "
+                              "reference")
+        return _flag(asked)
+
     def _answer(self, request: Dict[str, Any], write_result, result: str) -> Tuple[str, Dict[str, Any]]:
         """Detect, summarise, write the result file with ``write_result(volume, detection_result, path)``; returns
         (path, JSON) with the latencies of each part."""
         begin = time.perf_counter()
+        store = self._store_in_pacs(request)
         volume, res, detector, lat = self.detection.run(request.get("image"), request.get("upload_name"))
         summary, t_regions = self.detection.summary(volume, res, detector)
         path, t_write = self._write(request, lambda p: write_result(volume, res, p))
+        if store:
+            from ..pacs import store_results
+
+            summary["pacs"] = store_results(self.detection.datastore, request["image_id"], volume, res, detector)
+            lat["pacs"] = summary["pacs"].get("seconds", 0.0)
         lat.update({"regions": t_regions, "write": t_write, "total": time.perf_counter() - begin})
         summary["latencies"] = rounded(lat, 4)
         summary["result"] = result

@@ -28,6 +28,7 @@ import os
 import time
 from typing import Any, Dict, List, Optional
 
+from fastapi import HTTPException
 from monailabel.interfaces.tasks.train import TrainTask
 from spmamba.atomic import write_json
 
@@ -116,9 +117,22 @@ class AnomalyTrain(TrainTask):
         return weaker_preset_message(self._params(request)["preset"], served, self.settings.method)
 
     def training_images(self, datastore) -> List[str]:
+        """The files of the studies to train on. Studies from a PACS are fetched (when not cached) only in the
+        training subprocess: the server's precheck counts them; a series that cannot be fetched or read is left
+        out with a warning."""
         ids = datastore.training_studies(self.settings.unflagged_normal)
-        paths = [datastore.get_image_uri(i) for i in ids]
-        return [p for p in paths if p and os.path.isfile(p)]
+        if getattr(datastore, "remote", False) and not in_task_subprocess():
+            return list(ids)
+        paths = []
+        for image_id in ids:
+            try:
+                path = datastore.get_image_uri(image_id)
+            except HTTPException as e:
+                logger.warning(f"Training: study {image_id} left out: {e.detail}")
+                continue
+            if path and os.path.isfile(path):
+                paths.append(path)
+        return paths
 
     def precheck(self, request: Dict[str, Any], datastore) -> List[str]:
         """Raise a 4xx (in the server, before a subprocess is started) when training cannot start."""
