@@ -318,8 +318,8 @@ class Detector:
                     al = self.alignment.align(array, affine, name=str(getattr(v, "path", None) or f"volume {i}"))
                     array, affine = al.array, al.affine
                 res = self.detect(array, affine, aligned=True)
-                canon = to_canonical(res.heatmap.reshape(np.shape(array)), affine)
-                fg = to_canonical(res.foreground.reshape(np.shape(array)), affine)
+                canon = to_canonical(res.heatmap.reshape(np.shape(array)), affine, prep.slice_axis)
+                fg = to_canonical(res.foreground.reshape(np.shape(array)), affine, prep.slice_axis)
                 spacing.append(canon.spacing_slice_first(prep.slice_axis))
                 yield np.moveaxis(canon.array, prep.slice_axis, 0), np.moveaxis(fg.array, prep.slice_axis, 0)
                 if progress is not None:
