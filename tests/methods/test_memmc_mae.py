@@ -164,7 +164,7 @@ def test_presets_and_their_checks():
     cfg = MemMCMAE.get_config("tiny", memory_slots=0, decoder_levels=1, epochs=3)
     assert cfg.training.epochs == 3 and cfg.level_layers == [1]
     assert MemMCMAE.get_config(json.loads(json.dumps(cfg.to_dict()))) == cfg  # as stored in a model file
-    for bad, words in [({"mask_ratio": 1.0}, "mask_ratio"), ({"patch_size": 5}, "multiple of patch_size"),
+    for bad, words in [({"mask_ratio": 1.0}, "mask_ratio"), ({"mask_ratio": 0.01}, "hides none"), ({"patch_size": 5}, "multiple of patch_size"),
                        ({"decoder_levels": 5}, "decoder_levels"), ({"map_error": "l3"}, "map_error"),
                        ({"encoder_dim": 18}, "encoder_dim")]:
         with pytest.raises(ValueError, match=words):

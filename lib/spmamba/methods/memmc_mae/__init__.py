@@ -96,6 +96,11 @@ class MemMCMAEConfig:
         return self.grid ** 2
 
     @property
+    def n_visible(self) -> int:
+        """Patches a training mask leaves visible: round(N (1 - mask_ratio)), at least one."""
+        return max(1, int(round(self.n_patches * (1.0 - self.mask_ratio))))
+
+    @property
     def n_test_masks(self) -> int:
         """Masks per round of complementary test masks: K = round(1 / (1 - mask_ratio))."""
         return max(2, int(round(1.0 / (1.0 - self.mask_ratio))))
@@ -148,6 +153,8 @@ class MemMCMAEConfig:
             raise ValueError("memmc_mae: memory_slots must be >= 0")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"memmc_mae: mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.n_visible >= self.n_patches:
+            raise ValueError(f"memmc_mae: mask_ratio {self.mask_ratio} hides none of the {self.n_patches} patches")
         k = self.n_test_masks
         if self.n_patches < k:
             raise ValueError(f"memmc_mae: {self.n_patches} patches cannot fill {k} complementary test masks")
@@ -278,10 +285,8 @@ class MemMCMAE(SliceModel):
     def random_visible(self, batch: int, device: Any) -> torch.Tensor:
         """MAE's random masking: per image, a uniformly random subset of round(N (1 - mask_ratio)) patches stays
         visible (at least one). -> (batch, n_vis) sorted indices."""
-        N = self.config.n_patches
-        keep = max(1, int(round(N * (1.0 - self.config.mask_ratio))))
-        noise = torch.rand(batch, N, device=device)
-        return torch.sort(torch.argsort(noise, dim=1)[:, :keep], dim=1).values
+        noise = torch.rand(batch, self.config.n_patches, device=device)
+        return torch.sort(torch.argsort(noise, dim=1)[:, :self.config.n_visible], dim=1).values
 
     # ------------------------------------------------------------------ the seam
     def training_loss(self, batch: torch.Tensor) -> torch.Tensor:
