@@ -43,7 +43,8 @@ def save_mosaic(image, heatmap, pixel_threshold: float, path: str | os.PathLike,
     hlo = float(np.percentile(hfg, 50)) if hfg.size else 0.0
     hhi = max(hmax, pixel_threshold) if np.isfinite(pixel_threshold) else hmax
     hlo = min(hlo, hhi - 1e-6)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.6 * rows + 0.4), squeeze=False)
+    tile = 2.4 if len(picks) > 1 else 5.0  # one slice (a 2-D image): one larger tile, room for the title
+    fig, axes = plt.subplots(rows, cols, figsize=(tile * cols, (tile + 0.2) * rows + 0.4), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, k in zip(axes.ravel(), picks):

@@ -52,6 +52,8 @@ def test_served_method_volume_and_2d_image(make_app, tiny_data, memmc_model, png
     assert {"memmc_mae", "memmc_mae_seg"} <= set(info["models"]) and "spmamba" not in info["models"]
     assert "memmc_mae" in info["trainers"] and info["spmamba"]["settings"]["method"] == "memmc_mae"
     assert info["spmamba"]["model"]["ready"] is True
+    assert info["models"]["memmc_mae"]["description"].startswith("MemMC-MAE")
+    assert info["trainers"]["memmc_mae"]["description"].startswith("Train MemMC-MAE")
     assert "xray.png" in env.files()
 
     r = c.post("/infer/memmc_mae", params={"image": "a0"})
@@ -105,6 +107,13 @@ def test_bad_2d_images_get_4xx_and_change_nothing(make_app, tiny_data, memmc_mod
     assert 400 <= r.status_code < 500, r.text
     assert env.files() == before_files and env.datastore_json() == before_json
     assert env.client.post("/infer/memmc_mae", params={"image": "n0", "output": "json"}).status_code == 200
+
+
+def test_without_a_model_the_app_says_how_to_train_this_method(make_app, tiny_data):
+    env = make_app({"n0": tiny_data["normal"][0]}, conf=CONF)
+    r = env.client.post("/infer/memmc_mae", params={"image": "n0"})
+    assert r.status_code == 409 and "No MemMC-MAE model" in r.json()["detail"]
+    assert "POST /train/memmc_mae" in r.json()["detail"]
 
 
 def test_conf_refuses_another_methods_preset(make_app, tiny_data):
