@@ -27,15 +27,13 @@ from spmamba.atomic import atomic_path
 
 __all__ = [
     "VolumeError", "Volume", "load_volume", "validate_array", "save_volume", "volume_id", "volume_suffix",
-    "is_volume_file", "VOLUME_SUFFIXES", "IMAGE_SUFFIXES", "SUPPORTED_FILES", "WRITABLE_SUFFIXES",
+    "is_volume_file", "VOLUME_SUFFIXES", "IMAGE_SUFFIXES", "SUPPORTED_FILES",
 ]
 
 #: 2-D image files read as volumes with one slice (PNG/JPEG: 8- or 16-bit grey or colour; DICOM: one file)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 #: the volume files the library reads (``.nhdr``: a detached NRRD header beside its data file), longest first
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr") + IMAGE_SUFFIXES
-#: what ``save_volume`` writes (heatmaps and label maps of any input, 2-D images included)
-WRITABLE_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
 #: the readable file types, for messages
 SUPPORTED_FILES = ".nii, .nii.gz, .nrrd, .png, .jpg or .dcm"
 MAX_VOXELS = 1024 ** 3 // 2  # 512 M voxels (2 GB as float32): beyond this a header is treated as absurd
