@@ -1,7 +1,8 @@
 """Accuracy benchmark on the synthetic brain phantoms (issue 5, items 5-6).
 
 SP-Mamba (fast preset, offline: random frozen encoder unless --encoder-weights FILE) against a voxel-wise statistical
-baseline, an RD4AD-style CNN decoder with the same encoder, SP-Mamba ablations and position-aware normalisation.
+baseline, an RD4AD-style CNN decoder with the same encoder, SP-Mamba ablations and position-aware normalisation;
+MemMC-MAE (fast preset) and its ablations (rows memmc_mae*, not in the default list).
 Every row is a method of the registry (spmamba.methods; ``VARIANTS``) driven through the same calls: train_detector
 (held-out split, fit, calibration), Detector.detect, then the metrics.
 Each method runs in its own process (so peak memory is its own) under one training-time budget, and writes
@@ -58,6 +59,10 @@ VARIANTS = {
     "spmamba_hilbert": ("spmamba", {"scan": "hilbert"}),
     "rd4ad_cnn": ("spmamba", {"decoder": "cnn", "use_prototypes": False}),
     "spmamba_imagenet": ("spmamba", {}),
+    # MemMC-MAE (fast preset) and its ablations: no memory slots; the decoder attends to the last encoder level only
+    "memmc_mae": ("memmc_mae", {}),
+    "memmc_mae_no_memory": ("memmc_mae", {"memory_slots": 0}),
+    "memmc_mae_single_level": ("memmc_mae", {"decoder_levels": 1}),
 }
 NOTES = {"voxelwise": "per-voxel mean/std of 16 intensity-normalised normals, |z| smoothed sigma 1 voxel, top-50 mean"}
 SPACING = 2.0
@@ -236,6 +241,9 @@ def run_method(name: str, data: Path, args) -> list[dict]:
     if models:  # models trained beforehand (e.g. `spmamba train --time-limit 17`, or snapshots of one training):
         for mf in models:  # evaluated as they are, recalibrated on the same held-out split with today's pipeline
             det = Detector.load(mf, device="cpu")
+            if det.method_name != method:
+                raise SystemExit(f"{mf} holds a {det.method_name} model, not {method} (row {name}); leave --methods "
+                                 "out to name the row after the file's method")
             det.calibration = calibrate(det, [load_train(i) for i in val_idx])
             train_s = float(det.meta["training"]["train_seconds"])
             mode = det.alignment.method if det.alignment is not None else ("header" if header is not None else "none")
@@ -249,6 +257,7 @@ def run_method(name: str, data: Path, args) -> list[dict]:
         try:
             det = train_detector(vols, method=method, config=cfg, epochs=args.epochs, device="cpu", seed=0,
                                  encoder_weights=weights, progress=progress, should_stop=stop,
+                                 max_steps=args.max_steps,
                                  align=align.split("_")[0] if align.startswith(("affine", "deformable")) else "none",
                                  align_reference=args.align_reference)
         except (ValueError, TrainingDataError) as e:  # e.g. a method that needs one grid, given several
@@ -341,7 +350,8 @@ def _get(r, path):
 
 
 def _rows(folder: Path) -> dict:
-    order = METHODS + ["spmamba_no_score_terms", "spmamba_posnorm", "spmamba_imagenet"]
+    order = METHODS + ["spmamba_no_score_terms", "spmamba_posnorm", "spmamba_imagenet", "memmc_mae",
+                       "memmc_mae_no_memory", "memmc_mae_single_level"]
     found = {p.name[len("accuracy_"):-len(".json")]: json.loads(p.read_text()) for p in folder.glob("accuracy_*.json")}
     base = lambda m: m.split("+")[0].split("@")[0]  # noqa: E731
     rank = {m: i for i, m in enumerate(order)}
@@ -393,7 +403,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="with --make-data: the data seed (0)")
     ap.add_argument("--spacing", type=float, default=SPACING,
                     help="with --make-data: voxel size in mm (2; larger for smoke tests); also the --align header grid")
-    ap.add_argument("--methods", nargs="*", default=METHODS)
+    ap.add_argument("--methods", nargs="*", default=None,
+                    help=f"rows of VARIANTS to run (default {' '.join(METHODS)}; with --model: the file's method)")
     ap.add_argument("--one", help="run one method in this process (used internally)")
     ap.add_argument("--align", choices=("none", "affine", "deformable", "header"), default="none",
                     help="train_detector(align=...): none, affine or deformable (registration to the reference, maps "
@@ -410,7 +421,10 @@ def main() -> None:
     ap.add_argument("--no-posnorm", action="store_true",
                     help="skip the spmamba_posnorm row (position statistics + recalibration: one detection per "
                     "training volume)")
-    ap.add_argument("--model", help="evaluate this trained SP-Mamba file instead of training (method spmamba only)")
+    ap.add_argument("--model", help="evaluate this trained model file (any method of the registry) instead of "
+                    "training; without --methods the row is named after the file's method")
+    ap.add_argument("--max-steps", type=int, default=None, metavar="N",
+                    help="end each training after N optimisation steps (equal-step comparisons, e.g. ablations)")
     ap.add_argument("--models", nargs="+", default=None,
                     help="evaluate several trained model files (e.g. snapshots of one training after 5, 10, 20, 40 "
                     "min) into one table: rows <method>@<file stem>; the learning curve")
@@ -433,7 +447,11 @@ def main() -> None:
         print(make_dataset(args.data, n_train=args.n_train, n_test=args.n_test, seed=args.seed, spacing=SPACING,
                            progress=False, unregistered=args.unregistered), f"{time.time() - t:.0f} s",
               f"load {os.getloadavg()}", flush=True)
-    methods = list(args.methods)
+    methods = list(args.methods or METHODS)
+    if (args.model or args.models) and args.methods is None:  # the row is the file's method
+        from spmamba.checkpoint import load_checkpoint
+
+        methods = [load_checkpoint(args.model or args.models[0]).get("method", "spmamba")]
     if args.encoder_weights:
         if not Path(args.encoder_weights).is_file():
             sys.exit(f"no encoder weights file {args.encoder_weights}")
@@ -446,6 +464,7 @@ def main() -> None:
         cmd += ["--models", *args.models] if args.models else []
         cmd += ["--encoder-weights", args.encoder_weights] if args.encoder_weights else []
         cmd += ["--no-posnorm"] if args.no_posnorm else []
+        cmd += ["--max-steps", str(args.max_steps)] if args.max_steps else []
         print(">>", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=False)
     print(table())

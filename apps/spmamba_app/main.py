@@ -83,7 +83,8 @@ class SPMambaApp(MONAILabelApp):
             refuse_to_start(e)
             raise
         os.makedirs(self.settings.model_dir, exist_ok=True)
-        self.model_store = ModelStore(self.settings.published_model, self.settings.model, self.settings.device)
+        self.model_store = ModelStore(self.settings.published_model, self.settings.model, self.settings.device,
+                                      self.settings.method)
         self.versions = VersionHistory(self.settings.model_dir, self.settings.published_model,
                                        self.settings.keep_versions, self.settings.model)
         self.detection = Detection(self.settings, self.model_store)

@@ -34,6 +34,12 @@ def _eprint(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
 
 
+def _supported() -> str:
+    from spmamba.io import SUPPORTED_FILES
+
+    return SUPPORTED_FILES
+
+
 def _is_image(p: Path) -> bool:
     from spmamba.io import is_volume_file
 
@@ -73,12 +79,10 @@ def iter_inputs(inputs: Sequence[str]) -> Iterator[Path]:
                     found = True
                     yield q
             if not found:
-                raise CLIError(f"{p}: folder has no .nii/.nii.gz/.nrrd files and no DICOM series")
+                raise CLIError(f"{p}: folder has no {_supported()} files and no DICOM series")
         elif p.is_file():
-            if is_dicom_file(p):
-                raise CLIError(f"{p}: a single DICOM file; give the folder that holds the whole series")
-            if not _is_image(p):
-                raise CLIError(f"{p}: not a .nii/.nii.gz/.nrrd file or a DICOM series folder")
+            if not (_is_image(p) or is_dicom_file(p)):  # a single DICOM file: load_volume says if it is one slice
+                raise CLIError(f"{p}: not a {_supported()} file or a DICOM series folder")
             yield p
         else:
             raise CLIError(f"{p}: no such file or folder")
@@ -266,9 +270,9 @@ def _training_files(folder: str) -> list[Path]:
     images, others = _list_folder(d)
     if others:
         names = ", ".join(p.name for p in others[:5]) + (" ..." if len(others) > 5 else "")
-        _eprint(f"[train] ignoring {len(others)} file(s) that are not .nii/.nii.gz/.nrrd in {d}: {names}")
+        _eprint(f"[train] ignoring {len(others)} file(s) that are not {_supported()} in {d}: {names}")
     if not images:
-        raise CLIError(f"{d}: no .nii/.nii.gz/.nrrd volumes or DICOM series folders found")
+        raise CLIError(f"{d}: no {_supported()} volumes or images and no DICOM series folders found")
     return images
 
 
@@ -512,11 +516,15 @@ def cmd_detect(args: argparse.Namespace) -> int:
                                                                   "deformable") if k in res.alignment}
                 if args.png:
                     flag = "ABNORMAL" if res.abnormal else "normal"
-                    img_ras, heat_ras = to_ras(vol.array, vol.affine), to_ras(res.heatmap, vol.affine)
-                    save_mosaic(img_ras, heat_ras, float(res.pixel_threshold), overlay_path(out, sid),
-                                axis=int(res.slice_axis),
-                                title=f"{sid}: score {float(res.score):.4g} (threshold {float(res.threshold):.4g}) "
-                                      f"{flag}")
+                    title = f"{sid}: score {float(res.score):.4g} (threshold {float(res.threshold):.4g}) {flag}"
+                    single = [a for a, n in enumerate(vol.array.shape) if n == 1]
+                    if len(single) == 1:  # a 2-D image: drawn as stored, as image viewers show it
+                        save_mosaic(vol.array, res.heatmap, float(res.pixel_threshold), overlay_path(out, sid),
+                                    axis=single[0], title=title, origin="upper")
+                    else:
+                        save_mosaic(to_ras(vol.array, vol.affine), to_ras(res.heatmap, vol.affine),
+                                    float(res.pixel_threshold), overlay_path(out, sid), axis=int(res.slice_axis),
+                                    title=title)
                 n_done += 1
                 n_abnormal += int(bool(res.abnormal))
                 if bar is not None:
@@ -656,7 +664,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     studies = Path(args.studies)
     if not studies.exists():
         if not args.create:
-            raise CLIError(f"{studies}: no such folder. Pass the folder that holds your .nii/.nii.gz/.nrrd volumes "
+            raise CLIError(f"{studies}: no such folder. Pass the folder that holds your {_supported()} studies "
                            "with --studies DIR, or add --create to start with an empty one")
         studies.mkdir(parents=True)
         _eprint(f"[serve] created the empty studies folder {studies.resolve()}: copy volumes into it or upload "
@@ -664,7 +672,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     elif not studies.is_dir():
         raise CLIError(f"{studies}: not a folder")
     elif _count_volumes(studies) == 0:
-        _eprint(f"[serve] {studies.resolve()} holds no .nii/.nii.gz/.nrrd volumes yet")
+        _eprint(f"[serve] {studies.resolve()} holds no {_supported()} studies yet")
     _eprint(f"[serve] starting the MONAI Label app on http://{args.host}:{args.port} (Ctrl-C stops it)")
     return _run_server("serve", studies.resolve(), args, conf, Path(args.log_dir) if args.log_dir else None,
                        requested, hint_model_option=True, env=env)
@@ -788,17 +796,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_synth)
 
     t = sub.add_parser("train", help="train on a folder of normal volumes and calibrate thresholds",
-                       description="Train SP-Mamba on normal volumes; a held-out share is used to calibrate the "
-                       "pixel and volume thresholds. Ctrl-C stops early and still saves a valid, calibrated model.")
+                       description="Train a model (SP-Mamba by default, --method) on normal volumes or 2-D images; "
+                       "a held-out share is used to calibrate the pixel and volume thresholds. Ctrl-C stops early and "
+                       "still saves a valid, calibrated model.")
     t.add_argument("--normal", required=True, metavar="DIR",
-                   help="folder of normal volumes: .nii/.nii.gz/.nrrd files and/or subfolders each holding one DICOM "
-                   "series")
+                   help="folder of normal volumes (.nii/.nii.gz/.nrrd), subfolders each holding one DICOM series, or "
+                   "2-D images (.png/.jpg/.dcm)")
     t.add_argument("--out", required=True, metavar="MODEL.pt", help="checkpoint file to write")
     t.add_argument("--method", default=None, metavar="NAME",
                    help="anomaly-detection method: spmamba (default), voxelwise (per-voxel statistics of normals on "
-                   "one grid; use --align affine for unregistered volumes) or any registered one")
+                   "one grid; use --align affine for unregistered volumes), memmc_mae (memory-augmented masked "
+                   "autoencoder, 2-D) or any registered one")
     t.add_argument("--config", default=None, metavar="NAME",
-                   help="preset of the method: for spmamba paper, fast (default) or tiny; for voxelwise default")
+                   help="preset of the method: for spmamba and memmc_mae paper, fast (default) or tiny; for voxelwise "
+                   "default")
     t.add_argument("--epochs", type=int, default=None, help="override the preset's number of epochs")
     t.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
     t.add_argument("--resume", default=None, metavar="CKPT", help="continue from a checkpoint")
@@ -872,8 +883,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "input could not be read (the others are still processed).")
     d.add_argument("--model", required=True, metavar="MODEL.pt")
     d.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="volume files (.nii/.nii.gz/.nrrd), DICOM series folders (one volume each), or folders of "
-                   "either")
+                   help="volume files (.nii/.nii.gz/.nrrd), DICOM series folders (one volume each), 2-D images "
+                   "(.png/.jpg/.dcm: one slice), or folders of these")
     d.add_argument("--out", required=True, metavar="DIR")
     d.add_argument("--png", action="store_true", help="also write a slice mosaic with the heatmap overlaid")
     d.add_argument("--device", default="auto")
@@ -901,9 +912,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "--model the app serves the model it published last (apps/spmamba_app/model/spmamba.pt, or "
                        "--conf model_dir=DIR), if any. Ctrl-C stops it (exit 0).")
     v.add_argument("--studies", default="studies", metavar="DIR|URL",
-                   help="folder of .nii/.nii.gz/.nrrd studies (default ./studies; it must exist unless --create), or "
-                   "the DICOMweb URL of a PACS (e.g. http://127.0.0.1:8042/dicom-web): its image series are the "
-                   "studies (docs/DEPLOY.md)")
+                   help="folder of studies: volumes (.nii/.nii.gz/.nrrd) or 2-D images (.png/.jpg/.dcm) (default "
+                   "./studies; it must exist unless --create), or the DICOMweb URL of a PACS (e.g. "
+                   "http://127.0.0.1:8042/dicom-web): its image series are the studies (docs/DEPLOY.md)")
     v.add_argument("--create", action="store_true", help="create the studies folder when it does not exist")
     v.add_argument("--model", default=None, metavar="MODEL.pt",
                    help="serve this checkpoint (a `spmamba train` output); default: the app's published model")

@@ -366,8 +366,8 @@ class Detector:
                 if intensity:
                     norm, fg_norm, _, _ = prepare_slices(array, affine, prep)
                     intensities.add(norm, fg_norm)
-                canon = to_canonical(res.heatmap.reshape(np.shape(array)), affine)
-                fg = to_canonical(res.foreground.reshape(np.shape(array)), affine)
+                canon = to_canonical(res.heatmap.reshape(np.shape(array)), affine, prep.slice_axis)
+                fg = to_canonical(res.foreground.reshape(np.shape(array)), affine, prep.slice_axis)
                 spacing.append(canon.spacing_slice_first(prep.slice_axis))
                 yield np.moveaxis(canon.array, prep.slice_axis, 0), np.moveaxis(fg.array, prep.slice_axis, 0)
                 if progress is not None:

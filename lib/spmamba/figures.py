@@ -8,10 +8,12 @@ __all__ = ["save_mosaic", "to_ras"]
 
 
 def save_mosaic(image, heatmap, pixel_threshold: float, path: str | os.PathLike, *, axis: int = 2, n: int = 12,
-                title: str = "") -> None:
+                title: str = "", origin: str = "lower") -> None:
     """PNG mosaic of ``n`` slices along ``axis``: the image in grey, the heatmap faintly over the foreground
     (colour from its median to its maximum), strongly where it reaches ``pixel_threshold`` (what the model calls
     abnormal), outlined in cyan. Slices are spread over the non-zero extent and always include the peak slice.
+    Each slice is drawn with its first remaining axis across and the second one up (``origin="lower"``, for RAS
+    volumes) or down (``"upper"``: how image viewers show a 2-D image stored as (columns, rows)).
     """
     import matplotlib
 
@@ -41,21 +43,22 @@ def save_mosaic(image, heatmap, pixel_threshold: float, path: str | os.PathLike,
     hlo = float(np.percentile(hfg, 50)) if hfg.size else 0.0
     hhi = max(hmax, pixel_threshold) if np.isfinite(pixel_threshold) else hmax
     hlo = min(hlo, hhi - 1e-6)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.6 * rows + 0.4), squeeze=False)
+    tile = 2.4 if len(picks) > 1 else 5.0  # one slice (a 2-D image): one larger tile, room for the title
+    fig, axes = plt.subplots(rows, cols, figsize=(tile * cols, (tile + 0.2) * rows + 0.4), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, k in zip(axes.ravel(), picks):
-        ax.imshow(img[:, :, k].T, cmap="gray", origin="lower", vmin=vmin, vmax=vmax, interpolation="nearest")
+        ax.imshow(img[:, :, k].T, cmap="gray", origin=origin, vmin=vmin, vmax=vmax, interpolation="nearest")
         h = hm[:, :, k].T
         inside = fg_mask[:, :, k].T
         # faint heatmap over the brain, strong where the model calls a voxel abnormal, contour at the threshold
-        ax.imshow(np.ma.masked_where(~inside | (h < hlo), h), cmap="inferno", origin="lower", alpha=0.3,
+        ax.imshow(np.ma.masked_where(~inside | (h < hlo), h), cmap="inferno", origin=origin, alpha=0.3,
                   vmin=hlo, vmax=hhi, interpolation="nearest")
         abnormal = abnormal_voxels(h, pixel_threshold)
         if np.isfinite(pixel_threshold) and abnormal.any():
-            ax.imshow(np.ma.masked_where(~abnormal, h), cmap="inferno", origin="lower", alpha=0.8, vmin=hlo,
+            ax.imshow(np.ma.masked_where(~abnormal, h), cmap="inferno", origin=origin, alpha=0.8, vmin=hlo,
                       vmax=hhi, interpolation="nearest")
-            ax.contour(abnormal, levels=[0.5], colors="cyan", linewidths=0.8, origin="lower")
+            ax.contour(abnormal, levels=[0.5], colors="cyan", linewidths=0.8, origin=origin)
         ax.set_title(f"slice {k}" + (" (peak)" if k == peak else ""), fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()

@@ -1,13 +1,22 @@
-"""Volumes in and out: reading NIfTI, NRRD and DICOM series with clear errors, atomic writing, volume file names
-and ids.
+"""Volumes in and out: reading NIfTI, NRRD, DICOM series and 2-D images (PNG, JPEG, single DICOM files) with clear
+errors, atomic writing, volume file names and ids.
 
 The one place that reads volume files; what the detector does to a volume once read (canonical grid, intensity
 scaling, slice batches) is ``spmamba.preprocessing``'s.
 
-A DICOM series is a folder that holds the files of one image series (``load_volume(folder)``): the headers are
-checked first with pydicom (one series, image objects only, one slice size and orientation, evenly spaced slices),
-then the voxels are read with SimpleITK's GDCM reader (as MONAI Label's own DICOM conversion does), with the rescale
-slope and intercept applied.
+A DICOM series is a folder that holds the files of one cross-sectional image series (CT, MR, PET, NM;
+``load_volume(folder)``): the headers are checked first with pydicom (one series, image objects only, one slice size
+and orientation, evenly spaced slices), then the voxels are read with SimpleITK's GDCM reader (as MONAI Label's own
+DICOM conversion does), with the rescale slope and intercept applied. One file of such a series is refused (give the
+folder); a single DICOM file that is an image of its own (an X-ray, a one-slice or multi-frame image) is read as it is.
+
+2-D images (an X-ray, a colonoscopy frame) are volumes with one slice: ``array`` (columns, rows, 1) and the affine
+ITK gives them (PNG/JPEG: 1 mm pixels, origin 0, first axis towards patient left, second towards posterior, i.e.
+voxel (i, j, 0) -> RAS (-i, -j, 0); DICOM: its pixel spacing, position and orientation), so a heatmap written with
+that affine lies on the image wherever ITK-based viewers (3D Slicer) open it. Colour images are read as grey
+(luminance, ITU-R 601 weights; alpha dropped); DICOM MONOCHROME1 images arrive inverted by ITK (GDCM), so bright
+means dense as in MONOCHROME2. DICOM pixel sizes are GDCM's (for DX/CR it reads Imager Pixel Spacing; 1 mm when
+absent).
 """
 from __future__ import annotations
 
@@ -24,12 +33,16 @@ from spmamba.atomic import atomic_path
 
 __all__ = [
     "VolumeError", "Volume", "load_volume", "validate_array", "save_volume", "volume_id", "volume_suffix",
-    "is_volume_file", "VOLUME_SUFFIXES", "DicomSeries", "inspect_dicom_series", "load_dicom_series",
-    "is_dicom_folder", "is_dicom_file", "IMAGE_SOP_CLASSES",
+    "is_volume_file", "VOLUME_SUFFIXES", "IMAGE_SUFFIXES", "SUPPORTED_FILES", "DicomSeries", "inspect_dicom_series",
+    "load_dicom_series", "is_dicom_folder", "is_dicom_file", "IMAGE_SOP_CLASSES",
 ]
 
+#: 2-D image files read as volumes with one slice (PNG/JPEG: 8- or 16-bit grey or colour; DICOM: one file)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 #: the volume files the library reads (``.nhdr``: a detached NRRD header beside its data file), longest first
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr")
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr") + IMAGE_SUFFIXES
+#: the readable file types, for messages
+SUPPORTED_FILES = ".nii, .nii.gz, .nrrd, .png, .jpg or .dcm"
 MAX_VOXELS = 1024 ** 3 // 2  # 512 M voxels (2 GB as float32): beyond this a header is treated as absurd
 MAX_SIDE = 8192
 # RAS <-> LPS for NRRD (Slicer's world is LPS in files)
@@ -157,9 +170,65 @@ def _load_nrrd(path: Path, name: str) -> Volume:
     return Volume(validate_array(data, name), _nrrd_affine(header), str(path))
 
 
+#: luminance weights of colour images (ITU-R BT.601, as PIL's "L" mode)
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def _itk_affine(spacing, origin, direction) -> np.ndarray:
+    """ITK geometry (LPS world; 2-D or 3-D) -> a (4, 4) voxel -> RAS affine for (X, Y, Z) arrays. A 2-D image's third
+    axis is ITK's: 1 mm along the cross product of its in-plane axes (+z for the usual identity direction)."""
+    dim = len(spacing)
+    d = np.asarray(direction, dtype=np.float64).reshape(dim, dim)
+    if dim == 2:
+        d3 = np.eye(3)
+        d3[:2, :2] = d
+        d = d3
+        spacing, origin = tuple(spacing) + (1.0,), tuple(origin) + (0.0,)
+    aff = np.eye(4)
+    aff[:3, :3] = d * np.asarray(spacing, dtype=np.float64)[None, :]
+    aff[:3, 3] = origin
+    return _LPS @ aff
+
+
+def _load_image2d(path: Path, name: str) -> Volume:
+    """PNG/JPEG/DICOM through SimpleITK (ITK's geometry, so viewers built on ITK put the heatmap on the image)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        kind = "DICOM" if path.name.lower().endswith(".dcm") else "image"
+        raise VolumeError(f"{name}: not a readable {kind} file ({str(e).strip().splitlines()[-1][:200]})") from e
+    _check_header_shape(reader.GetSize(), name)
+    if path.name.lower().endswith((".jpg", ".jpeg")):  # libjpeg fills a truncated file with grey and only warns
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                im.load()
+        except (OSError, SyntaxError, ValueError) as e:
+            raise VolumeError(f"{name}: the JPEG data is truncated or corrupt ({e})") from e
+    try:
+        img = reader.Execute()
+    except RuntimeError as e:
+        raise VolumeError(f"{name}: the image data is truncated or corrupt ({str(e).strip().splitlines()[-1][:200]})"
+                          ) from e
+    arr = sitk.GetArrayFromImage(img)  # (rows, cols[, components]) or (frames, rows, cols[, components])
+    comps = img.GetNumberOfComponentsPerPixel()
+    if comps > 1:  # colour: grey by luminance (RGB or RGBA; other vector images by their mean)
+        arr = arr.astype(np.float32)
+        arr = (arr[..., :3] @ np.asarray(_LUMA, np.float32)) if comps in (3, 4) else arr.mean(-1)
+    arr = np.asarray(arr).T  # ITK arrays are (z, y, x): the library's are (x, y, z)
+    return Volume(validate_array(arr, name), _itk_affine(img.GetSpacing(), img.GetOrigin(), img.GetDirection()),
+                  str(path))
+
+
 def load_volume(path: Union[str, Path], name: Optional[str] = None) -> Volume:
-    """Read a .nii/.nii.gz/.nrrd/.nhdr volume or a folder holding one DICOM image series
-    (:func:`load_dicom_series`); raise VolumeError naming ``name`` (default: the path)."""
+    """Read a .nii/.nii.gz/.nrrd/.nhdr volume, a folder holding one DICOM image series (:func:`load_dicom_series`)
+    or a 2-D .png/.jpg/.jpeg image or single DICOM image file (a volume with one slice, or a multi-frame image); raise
+    VolumeError naming ``name`` (default: the path)."""
     path = Path(path)
     name = name or str(path)
     if not path.exists():
@@ -176,8 +245,11 @@ def load_volume(path: Union[str, Path], name: Optional[str] = None) -> Volume:
     if low.endswith((".nrrd", ".nhdr")):
         return _load_nrrd(path, name)
     if is_dicom_file(path):
-        raise VolumeError(f"{name}: a single DICOM file; give the folder that holds the whole series")
-    raise VolumeError(f"{name}: unsupported file type; give a .nii, .nii.gz or .nrrd volume or a DICOM series folder")
+        _refuse_series_slice(path, name)
+        return _load_image2d(path, name)
+    if low.endswith(IMAGE_SUFFIXES):
+        return _load_image2d(path, name)
+    raise VolumeError(f"{name}: unsupported file type; give a {SUPPORTED_FILES} file or a DICOM series folder")
 
 
 def save_volume(array: np.ndarray, affine: np.ndarray, path: Union[str, Path], dtype=np.float32) -> Path:
@@ -207,7 +279,8 @@ def save_volume(array: np.ndarray, affine: np.ndarray, path: Union[str, Path], d
         with atomic_path(path, suffix=".nrrd") as tmp:
             nrrd.write(str(tmp), arr, header)
     else:
-        raise VolumeError(f"{path}: cannot write this file type; use .nii.gz, .nii or .nrrd")
+        raise VolumeError(f"{path}: cannot write this file type; use .nii.gz, .nii or .nrrd (2-D images included: "
+                          "a heatmap keeps the image's geometry)")
     return path
 
 
@@ -254,19 +327,55 @@ def is_dicom_file(path: Union[str, Path]) -> bool:
     return len(head) == 132 and head[128:] == b"DICM"
 
 
+def _dicom_header(path: Union[str, Path]):
+    """The header of a DICOM file (no pixel data), or None when pydicom cannot read one."""
+    try:
+        import pydicom
+
+        return pydicom.dcmread(str(path), stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - any unreadable file: not a DICOM object for this purpose
+        return None
+
+
+def _is_cross_sectional(ds) -> bool:
+    """Whether a DICOM header is a slice or frames of a cross-sectional volume (:data:`IMAGE_SOP_CLASSES`)."""
+    return ds is not None and str(ds.get("SOPClassUID", "")) in IMAGE_SOP_CLASSES
+
+
 def is_dicom_folder(path: Union[str, Path]) -> bool:
-    """Whether ``path`` is a folder with DICOM files directly inside and no NIfTI/NRRD volumes (a series folder)."""
+    """Whether ``path`` is a DICOM series folder: DICOM files directly inside, no other volume or image files, and
+    at least one of them a cross-sectional image (CT, MR, PET, NM). A folder of DICOM X-rays or other 2-D images is
+    not a series folder: each file there is a study of its own."""
     p = Path(path)
     if not p.is_dir():
         return False
-    found = False
-    for q in p.iterdir():
+    dicoms = []
+    for q in sorted(p.iterdir()):
         if q.name.startswith(".") or not q.is_file():
             continue
-        if is_volume_file(q):
+        if is_dicom_file(q):
+            dicoms.append(q)
+        elif is_volume_file(q):
             return False
-        found = found or is_dicom_file(q)
-    return found
+    return any(_is_cross_sectional(_dicom_header(q)) for q in dicoms)
+
+
+def _refuse_series_slice(path: Path, name: str) -> None:
+    """Raise VolumeError when a single DICOM file is one slice of a multi-file cross-sectional series (its folder
+    holds other files of the same series): one slice is not the volume the user means."""
+    ds = _dicom_header(path)
+    if not _is_cross_sectional(ds) or int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        return
+    series = str(ds.get("SeriesInstanceUID", ""))
+    siblings = 0
+    for q in path.parent.iterdir():
+        if q == path or q.name.startswith(".") or not q.is_file() or not is_dicom_file(q):
+            continue
+        other = _dicom_header(q)
+        siblings += other is not None and str(other.get("SeriesInstanceUID", "")) == series
+    if siblings:
+        raise VolumeError(f"{name}: a single DICOM file, one slice of a {ds.get('Modality', '')} series of "
+                          f"{siblings + 1} files; give the folder that holds the whole series ({path.parent})")
 
 
 @dataclass

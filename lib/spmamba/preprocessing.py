@@ -25,11 +25,16 @@ SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
 
 @dataclass
 class CanonicalVolume:
-    """A volume in closest-canonical RAS voxel order, plus what is needed to map results back."""
+    """A volume in closest-canonical RAS voxel order, plus what is needed to map results back.
+
+    ``plane_swap``: for a single-slice image (a 2-D image read as a volume) whose one slice does not lie across the
+    slice axis, the pair of RAS axes swapped so that it does (its one voxel along the slice axis); None otherwise.
+    ``array`` and ``spacing`` are then in the swapped order, and ``to_file_order`` swaps back first."""
 
     array: np.ndarray  # (X', Y', Z') float32, RAS-ordered axes
     ornt: np.ndarray  # nibabel orientation of the file's voxel axes (io_orientation of its affine)
     spacing: np.ndarray  # (3,) voxel sizes in mm along the RAS-ordered axes (1 where the affine gives none)
+    plane_swap: Optional[tuple] = None
 
     def spacing_slice_first(self, slice_axis: int) -> np.ndarray:
         """Voxel sizes in the order the detector works in: ``slice_axis`` first, then the other two."""
@@ -37,12 +42,19 @@ class CanonicalVolume:
 
     def to_file_order(self, data: np.ndarray) -> np.ndarray:
         """Map an array on the RAS-ordered grid back to the file's voxel order."""
+        if self.plane_swap is not None:
+            data = np.swapaxes(data, *self.plane_swap)
         inv = orientations.ornt_transform(orientations.axcodes2ornt(("R", "A", "S")), self.ornt)
         return np.ascontiguousarray(orientations.apply_orientation(data, inv))
 
 
-def to_canonical(array: np.ndarray, affine: Optional[np.ndarray]) -> CanonicalVolume:
-    """Reorder/flip voxel axes so that axis 0,1,2 run towards R, A, S (no resampling)."""
+def to_canonical(array: np.ndarray, affine: Optional[np.ndarray], slice_axis: Optional[int] = None) -> CanonicalVolume:
+    """Reorder/flip voxel axes so that axis 0,1,2 run towards R, A, S (no resampling).
+
+    With ``slice_axis``: a single-slice image (one voxel along exactly one axis, e.g. a chest X-ray whose DICOM
+    orientation makes it coronal) whose slice lies across another axis has that axis swapped with ``slice_axis``
+    (``CanonicalVolume.plane_swap``), so slicing along ``slice_axis`` gives the image itself, not a stack of
+    1-voxel-wide strips."""
     affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
     ornt = orientations.io_orientation(affine)
     if np.isnan(ornt).any():  # degenerate affine: keep the voxel order
@@ -52,7 +64,14 @@ def to_canonical(array: np.ndarray, affine: Optional[np.ndarray]) -> CanonicalVo
     sizes = np.linalg.norm(affine[:3, :3], axis=0)
     spacing = np.empty(3)
     spacing[ornt[:, 0].astype(int)] = np.where(sizes > 0, sizes, 1.0)
-    return CanonicalVolume(arr, ornt, spacing)
+    swap = None
+    if slice_axis is not None and arr.ndim == 3:
+        single = [a for a in range(3) if arr.shape[a] == 1]
+        if len(single) == 1 and single[0] != slice_axis:
+            swap = (single[0], int(slice_axis))
+            arr = np.ascontiguousarray(np.swapaxes(arr, *swap))
+            spacing[list(swap)] = spacing[list(swap[::-1])]
+    return CanonicalVolume(arr, ornt, spacing, swap)
 
 
 def normalise_intensity(array: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5,
@@ -202,7 +221,7 @@ class Preprocessing:
 def prepare_slices(array: np.ndarray, affine: Optional[np.ndarray], prep: Preprocessing):
     """Volume -> (normalised slices (n, h, w) along the slice axis in RAS order, their foreground mask (n, h, w),
     indices of the slices worth scoring (enough foreground), canonical volume)."""
-    canon = to_canonical(array, affine)
+    canon = to_canonical(array, affine, prep.slice_axis)
     vol = np.moveaxis(canon.array, prep.slice_axis, 0)
     norm, fg = normalise_intensity(vol, max_value=prep.intensity_max)
     if prep.intensity_landmarks and fg.sum() >= 16:

@@ -10,6 +10,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 import pytest
 
 from app_helpers import APP_DIR, free_port, phantom, save_nifti
+from spmamba.io import IMAGE_SUFFIXES, volume_suffix
 
 
 @pytest.fixture(scope="session")
@@ -63,8 +64,8 @@ def make_app(tmp_path, monkeypatch) -> Iterator[Callable[..., AppEnv]]:
         sdir, mdir = root / "studies", root / "model"
         sdir.mkdir(parents=True)
         mdir.mkdir(parents=True)
-        for sid, src in (studies or {}).items():
-            shutil.copy(src, sdir / f"{sid}.nii.gz")
+        for sid, src in (studies or {}).items():  # volumes as .nii.gz, 2-D images with their own type
+            shutil.copy(src, sdir / (sid + (volume_suffix(src) if volume_suffix(src) in IMAGE_SUFFIXES else ".nii.gz")))
         if curation:
             (sdir / "curation.csv").write_text("id,curation\n" + "".join(f"{k},{v}\n" for k, v in curation.items()))
         if model:

@@ -57,6 +57,9 @@ def test_preset_ranking_is_per_method():
     assert "weaker" in weaker_preset_message("tiny", served)
     assert weaker_preset_message("tiny", {**served, "method": "voxelwise"}) is None
     assert weaker_preset_message("default", {"method": "voxelwise", "preset": "default"}, "voxelwise") is None
+    memmc = {**served, "method": "memmc_mae"}  # the same ladder
+    assert "weaker" in weaker_preset_message("fast", memmc, "memmc_mae")
+    assert weaker_preset_message("fast", memmc, "spmamba") is None  # another method's model is never compared
 
 
 def test_unknown_key_is_refused_listing_the_valid_ones(configs, tmp_path):

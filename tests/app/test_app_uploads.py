@@ -7,7 +7,7 @@ import pytest
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-@pytest.mark.parametrize("fname", ["notes.txt", "scan.dcm", "README"])
+@pytest.mark.parametrize("fname", ["notes.txt", "scan.tif", "README"])
 def test_unsupported_upload_is_415_naming_the_clients_file(make_app, tiny_data, tiny_model, fname):
     env = make_app({"n0": tiny_data["normal"][0]}, model=tiny_model)
     before = env.datastore_json()

@@ -180,7 +180,7 @@ def test_train_refuses_missing_and_empty_folders(tmp_path, capsys):
     (empty / "notes.txt").write_text("hello")
     rc = main(["train", "--normal", str(empty), "--out", str(tmp_path / "m.pt")])
     err = capsys.readouterr().err
-    assert rc == 2 and "no .nii/.nii.gz/.nrrd volumes" in err and str(empty) in err
+    assert rc == 2 and "no .nii, .nii.gz, .nrrd, .png, .jpg or .dcm volumes" in err and str(empty) in err
     assert not (tmp_path / "m.pt").exists()
 
 

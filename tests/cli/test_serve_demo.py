@@ -76,7 +76,7 @@ def test_serve_create_makes_an_empty_folder_and_says_so(tmp_path, capsys, no_ser
 
 def test_serve_says_when_the_folder_has_no_volumes(tmp_path, capsys, no_server):
     assert main(["serve", "--studies", str(tmp_path), "--port", str(_free_port())]) == 0
-    assert "holds no .nii/.nii.gz/.nrrd volumes" in capsys.readouterr().err
+    assert "holds no .nii, .nii.gz, .nrrd, .png, .jpg or .dcm studies" in capsys.readouterr().err
 
 
 def test_ready_report_names_the_served_model_and_true_next_steps(tmp_path, monkeypatch, capsys):

@@ -50,7 +50,7 @@ def test_volume_id(name, sid):
 
 
 def test_volume_suffixes():
-    assert VOLUME_SUFFIXES == (".nii.gz", ".nii", ".nrrd", ".nhdr")
+    assert VOLUME_SUFFIXES == (".nii.gz", ".nii", ".nrrd", ".nhdr", ".png", ".jpg", ".jpeg", ".dcm")
     assert all(is_volume_file(f"x{s.upper()}") for s in VOLUME_SUFFIXES)
     assert not is_volume_file("x.raw") and not is_volume_file("x.nii.gz.part")
 

@@ -411,3 +411,12 @@ def test_logic_runs_the_chosen_method_and_trains_its_trainer(fake, tmp_path):
     assert ("POST", "/train/spmamba") in [(m, p) for m, p, _, _ in fake.requests]
     progress = logic.training_progress()
     assert progress.running and progress.percent == 25 and progress.model_version == "b1"
+
+
+def test_downloaded_files_keep_their_type():
+    """A study or heatmap the server sends is saved under its own file type (a 2-D study stays a .png / .dcm)."""
+    from AnomalyDetectionLib.client import _result_suffix
+
+    for name, suffix in (("a.nii.gz", ".nii.gz"), ("b.NRRD", ".nrrd"), ("xray.png", ".png"), ("c.JPEG", ".jpeg"),
+                         ("chest.dcm", ".dcm"), (None, ".nii.gz"), ("notes.txt", ".nii.gz")):
+        assert _result_suffix(name, ".nii.gz") == suffix

@@ -220,3 +220,45 @@ def test_unreadable_file_gives_clear_error(scene, tmp_path):
     with pytest.raises(ServerError, match="Could not read"):
         AnomalyLogic().load_volume(str(bad))
     assert not slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+
+
+@pytest.mark.parametrize("name", ["xray.png", "colon.jpg", "chest.dcm"])
+def test_2d_images_load_as_one_slice_volumes_and_take_the_servers_heatmap(scene, tmp_path, name):
+    """A 2-D study (PNG/JPEG/DICOM, as the server serves it) loads with the geometry the server's reader gives it
+    (spmamba.io, ITK's), so the heatmap the server writes for it overlays without a geometry warning."""
+    from PIL import Image
+
+    from spmamba.io import load_volume, save_volume
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 200, (20, 30)).astype(np.uint8)  # (rows, columns)
+    path = tmp_path / name
+    if name.endswith(".dcm"):
+        import SimpleITK as sitk
+
+        img = sitk.GetImageFromArray(pixels.astype(np.int16))
+        img.SetSpacing((0.5, 0.25))
+        sitk.WriteImage(img, str(path))
+    else:
+        Image.fromarray(np.stack([pixels] * 3, -1) if name.endswith(".jpg") else pixels).save(path, quality=100)
+    server = load_volume(path)  # what the server reads
+    logic = AnomalyLogic()
+    node = logic.load_volume(str(path), image_id="study1")
+    assert node.GetName() == name.split(".")[0] and node.GetImageData().GetDimensions() == (30, 20, 1)
+    np.testing.assert_allclose(_matrix(node), server.affine, atol=1e-6)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(node)[0].T, server.array[:, :, 0], atol=1e-3)
+    heat = np.zeros(server.array.shape, np.float32)
+    heat[4, 7, 0] = 1.0
+    heat_node = logic.show_heatmap(node, str(save_volume(heat, server.affine, tmp_path / "heat.nii.gz")),
+                                   threshold=0.5)
+    assert logic.geometry_warning == ""
+    assert np.argwhere(slicer.util.arrayFromVolume(heat_node) > 0.5).tolist() == [[0, 7, 4]]
+
+
+def test_unreadable_2d_image_is_a_clear_error(scene, tmp_path):
+    from AnomalyDetectionLib.client import ServerError
+
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ServerError, match="bad.png"):
+        AnomalyLogic().load_volume(str(tmp_path / "bad.png"))
+    assert not slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")

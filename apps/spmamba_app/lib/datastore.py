@@ -3,10 +3,11 @@
 Differences from MONAI Label's ``LocalDatastore`` (0.8.5):
 
 * the studies are the files the library reads (``spmamba.io.VOLUME_SUFFIXES``: ``.nii.gz``, ``.nii``, ``.nrrd``,
-  ``.nhdr``) and a study's id is ``spmamba.io.volume_id`` of its file name;
+  ``.nhdr``, and 2-D ``.png``, ``.jpg``, ``.jpeg``, ``.dcm`` images, volumes with one slice) and a study's id is
+  ``spmamba.io.volume_id`` of its file name;
 * uploads are validated *before* they are added: the id must be a safe file name (no ``../x``), the file must be a
-  readable 3-D volume (``spmamba.io.load_volume``: truncated, 4-D, 1-D, NaN/Inf, absurd header sizes and non-images
-  are refused with a 4xx naming the problem), and it is copied into place with a temporary file + rename;
+  readable volume or 2-D image (``spmamba.io.load_volume``: truncated, 4-D, 1-D, NaN/Inf, absurd header sizes and
+  non-images are refused with a 4xx naming the problem), and it is copied into place with a temporary file + rename;
 * ``datastore_v2.json`` is written atomically (temporary file + rename) and every read-modify-write reloads the file
   under the lock first, so the server and MONAI Label's training/scoring subprocesses never lose each other's updates;
 * unknown ids give 404 instead of a 500; label tags are checked like ids;
@@ -26,7 +27,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore, LocalDatastoreModel
 from spmamba.atomic import atomic_path, write_text
-from spmamba.io import VOLUME_SUFFIXES, volume_id, volume_suffix
+from spmamba.io import SUPPORTED_FILES, VOLUME_SUFFIXES, volume_id, volume_suffix
 
 from .configs import CURATION_KEY, CURATION_STATES
 from .detection import read_volume
@@ -43,7 +44,7 @@ def require_volume_name(filename: Optional[str]) -> str:
     ext = volume_suffix(filename or "")
     if ext is None:
         raise unsupported(
-            f"unsupported file type {os.path.basename(filename or '')!r}: upload a .nii, .nii.gz or .nrrd volume"
+            f"unsupported file type {os.path.basename(filename or '')!r}: upload a {SUPPORTED_FILES} volume or image"
         )
     return ext
 
@@ -211,7 +212,7 @@ class CuratedDatastore(LocalDatastore):
         self._require(image_id)
         check_id(label_tag, "label tag")
         if volume_suffix(label_filename) is None:
-            raise unsupported("unsupported label file type: upload a .nii, .nii.gz or .nrrd label")
+            raise unsupported(f"unsupported label file type: upload a {SUPPORTED_FILES} label")
         validate_volume_file(label_filename, f"label for {image_id}")
         return super().save_label(image_id, label_filename, label_tag, label_info)
 

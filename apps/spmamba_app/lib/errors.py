@@ -47,7 +47,14 @@ def check_id(value: str, what: str = "image id") -> str:
 
 
 NO_MODEL_MSG = (
-    "No SP-Mamba model is available yet: train one first (mark normal studies with "
-    "PUT /datastore/image/info?image=ID info={{\"curation\": \"normal\"}}, then POST /train/spmamba), "
+    "No {name} model is available yet: train one first (mark normal studies with "
+    "PUT /datastore/image/info?image=ID info={{\"curation\": \"normal\"}}, then POST /train/{method}), "
     "or start the server with --conf model PATH pointing to a checkpoint made by `spmamba train`. ({where})"
 )
+#: how messages and task descriptions name the built-in methods (others by their registry name)
+METHOD_NAMES = {"spmamba": "SP-Mamba", "voxelwise": "voxel-wise statistics", "memmc_mae": "MemMC-MAE"}
+
+
+def method_title(method: str) -> str:
+    """The name messages give a method of the registry: "SP-Mamba" for spmamba, the registry name for others."""
+    return METHOD_NAMES.get(method, method)

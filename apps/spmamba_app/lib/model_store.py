@@ -12,17 +12,18 @@ import os
 import threading
 from typing import Any, List, Optional, Tuple
 
-from .errors import NO_MODEL_MSG, HTTPException, conflict
+from .errors import NO_MODEL_MSG, HTTPException, conflict, method_title
 from .versions import served_path
 
 logger = logging.getLogger(__name__)
 
 
 class ModelStore:
-    def __init__(self, published: str, explicit: Optional[str] = None, device: str = "auto"):
+    def __init__(self, published: str, explicit: Optional[str] = None, device: str = "auto", method: str = "spmamba"):
         self.published = published
         self.explicit = explicit
         self.device = device
+        self.method = method  # the app's method: what its "no model yet" message tells to train
         self._lock = threading.Lock()
         self._key: Optional[Tuple[str, int, int]] = None
         self._detector: Any = None
@@ -40,7 +41,8 @@ class ModelStore:
         """The current :class:`spmamba.detector.Detector`; 409 if there is none, 409 naming the file if unloadable."""
         path = self.current_path()
         if path is None:
-            raise conflict(NO_MODEL_MSG.format(where=f"looked for {', '.join(self.candidates())}"))
+            raise conflict(NO_MODEL_MSG.format(name=method_title(self.method), method=self.method,
+                                               where=f"looked for {', '.join(self.candidates())}"))
         try:
             st = os.stat(path)
         except OSError:

@@ -46,7 +46,9 @@ LOG_LENGTH = 100
 #: SP-Mamba's presets from weakest to strongest; a training of a lower rank than the served model's asks for
 #: ``force``. Other methods' presets are not ranked (never compared).
 PRESET_ORDER = ("tiny", "fast", "paper")
-RANKED_METHOD = "spmamba"
+RANKED_METHOD = "spmamba"  # the method of files that name none
+#: methods whose presets form the ladder PRESET_ORDER (tiny < fast < paper)
+RANKED_METHODS = ("spmamba", "memmc_mae")
 _SAFE_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _THREAD_LOCK = threading.Lock()
 
@@ -61,8 +63,9 @@ class UnknownVersion(KeyError):
 
 
 def preset_rank(name: Any, method: str = RANKED_METHOD) -> Optional[int]:
-    """SP-Mamba: 0 tiny, 1 fast, 2 paper; None for a custom configuration or another method (never compared)."""
-    return PRESET_ORDER.index(name) if method == RANKED_METHOD and name in PRESET_ORDER else None
+    """SP-Mamba and MemMC-MAE: 0 tiny, 1 fast, 2 paper; None for a custom configuration or another method (never
+    compared)."""
+    return PRESET_ORDER.index(name) if method in RANKED_METHODS and name in PRESET_ORDER else None
 
 
 def weaker_preset_message(new: Any, served: Optional[Dict[str, Any]],

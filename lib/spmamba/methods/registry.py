@@ -15,6 +15,7 @@ __all__ = ["BUILTIN", "DEFAULT_METHOD", "ENV_VAR", "register_method", "get_metho
 BUILTIN = {
     "spmamba": "spmamba.models.spmamba:SPMamba",
     "voxelwise": "spmamba.methods.voxelwise:VoxelwiseModel",
+    "memmc_mae": "spmamba.methods.memmc_mae:MemMCMAE",
 }
 DEFAULT_METHOD = "spmamba"  # also the method of model files written before methods had names
 ENV_VAR = "SPMAMBA_METHODS"

@@ -227,8 +227,9 @@ def decode_multipart(body: bytes, content_type: str) -> List[Dict[str, Any]]:
 
 
 def _result_suffix(filename: Optional[str], default: str) -> str:
+    """The file type of a file the server sent (a heatmap, or a study's image: volumes and 2-D images)."""
     name = (filename or "").lower()
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".dcm"):
         if name.endswith(suffix):
             return suffix
     return default

@@ -71,6 +71,8 @@ PARAM_MIN_REGION_VOXELS = "MinRegionVoxels"
 REF_INPUT_VOLUME = "InputVolume"
 REF_HEATMAP = "Heatmap"
 DEFAULT_OPACITY = 0.5
+#: 2-D image files the server reads as volumes with one slice (``spmamba.io.IMAGE_SUFFIXES``)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")
 
 REGION_COLORS = (
     (0.95, 0.2, 0.15), (0.2, 0.6, 1.0), (0.3, 0.85, 0.3), (1.0, 0.8, 0.1), (0.8, 0.3, 0.9),
@@ -326,9 +328,18 @@ class AnomalyLogic:
 
     # ============================================================================================ MRML: volumes
     def load_volume(self, path: str, name: Optional[str] = None, image_id: Optional[str] = None):
-        """(main) Read a .nii/.nii.gz/.nrrd file into a new scalar volume node through a storage node."""
+        """(main) Read a .nii/.nii.gz/.nrrd file, or a 2-D .png/.jpg/.dcm image (a volume with one slice, see
+        ``image_as_nrrd``), into a new scalar volume node through a storage node."""
         node = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name or _stem(path))
         storage = self.scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+        if path.lower().endswith(IMAGE_SUFFIXES):
+            try:
+                path = image_as_nrrd(path, tempfile.mkdtemp(dir=self.work_dir))
+            except Exception as e:  # noqa: BLE001 (SimpleITK raises RuntimeError; anything else is the same)
+                self.scene.RemoveNode(node)
+                self.scene.RemoveNode(storage)
+                raise ServerError(f"Could not read the image file {path} ({str(e).strip().splitlines()[-1][:200]}).",
+                                  kind="bad_response") from e
         storage.SetFileName(path)
         storage.SetSingleFile(True)
         if not storage.ReadData(node):
@@ -1015,9 +1026,31 @@ def _region_from_server(label: int, server: Dict[str, Any], local: Region, ijk_t
     )
 
 
+def image_as_nrrd(path: str, out_dir: str) -> str:
+    """A 2-D image file (PNG, JPEG, one DICOM file) as a one-slice .nrrd volume in ``out_dir``, read with ITK
+    (SimpleITK, which Slicer bundles): ITK's geometry, as the server's reader (``spmamba.io``) gives it, so the
+    server's heatmap of the image lies on it; colour as grey (luminance, ITU-R 601 weights), as the server sees it.
+    Slicer's own reader would do for PNG, but not for every ITK build (slicer-core's has no PNG support)."""
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(path)
+    comps = img.GetNumberOfComponentsPerPixel()
+    if comps > 1:
+        arr = sitk.GetArrayFromImage(img).astype(np.float32)
+        grey = arr[..., :3] @ np.asarray((0.299, 0.587, 0.114), np.float32) if comps in (3, 4) else arr.mean(-1)
+        out = sitk.GetImageFromArray(grey)
+        out.CopyInformation(img)
+        img = out
+    if img.GetDimension() == 2:
+        img = sitk.JoinSeries(img)  # one slice, 1 mm, along the in-plane axes' normal
+    dest = os.path.join(out_dir, _stem(path) + ".nrrd")
+    sitk.WriteImage(img, dest, True)
+    return dest
+
+
 def _stem(path: str) -> str:
     name = os.path.basename(path)
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd") + IMAGE_SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return os.path.splitext(name)[0]

@@ -26,7 +26,7 @@ from spmamba.io import save_volume
 from spmamba.scoring import abnormal_voxels
 
 from ..detection import Detection, rounded
-from ..errors import bad_request
+from ..errors import bad_request, method_title
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,8 @@ class AnomalyInfer(_BaseAnomalyInfer):
             detection,
             type=InferType.OTHERS,
             labels=[],
-            description="SP-Mamba unsupervised anomaly heatmap (float32, higher = more anomalous) with scores",
+            description=f"{method_title(detection.settings.method)} unsupervised anomaly heatmap (float32, higher = "
+                        "more anomalous) with scores",
         )
 
     def __call__(self, request) -> Tuple[Union[str, None], Dict]:
@@ -152,7 +153,8 @@ class AnomalySegmentationInfer(_BaseAnomalyInfer):
             detection,
             type=InferType.SEGMENTATION,
             labels={"anomaly": 1},
-            description="SP-Mamba anomalous regions (heatmap at or above the calibrated threshold) as a label map",
+            description=f"{method_title(detection.settings.method)} anomalous regions (heatmap at or above the "
+                        "calibrated threshold) as a label map",
         )
 
     def __call__(self, request) -> Tuple[Union[str, None], Dict]:

@@ -34,7 +34,7 @@ from spmamba.atomic import write_json
 
 from ..configs import AppSettings
 from ..configs.settings import library_presets
-from ..errors import bad_request, conflict
+from ..errors import bad_request, conflict, method_title
 from ..scoring.anomaly import in_task_subprocess
 from ..versions import VersionHistory, read_model_info, served_path, weaker_preset_message
 
@@ -63,7 +63,8 @@ def _finite(x: Any) -> Optional[float]:
 
 class AnomalyTrain(TrainTask):
     def __init__(self, settings: AppSettings):
-        super().__init__("Train SP-Mamba on the studies curated as normal (info.curation == 'normal')")
+        super().__init__(f"Train {method_title(settings.method)} on the studies curated as normal "
+                         "(info.curation == 'normal')")
         self.settings = settings
 
     # ------------------------------------------------------------------ info
@@ -291,5 +292,5 @@ class AnomalyTrain(TrainTask):
             }
         )
         write_json(s.stats_path, stats)
-        logger.info(f"Published SP-Mamba model {detector.version} to {s.published_model}")
+        logger.info(f"Published {method_title(s.method)} model {detector.version} to {s.published_model}")
         return stats
