@@ -152,27 +152,55 @@ def test_the_model_map_follows_its_level_weights():
 
 
 # ------------------------------------------------------------------ learning-rate drop under a time limit
-def _lr_trace(deadline_s, epochs=200, resume_state=None, max_steps=None):
+class _StepClock:
+    """``time`` for spmamba.train whose seconds pass only with the training steps (one per step), so that a time
+    limit is reached after a known number of steps however loaded the machine is."""
+
+    def __init__(self):
+        self.now = time.time()
+
+    def time(self):
+        return self.now
+
+    perf_counter = time
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+
+def _lr_trace(deadline_s, epochs=200, resume_state=None, max_steps=None, monkeypatch=None):
+    import spmamba.train as train_module
+
     torch.manual_seed(0)
+    clock = _StepClock()
+    if monkeypatch is not None:
+        monkeypatch.setattr(train_module, "time", clock)
     det = Detector(SPMamba(get_config("tiny")), Preprocessing(), device="cpu")
     data = torch.rand(8, 1, 64, 64)
     lrs = []
-    budget = TrainingBudget(deadline=None if deadline_s is None else time.time() + deadline_s,
-                            progress=lambda e: lrs.append(e["lr"]) if e.get("phase") == "train" and "lr" in e else None)
+
+    def progress(e):
+        if e.get("phase") == "train" and "lr" in e:
+            lrs.append(e["lr"])
+            clock.now += 1.0
+
+    budget = TrainingBudget(deadline=None if deadline_s is None else clock.time() + deadline_s, progress=progress,
+                            started=clock.time())
     state = fit(det, data, budget, total_epochs=epochs, max_steps=max_steps, prepare=False,
                 resume_state=resume_state)
     return lrs, state
 
 
-def test_a_time_limit_drops_the_learning_rate_once_at_80_percent_of_its_time():
-    lrs, state = _lr_trace(deadline_s=6.0)
+def test_a_time_limit_drops_the_learning_rate_once_at_80_percent_of_its_time(monkeypatch):
+    lrs, state = _lr_trace(deadline_s=10.0, monkeypatch=monkeypatch)  # one step a second: 10 steps, the drop at 8
     base = get_config("tiny").training.lr
-    assert len(lrs) >= 3 and lrs[0] == pytest.approx(base)
+    assert 8 <= len(lrs) <= 11 and lrs[0] == pytest.approx(base)
     assert lrs[-1] == pytest.approx(base * 0.1)  # dropped once, not twice
-    assert state.lr_drop_step is not None and 1 <= state.lr_drop_step < state.steps
+    assert state.lr_drop_step is not None and 6 <= state.lr_drop_step <= 9 and state.lr_drop_step < state.steps
     assert all(lr in (pytest.approx(base), pytest.approx(base * 0.1)) for lr in lrs)
     # resumed from that state, the drop is not made again
-    resumed, _ = _lr_trace(deadline_s=3.0, resume_state=state.training_state(state.epochs_done))
+    resumed, _ = _lr_trace(deadline_s=5.0, resume_state=state.training_state(state.epochs_done),
+                           monkeypatch=monkeypatch)
     assert resumed and all(lr == pytest.approx(base * 0.1) for lr in resumed)
 
 
