@@ -111,3 +111,25 @@ def test_results_as_parametric_map_and_segmentation_read_back_equal(series):
         parametric_map(heat, shifted, sources, model_version="abc123")
     with pytest.raises(DicomResultError, match="outside"):
         parametric_map(heat, vol.affine @ np.diag([1.0, 1.0, 0.5, 1.0]), sources, model_version="abc123")
+
+
+def test_single_dicom_files_are_2d_images_unless_one_slice_of_a_series(series, tmp_path):
+    """A slice lying beside the rest of its series is refused (give the folder); the same slice alone is a one-slice
+    image; a folder of DICOM X-rays is a folder of 2-D images, not a series."""
+    from test_images_2d import write_dicom
+
+    array, info, folder = series
+    with pytest.raises(VolumeError, match=r"single DICOM file, one slice of a MR series of 6 files.*give the folder"):
+        load_volume(info["files"][2])
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    one = shutil.copy(info["files"][2], alone / "slice.dcm")
+    vol = load_volume(one)
+    assert vol.array.shape == (20, 16, 1)
+    np.testing.assert_allclose(vol.array[:, :, 0], load_volume(folder).array[:, :, 2], atol=info["slope"] / 2 + 1e-4)
+    xrays = tmp_path / "xrays"
+    xrays.mkdir()
+    for i in range(3):
+        write_dicom(xrays / f"chest{i}.dcm", np.full((8, 10), 100 * i, np.uint16))
+    assert not is_dicom_folder(xrays) and is_dicom_folder(folder)
+    assert load_volume(xrays / "chest1.dcm").array.shape == (10, 8, 1)

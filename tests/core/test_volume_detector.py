@@ -161,8 +161,11 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     (tmp_path / "big.nii").write_bytes(bytes(b))
     with pytest.raises(VolumeError, match="absurd size"):
         load_volume(tmp_path / "big.nii")
-    (tmp_path / "x.png").write_bytes(b"\x89PNG")
+    (tmp_path / "x.bmp").write_bytes(b"BM")
     with pytest.raises(VolumeError, match="unsupported file type"):
+        load_volume(tmp_path / "x.bmp")
+    (tmp_path / "x.png").write_bytes(b"\x89PNG")
+    with pytest.raises(VolumeError, match="x.png: not a readable image file"):
         load_volume(tmp_path / "x.png")
     with pytest.raises(VolumeError, match="1-D"):
         validate_array(np.zeros(10))
