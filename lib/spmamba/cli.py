@@ -135,14 +135,19 @@ def cmd_synth(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 class _StopFlag:
     """SIGINT handler: the first Ctrl-C asks training to stop (a valid checkpoint is still written); the second
-    aborts at once."""
+    aborts at once. Under torchrun (which forwards Ctrl-C, and a scheduler's SIGTERM, to every process it started)
+    SIGTERM asks for the same graceful stop."""
 
     def __init__(self, time_limit_s: float | None = None, tag: str = "train") -> None:
+        from spmamba.distributed import launched
+
         self.tag = tag
         self.requested = False
         self.timed_out = False
-        self._old = None
+        self._old: dict = {}
         self._deadline = time.time() + time_limit_s if time_limit_s else None
+        self._signals = [signal.SIGINT] + ([signal.SIGTERM] if launched()[1] > 1 else [])
+        self._loud = launched()[0] == 0
 
     def __call__(self) -> bool:
         if not self.requested and self._deadline is not None and time.time() > self._deadline:
@@ -154,20 +159,22 @@ class _StopFlag:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        _eprint(f"\n[{self.tag}] stopping after the current step; the model will be " +
-                ("calibrated and saved" if self.tag == "train" else "saved") +
-                " (press Ctrl-C again to abort without saving)")
+        if self._loud:
+            _eprint(f"\n[{self.tag}] stopping after the current step; the model will be " +
+                    ("calibrated and saved" if self.tag == "train" else "saved") +
+                    " (press Ctrl-C again to abort without saving)")
 
     def __enter__(self) -> "_StopFlag":
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread
-            self._old = None
+        for sig in self._signals:
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread
+                pass
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 class _TrainProgress:
@@ -272,9 +279,12 @@ def train_model(normal_dir: str, out: str, *, config: str | None = None, method:
     (``train_detector(time_limit=...)``); ``origin`` is recorded in the model (``meta.training.origin``).
     ``align``: None = the product's default (``registration.DEFAULT_ALIGN``, "auto"; a resumed model keeps its
     own setting)."""
+    from spmamba.distributed import launched
     from spmamba.registration import DEFAULT_ALIGN
 
     align = DEFAULT_ALIGN if align is None else align
+    rank, processes = launched()  # torchrun: every process runs this; rank 0 reports and writes the files
+    quiet = quiet or rank != 0
     files = _training_files(normal_dir)
     out_path = Path(out)
     if out_path.exists() and out_path.is_dir():
@@ -289,7 +299,10 @@ def train_model(normal_dir: str, out: str, *, config: str | None = None, method:
                 + (f", {epochs} epochs" if epochs else "")
                 + (f", at most {time_limit_min:g} min of wall time" if time_limit_min else "")
                 + (f", teacher pretrained ({teacher_pretrain})" if teacher_pretrain not in (None, "none") else "")
-                + f", device {device}; Ctrl-C stops early and still saves")
+                + f", device {device}"
+                + (f", {processes} processes (torchrun; each step's batch is {processes} x the preset's)"
+                   if processes > 1 else "")
+                + "; Ctrl-C stops early and still saves")
     from spmamba.train import train_detector
 
     progress = _TrainProgress(quiet)
@@ -306,27 +319,39 @@ def train_model(normal_dir: str, out: str, *, config: str | None = None, method:
                                       align=align, align_reference=align_reference,
                                       time_limit=time_limit_min * 60 if time_limit_min else None,
                                       teacher_pretrain=teacher_pretrain, pretrain_steps=pretrain_steps,
+                                      stop_time_limit=_torchrun_stop_seconds() if processes > 1 else None,
                                       **({"max_steps": max_steps} if max_steps else {}))
         except KeyboardInterrupt:
             progress.close()
-            if partial.exists():
+            if partial.exists() and rank == 0:
                 _eprint(f"[train] aborted; the last finished epoch is in {partial} (continue with --resume {partial})")
             raise
         finally:
             progress.close()
-        if partial.exists():
+        if rank == 0 and partial.exists():  # under torchrun rank 0 alone wrote it
             os.replace(partial, out_path)
-        else:  # pragma: no cover - the library always writes checkpoint_path; keep the CLI safe if it does not
+        elif rank == 0:  # pragma: no cover - the library always writes checkpoint_path; keep the CLI safe
             detector.save(str(out_path))
     dt = time.time() - t0
     meta = getattr(detector, "meta", {}) or {}
     reason = (meta.get("training") or {}).get("stop_reason") if isinstance(meta, dict) else None
     summary = {"model": str(out_path), "version": getattr(detector, "version", None), "n_volumes": len(files),
                "seconds": round(dt, 1), "stopped_early": reason == "stopped",
-               "timed_out": reason == "time_limit"}
+               "timed_out": reason == "time_limit", "rank": rank, "processes": processes}
     if isinstance(meta, dict) and meta.get("training"):
         summary["training"] = meta["training"]
     return summary
+
+
+def _torchrun_stop_seconds() -> float:
+    """Under torchrun a Ctrl-C (or SIGTERM) reaches the training processes from torchrun, which kills them after its
+    shutdown timeout (``--shutdown-timeout`` / ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``, 30 s by default): the time a
+    stopped training has to calibrate and save, less a margin."""
+    try:
+        grace = float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"))
+    except ValueError:
+        grace = 30.0
+    return max(5.0, grace - 8.0)
 
 
 def _method_and_preset(method: str | None, config: str | None, resume: str | None) -> tuple[str | None, str | None]:
@@ -396,11 +421,14 @@ def cmd_train(args: argparse.Namespace) -> int:
                     time_limit_min=args.time_limit, quiet=args.quiet, position_normalise=args.position_normalise,
                     align=args.align, align_reference=ref, teacher_pretrain=args.teacher_pretrain,
                     pretrain_steps=args.pretrain_steps)
+    if s.get("rank", 0) != 0:  # another process of a torchrun training: rank 0 reports
+        return EXIT_OK
     al = (s.get("training") or {}).get("alignment")
     note = ((f"; aligned to the {al['reference']} reference ({al['method']})" if al else "; not aligned")
             if s.get("training") else "")
     note += " (stopped early by Ctrl-C; calibrated)" if s["stopped_early"] else ""
     note += " (time limit reached; calibrated)" if s["timed_out"] else ""
+    note += f" by {s['processes']} processes" if s["processes"] > 1 else ""
     print(f"saved {s['model']} (version {s['version']}) trained on {s['n_volumes']} volumes in "
           f"{s['seconds']:.1f} s{note}")
     return EXIT_OK

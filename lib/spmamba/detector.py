@@ -35,7 +35,7 @@ import itertools
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -92,6 +92,10 @@ class DetectionResult:
     # models with alignment: Alignment.summary() (reference, similarity, metric_floor, scales, seconds,
     # matrix_ras = reference RAS point -> input RAS point); None for models without alignment
     alignment: Optional[dict] = None
+
+
+def _in_order(fn: Callable, items) -> Iterator:
+    return (fn(i, item) for i, item in enumerate(items))
 
 
 class Detector:
@@ -303,27 +307,33 @@ class Detector:
         return heat, slice_scores, None
 
     def fit_position_stats(self, volumes, progress: Optional[Callable[[int, int], None]] = None,
-                           aligned: bool = False) -> VoxelwiseStats:
+                           aligned: bool = False, map_volumes: Optional[Callable] = None) -> VoxelwiseStats:
         """Fit (and switch on) position-aware normalisation from normal volumes (objects with ``array`` and
         ``affine``, all on one grid). The statistics are of the raw heatmaps, on the canonical slice-first grid.
-        With alignment the volumes are registered to the reference first (``aligned=True``: they already are)."""
+        With alignment the volumes are registered to the reference first (``aligned=True``: they already are).
+        ``map_volumes(fn, volumes)``: yields ``fn(i, volume)`` for every volume, in order (default: one after the
+        other, here; ``spmamba.distributed.Ranks.map``: each training process detects its share)."""
         self.position_stats = None
         prep = self.preprocessing
         spacing: list = []
 
+        def heatmap(i, v):  # -> (heatmap, foreground) canonical and slice-first, spacing (mm)
+            array, affine = v.array, v.affine
+            if self.alignment is not None and not aligned:
+                al = self.alignment.align(array, affine, name=str(getattr(v, "path", None) or f"volume {i}"))
+                array, affine = al.array, al.affine
+            res = self.detect(array, affine, aligned=True)
+            canon = to_canonical(res.heatmap.reshape(np.shape(array)), affine)
+            fg = to_canonical(res.foreground.reshape(np.shape(array)), affine)
+            if progress is not None:
+                progress(i + 1, len(volumes))
+            return ((np.moveaxis(canon.array, prep.slice_axis, 0), np.moveaxis(fg.array, prep.slice_axis, 0)),
+                    canon.spacing_slice_first(prep.slice_axis))
+
         def maps():
-            for i, v in enumerate(volumes):
-                array, affine = v.array, v.affine
-                if self.alignment is not None and not aligned:
-                    al = self.alignment.align(array, affine, name=str(getattr(v, "path", None) or f"volume {i}"))
-                    array, affine = al.array, al.affine
-                res = self.detect(array, affine, aligned=True)
-                canon = to_canonical(res.heatmap.reshape(np.shape(array)), affine)
-                fg = to_canonical(res.foreground.reshape(np.shape(array)), affine)
-                spacing.append(canon.spacing_slice_first(prep.slice_axis))
-                yield np.moveaxis(canon.array, prep.slice_axis, 0), np.moveaxis(fg.array, prep.slice_axis, 0)
-                if progress is not None:
-                    progress(i + 1, len(volumes))
+            for pair, mm in (map_volumes or _in_order)(heatmap, volumes):
+                spacing.append(mm)
+                yield pair
 
         maps_and_fg = maps()
         first = next(maps_and_fg, None)
