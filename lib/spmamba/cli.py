@@ -480,29 +480,74 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # detect
 # ----------------------------------------------------------------------------------------------------------------
+def cmd_merge(folder: str) -> int:
+    """``spmamba detect --merge DIR``: scores.csv and detect.json from the finished shards in DIR."""
+    from spmamba.results import ResultsError, merge_shards, read_detect_meta
+
+    if not Path(folder).is_dir():
+        raise CLIError(f"{folder}: no such folder (give the --out folder of the shards)")
+    try:
+        path = merge_shards(folder)
+    except ResultsError as e:
+        raise CLIError(str(e)) from e
+    meta = read_detect_meta(folder)
+    print(f"{path}: {meta['n_done']} volume(s) scored by {meta['shards']} shards"
+          + (f"; {meta['n_failed']} input(s) could not be read or aligned" if meta["n_failed"] else ""))
+    return EXIT_OK
+
+
 def cmd_detect(args: argparse.Namespace) -> int:
-    n_files = _check_inputs(args.inputs)
+    from spmamba.results import Shard
+
+    if args.merge is not None:
+        if args.inputs or args.model or args.out or args.shard:
+            raise CLIError("--merge DIR takes no inputs, --model, --out or --shard (it merges the shards in DIR)")
+        return cmd_merge(args.merge)
+    if not args.inputs or not args.model or not args.out:
+        raise CLIError("give --model MODEL.pt, one or more inputs and --out DIR (or --merge DIR)")
+    try:  # a share of the inputs: --shard K/N, or torchrun's RANK/WORLD_SIZE
+        shard = Shard.parse(args.shard) if args.shard else Shard.from_env()
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    _check_inputs(args.inputs)
     model = Path(args.model)
     if not model.is_file():
         raise CLIError(f"{model}: model file not found (make one with `spmamba train`)")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CLIError(f"{out}: exists and is not a folder")
-    from spmamba.detector import Detector
+    from spmamba.detector import Detector, resolve_device
+    from spmamba.distributed import local_device
     from spmamba.figures import save_mosaic, to_ras
-    from spmamba.results import DetectOutputWriter, overlay_path
+    from spmamba.results import DetectOutputWriter, ResultsError, overlay_path
     from spmamba.io import VolumeError, load_volume, volume_id
 
-    detector = Detector.load(str(model), device=args.device)
+    inputs = list(iter_inputs(args.inputs))
+    if shard is not None:  # the shard's share of all inputs, in the order of their ids
+        inputs = shard.take(sorted(inputs, key=volume_id))
+    n_files = len(inputs)
+    detector = Detector.load(str(model), device=local_device(resolve_device(args.device)))
     failed: list[tuple[str, str]] = []
     aligned: dict[str, dict] = {}  # models with alignment: per volume, how it was aligned
-    n_done = n_abnormal = 0
+    n_done = n_abnormal = n_skipped = 0
     t0 = time.time()
-    bar = None if args.quiet else _tqdm(total=n_files, desc="detect", unit="vol")
+    tag = f"detect {shard.label}" if shard is not None else "detect"
     try:
-        with DetectOutputWriter(out) as output:
-            for path in iter_inputs(args.inputs):
+        output = DetectOutputWriter(out, shard=shard, model_version=detector.version)
+    except ResultsError as e:
+        raise CLIError(str(e)) from e
+    bar = None if args.quiet else _tqdm(total=n_files, desc=tag, unit="vol")
+    try:
+        with output:
+            for path in inputs:
                 sid = volume_id(path)
+                if output.done(sid) and (not args.png or overlay_path(out, sid).exists()):
+                    n_skipped += 1  # an earlier run of this shard scored it
+                    n_done += 1
+                    n_abnormal += output.previous[sid][3] == "1"
+                    if bar is not None:
+                        bar.update(1)
+                    continue
                 try:
                     vol = load_volume(path)
                     res = detector.detect(vol.array, affine=vol.affine, name=str(path))
@@ -512,17 +557,17 @@ def cmd_detect(args: argparse.Namespace) -> int:
                     if bar is not None:
                         bar.update(1)
                     continue
-                output.add(sid, res.heatmap, vol.affine, res.score, res.threshold, res.abnormal)
-                if res.alignment:
-                    aligned[sid] = {k: res.alignment[k] for k in ("similarity", "scales", "seconds", "matrix_ras",
-                                                                  "deformable") if k in res.alignment}
-                if args.png:
+                if args.png:  # before the row: a row means its files are all there (a shard can restart)
                     flag = "ABNORMAL" if res.abnormal else "normal"
                     img_ras, heat_ras = to_ras(vol.array, vol.affine), to_ras(res.heatmap, vol.affine)
                     save_mosaic(img_ras, heat_ras, float(res.pixel_threshold), overlay_path(out, sid),
                                 axis=int(res.slice_axis),
                                 title=f"{sid}: score {float(res.score):.4g} (threshold {float(res.threshold):.4g}) "
                                       f"{flag}")
+                output.add(sid, res.heatmap, vol.affine, res.score, res.threshold, res.abnormal)
+                if res.alignment:
+                    aligned[sid] = {k: res.alignment[k] for k in ("similarity", "scales", "seconds", "matrix_ras",
+                                                                  "deformable") if k in res.alignment}
                 n_done += 1
                 n_abnormal += int(bool(res.abnormal))
                 if bar is not None:
@@ -539,10 +584,21 @@ def cmd_detect(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    print(f"{n_done} volume(s) scored, {n_abnormal} abnormal; heatmaps and scores.csv in {out}"
-          + (f" (each aligned to the model's {alignment.reference.name} reference first)" if alignment else "")
-          + (f"; {len(failed)} input(s) could not be read" + (" or aligned" if alignment else "") + " (see above)"
-             if failed else ""))
+    aligned_note = f" (each aligned to the model's {alignment.reference.name} reference first)" if alignment else ""
+    failed_note = (f"; {len(failed)} input(s) could not be read" + (" or aligned" if alignment else "") + " (see above)"
+                   if failed else "")
+    if shard is None:
+        print(f"{n_done} volume(s) scored, {n_abnormal} abnormal; heatmaps and scores.csv in {out}" + aligned_note
+              + failed_note)
+        return EXIT_BAD_INPUT if failed else EXIT_OK
+    from spmamba.results import shard_status
+
+    status = shard_status(out, shard.count)
+    merged = (f"all {shard.count} shards done: scores.csv built" if not status["missing"] else
+              f"waiting for shard(s) {', '.join(f'{k}/{shard.count}' for k in status['missing'])} (the last to "
+              f"finish builds scores.csv; or: spmamba detect --merge {out})")
+    print(f"shard {shard.label}: {n_done} of {n_files} volume(s) scored ({n_skipped} by an earlier run), "
+          f"{n_abnormal} abnormal; heatmaps in {out}; {merged}" + aligned_note + failed_note)
     return EXIT_BAD_INPUT if failed else EXIT_OK
 
 
@@ -826,9 +882,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "DIR/scores.csv (id,score,threshold,abnormal), DIR/detect.json (model, pixel threshold) and, "
                        "with --png, DIR/<id>_overlay.png. Volumes are processed one at a time. Exit code 2 when an "
                        "input could not be read (the others are still processed).")
-    d.add_argument("--model", required=True, metavar="MODEL.pt")
-    d.add_argument("inputs", nargs="+", metavar="INPUT", help="files or folders of .nii/.nii.gz/.nrrd")
-    d.add_argument("--out", required=True, metavar="DIR")
+    d.add_argument("--model", default=None, metavar="MODEL.pt", help="model file (required unless --merge)")
+    d.add_argument("inputs", nargs="*", metavar="INPUT", help="files or folders of .nii/.nii.gz/.nrrd")
+    d.add_argument("--out", default=None, metavar="DIR", help="output folder (required unless --merge)")
+    d.add_argument("--shard", default=None, metavar="K/N",
+                   help="detect share K of N of the inputs (0 <= K < N; default under torchrun: RANK/WORLD_SIZE); "
+                        "restartable: what this shard already wrote is skipped; the last shard to finish builds "
+                        "scores.csv")
+    d.add_argument("--merge", default=None, metavar="DIR",
+                   help="build DIR/scores.csv and detect.json from the finished shards in DIR")
     d.add_argument("--png", action="store_true", help="also write a slice mosaic with the heatmap overlaid")
     d.add_argument("--device", default="auto")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -902,8 +964,9 @@ def _library_input_errors() -> tuple[type[BaseException], ...]:
     from spmamba.train import TrainingDataError
     from spmamba.io import VolumeError
     from spmamba.models.encoder import EncoderWeightsError
+    from spmamba.results import ResultsError
 
-    return VolumeError, TrainingDataError, CheckpointError, EvaluationError, EncoderWeightsError
+    return VolumeError, TrainingDataError, CheckpointError, EvaluationError, EncoderWeightsError, ResultsError
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,8 +11,8 @@ always was.
   decisions (``agree``), averaging a loss, checking that all ranks computed the same thing (``check_same``) and
   the loss of a model whose gradients are those of the whole batch (``parallel``: ``DistributedDataParallel``
   with synchronised BatchNorm, which torch has for GPUs only and this module adds for gloo).
-* :class:`Shard` / :func:`launched`: which share of a batch job this process takes (``spmamba detect --shard``,
-  torchrun's ``RANK``/``WORLD_SIZE``).
+* :func:`launched`: this process's rank and the number of processes torchrun started (what ``spmamba detect``
+  takes as its default shard, ``spmamba.results.Shard``).
 
 Shapes of the data do not matter here: objects are pickled (``torch.distributed.*_object``), model tensors are
 broadcast or all-reduced in place.
@@ -25,12 +25,12 @@ import hashlib
 import logging
 import os
 import pickle
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence, TypeVar, Union
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence, TypeVar
 
 import torch
 import torch.nn as nn
 
-__all__ = ["Ranks", "DataParallelLoss", "SINGLE", "current", "setup", "launched", "is_main_process", "local_device", "Shard",
+__all__ = ["Ranks", "DataParallelLoss", "SINGLE", "current", "setup", "launched", "is_main_process", "local_device",
            "TIMEOUT_ENV", "DEFAULT_TIMEOUT_S"]
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ class DataParallelLoss:
                     setattr(parent, name, _synchronised(child, synced))
         self._loss = torch.nn.parallel.DistributedDataParallel(
             _TrainingLoss(model), device_ids=[dev.index] if dev.type == "cuda" else None,
-            broadcast_buffers=False)  # every rank computes the same statistics
+            forward_sync_buffers=False)  # synced once here; then every rank computes the same statistics
 
     def __call__(self, batch: Any) -> torch.Tensor:
         return self._loss(batch)
@@ -347,35 +347,3 @@ def setup(device: torch.device) -> tuple[Ranks, torch.device]:
 def _destroy() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-
-
-class Shard(NamedTuple):
-    """Share ``index`` of ``count`` of a batch job (0 <= index < count): the items at positions index, index + count,
-    ... of the job's list (a deterministic, balanced share)."""
-
-    index: int
-    count: int
-
-    @classmethod
-    def parse(cls, text: str) -> "Shard":
-        """"K/N" -> Shard(K, N); ValueError with what to write otherwise."""
-        try:
-            k, n = (int(x) for x in str(text).strip().split("/"))
-        except ValueError:
-            raise ValueError(f"--shard {text!r}: write INDEX/COUNT, e.g. 0/4 (shards 0 to 3 of 4)") from None
-        if n < 1 or not 0 <= k < n:
-            raise ValueError(f"--shard {text!r}: need 0 <= INDEX < COUNT (shards 0 to {max(n, 1) - 1} of {n})")
-        return cls(k, n)
-
-    @classmethod
-    def from_env(cls) -> Optional["Shard"]:
-        """torchrun's ``RANK``/``WORLD_SIZE`` when it started this process with several ranks; else None."""
-        rank, world = launched()
-        return cls(rank, world) if world > 1 else None
-
-    def take(self, items: Iterable[T]) -> list[T]:
-        return [x for i, x in enumerate(items) if i % self.count == self.index]
-
-    @property
-    def label(self) -> str:
-        return f"{self.index}/{self.count}"

@@ -85,6 +85,9 @@ class AppSettings:
     align: str = "auto"
     align_reference: str = "auto"  # auto | normals | mni152[:MM] | a volume file
     seed_curation: str = ""
+    # training in this many local processes (data-parallel, torchrun under the hood; spmamba.launch); 1 = in the
+    # training subprocess itself
+    train_processes: int = 1
     extra: Dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -240,5 +243,6 @@ def parse_conf(app_dir: str, studies: str, conf: Optional[Dict[str, Any]]) -> Ap
         align_reference=os.path.expanduser(align_reference) if os.path.isfile(os.path.expanduser(align_reference))
         else align_reference,
         seed_curation=str(seed),
+        train_processes=_int(conf, "train_processes", 1, minimum=1) or 1,
         extra={k: v for k, v in conf.items() if k in MONAILABEL_KEYS},
     )
