@@ -182,7 +182,8 @@ class DataParallelLoss:
                     setattr(parent, name, _synchronised(child, synced))
         self._loss = torch.nn.parallel.DistributedDataParallel(
             _TrainingLoss(model), device_ids=[dev.index] if dev.type == "cuda" else None,
-            forward_sync_buffers=False)  # synced once here; then every rank computes the same statistics
+            forward_sync_buffers=False,  # synced once here; then every rank computes the same statistics
+            gradient_as_bucket_view=True)  # no copy of the gradients into the all-reduce buckets
 
     def __call__(self, batch: Any) -> torch.Tensor:
         return self._loss(batch)
