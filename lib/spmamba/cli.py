@@ -268,12 +268,13 @@ def train_model(normal_dir: str, out: str, *, config: str | None = None, method:
                 max_steps: int | None = None, time_limit_min: float | None = None, quiet: bool = False,
                 position_normalise: bool | None = None, origin: str = "spmamba train", align: str | None = None,
                 align_reference: str = "auto", teacher_pretrain: str = "none",
-                pretrain_steps: int | None = None) -> dict:
+                pretrain_steps: int | None = None, batch_size: int | None = None) -> dict:
     """What ``spmamba train`` does (also used by ``spmamba demo``); returns a summary dict.
 
     ``method``: a method of the registry (default spmamba, or the resumed model's); ``config``: one of its presets
     (default: the method's default preset). ``teacher_pretrain`` / ``pretrain_steps``: in-domain pretraining of
-    the teacher before distillation (``train_detector``).
+    the teacher before distillation (``train_detector``). ``batch_size``: samples per step of each process, instead
+    of the preset's (the learning rate follows it, ``TrainingSettings.lr``).
 
     ``time_limit_min`` bounds the whole training in wall time, from reading the volumes to the calibrated model
     (``train_detector(time_limit=...)``); ``origin`` is recorded in the model (``meta.training.origin``).
@@ -293,10 +294,16 @@ def train_model(normal_dir: str, out: str, *, config: str | None = None, method:
     if resume and not Path(resume).is_file():
         raise CLIError(f"{resume}: --resume checkpoint not found")
     method, config = _method_and_preset(method, config, resume)
+    model_config = config
+    if batch_size is not None:  # the preset with another batch (a new model: checked by cmd_train)
+        from spmamba.methods import get_method
+
+        model_config = get_method(method).get_config(config, batch_size=batch_size)
     if not quiet:
         _eprint(f"[train] {len(files)} normal volumes from {normal_dir}, "
                 + (f"method {method}, " if method != "spmamba" else "") + f"preset {config!r}"
                 + (f", {epochs} epochs" if epochs else "")
+                + (f", batch {batch_size}" if batch_size else "")
                 + (f", at most {time_limit_min:g} min of wall time" if time_limit_min else "")
                 + (f", teacher pretrained ({teacher_pretrain})" if teacher_pretrain not in (None, "none") else "")
                 + f", device {device}"
@@ -312,7 +319,7 @@ def train_model(normal_dir: str, out: str, *, config: str | None = None, method:
     partial = out_path.with_name(out_path.name + ".partial")
     with _StopFlag() as stop:
         try:
-            detector = train_detector(files, method=method, config=config, epochs=epochs, device=device,
+            detector = train_detector(files, method=method, config=model_config, epochs=epochs, device=device,
                                       val_fraction=val_fraction, seed=seed, encoder_weights=encoder_weights, progress=progress,
                                       should_stop=stop, resume=resume, checkpoint_path=str(partial),
                                       position_normalise=position_normalise, origin=origin,
@@ -409,6 +416,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     _check_training_limits(args)
     if args.max_steps is not None and args.max_steps < 1:
         raise CLIError(f"--max-steps {args.max_steps}: must be >= 1")
+    if args.batch_size is not None:
+        from spmamba.methods import DEFAULT_METHOD, get_method, method_names
+
+        if args.batch_size < 1:
+            raise CLIError(f"--batch-size {args.batch_size}: must be >= 1")
+        if args.resume:
+            raise CLIError("--batch-size: a resumed model keeps its batch size; drop one of them")
+        name = args.method or DEFAULT_METHOD
+        preset = get_method(name).PRESETS.get(args.config or get_method(name).default_preset) \
+            if name in method_names() else None
+        if preset is not None and getattr(preset, "training", None) is None:
+            raise CLIError(f"--batch-size: method {name} is fitted in one pass, not in batches")
     ref = args.align_reference
     if ref not in ("auto", "normals", "mni152") and not ref.startswith("mni152:") and not Path(ref).is_file():
         raise CLIError(f"--align-reference {ref}: not 'auto', 'normals', 'mni152' or an existing volume file")
@@ -420,7 +439,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                     val_fraction=args.val_fraction, seed=args.seed, max_steps=args.max_steps,
                     time_limit_min=args.time_limit, quiet=args.quiet, position_normalise=args.position_normalise,
                     align=args.align, align_reference=ref, teacher_pretrain=args.teacher_pretrain,
-                    pretrain_steps=args.pretrain_steps)
+                    pretrain_steps=args.pretrain_steps, batch_size=args.batch_size)
     if s.get("rank", 0) != 0:  # another process of a torchrun training: rank 0 reports
         return EXIT_OK
     al = (s.get("training") or {}).get("alignment")
@@ -438,6 +457,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 # pretrain
 # ----------------------------------------------------------------------------------------------------------------
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    from spmamba.distributed import launched
+
+    if launched()[1] > 1:
+        raise CLIError("pretrain runs in one process; start it without torchrun (train's --teacher-pretrain under "
+                       "torchrun pretrains once, on rank 0)")
     _check_training_limits(args)
     if args.steps is not None and args.steps < 1:
         raise CLIError(f"--steps {args.steps}: must be >= 1")
@@ -817,6 +841,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", default=None, metavar="NAME",
                    help="preset of the method: for spmamba paper, fast (default) or tiny; for voxelwise default")
     t.add_argument("--epochs", type=int, default=None, help="override the preset's number of epochs")
+    t.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help="samples per optimisation step (of each process under torchrun) instead of the preset's; "
+                        "the learning rate follows it")
     t.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
     t.add_argument("--resume", default=None, metavar="CKPT", help="continue from a checkpoint")
     t.add_argument("--encoder-weights", default="none", metavar="W",

@@ -88,11 +88,12 @@ def test_two_ranks_train_as_one_process_with_both_batches(tmp_path, normal_folde
 
 
 def test_two_nodes_meet_through_a_c10d_rendezvous(tmp_path, normal_folder):
-    """Two torchrun launchers (`--nnodes 2`, one process each) on 127.0.0.1 train one model with `spmamba train`;
-    position statistics and calibration are shared out between them."""
+    """Two torchrun launchers (`--nnodes 2`, one process each) on 127.0.0.1 train one model with `spmamba train
+    --batch-size 2`; position statistics and calibration are shared out between them."""
     port = tmp_path / "model.pt"
     cmd = torchrun_cmd("-m", "spmamba", "train", "--normal", str(normal_folder), "--out", str(port),
-                       "--config", "tiny", "--epochs", "2", "--align", "none", "--position-normalise",
+                       "--config", "tiny", "--batch-size", "2", "--epochs", "2", "--align", "none",
+                       "--position-normalise",
                        "--val-fraction", "0.4", nproc=1, nnodes=2)
     logs = [tmp_path / "node0.log", tmp_path / "node1.log"]
     finish([start(cmd, tmp_path, logs[0]), start(cmd, tmp_path, logs[1])], logs)
@@ -100,7 +101,9 @@ def test_two_nodes_meet_through_a_c10d_rendezvous(tmp_path, normal_folder):
 
     det = Detector.load(port, device="cpu")
     t = det.meta["training"]
-    assert t["processes"] == 2 and t["step_batch"] == 8 and t["epochs"] == 2 and not t["stopped_early"]
+    # 2 processes x 2 samples a step: the learning rate of batch 4 (base 0.005 x 4 / 16)
+    assert t["processes"] == 2 and t["step_batch"] == 4 and t["lr"] == pytest.approx(0.00125)
+    assert t["epochs"] == 2 and not t["stopped_early"] and det.config.training.batch_size == 2
     assert det.position_stats is not None and det.calibration.n_volumes == 2
     said = "".join(log.read_text() for log in logs)
     assert said.count("saved ") == 1 and "by 2 processes" in said  # rank 0 alone reports

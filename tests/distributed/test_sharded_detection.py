@@ -29,13 +29,17 @@ Detector.detect = _slow
 
 @pytest.fixture(scope="module")
 def model_and_inputs(tmp_path_factory):
-    """A tiny model (one training step) and 6 tiny test volumes."""
+    """A tiny model (untrained, calibrated on one volume: detection is all these tests need) and 6 tiny volumes."""
     from core_helpers import small_volumes
+    from spmamba.detector import Detector
     from spmamba.io import save_volume
-    from spmamba.train import train_detector
+    from spmamba.models import SPMamba, get_config
+    from spmamba.train import calibrate
 
     root = tmp_path_factory.mktemp("shards")
-    det = train_detector(small_volumes(4), config="tiny", epochs=1, max_steps=1, device="cpu", val_fraction=0.3)
+    torch.manual_seed(0)
+    det = Detector(SPMamba(get_config("tiny")), device="cpu")
+    det.calibration = calibrate(det, small_volumes(1, seed=9))
     model = det.save(root / "tiny.pt")
     inputs = root / "inputs"
     inputs.mkdir()
@@ -104,7 +108,7 @@ def test_a_killed_shard_reruns_only_what_is_missing(tmp_path, model_and_inputs, 
     site.mkdir()
     (site / "sitecustomize.py").write_text(SLOW_DETECT)
     # as many threads as this process: the same sums in the same order, the same heatmaps to the bit
-    env = process_env(SPMAMBA_TEST_DETECT_SLEEP="1.5", OMP_NUM_THREADS=str(torch.get_num_threads()))
+    env = process_env(SPMAMBA_TEST_DETECT_SLEEP="0.8", OMP_NUM_THREADS=str(torch.get_num_threads()))
     env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
     scores = out / "scores.shard-0-of-1.csv"
     proc = subprocess.Popen([sys.executable, "-m", "spmamba", "detect", "-q", "--model", str(model), str(inputs),
