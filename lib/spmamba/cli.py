@@ -254,7 +254,9 @@ def _training_files(folder: str) -> list[Path]:
     if not d.is_dir():
         raise CLIError(f"{d}: not a folder (--normal needs a folder of normal volumes)")
     images, others = _list_folder(d)
-    if others:
+    from spmamba.distributed import is_main_process
+
+    if others and is_main_process():  # under torchrun: said once
         names = ", ".join(p.name for p in others[:5]) + (" ..." if len(others) > 5 else "")
         _eprint(f"[train] ignoring {len(others)} file(s) that are not .nii/.nii.gz/.nrrd in {d}: {names}")
     if not images:

@@ -25,6 +25,7 @@ import hashlib
 import logging
 import os
 import pickle
+import warnings
 from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence, TypeVar
 
 import torch
@@ -173,6 +174,9 @@ class DataParallelLoss:
         if world == 1:
             self._loss: Callable[[Any], torch.Tensor] = model.training_loss
             return
+        # 1x1 convolutions' gradients come with other (equivalent) strides than DDP's buckets: harmless, but DDP
+        # warns at every training
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         dev = next(model.parameters()).device
         synced = torch.nn.SyncBatchNorm if dev.type == "cuda" else _SyncBatchNorm
         for parent in list(model.modules()):
@@ -263,9 +267,12 @@ class Ranks:
 
     def check_same(self, obj: Any, what: str) -> None:
         """RuntimeError naming ``what`` unless every rank holds an equal ``obj`` (compared by a hash of its
-        pickle): for what each rank computes itself and must agree on (intensity landmarks, thresholds)."""
+        pickle; a callable is called first, and only with several ranks): for what each rank computes itself and
+        must agree on (intensity landmarks, thresholds, the trained weights)."""
         if self.world == 1:
             return
+        if callable(obj):
+            obj = obj()
         digest = hashlib.sha1(pickle.dumps(obj, protocol=4)).hexdigest()
         digests: list = [None] * self.world
         torch.distributed.all_gather_object(digests, digest)

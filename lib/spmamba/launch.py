@@ -163,8 +163,10 @@ def _worker(run: Path) -> None:
         return (run / _STOP).exists() or not _parent_alive(spec["parent"])
 
     try:
-        train_detector(spec["volumes"], progress=progress if rank == 0 else None, should_stop=should_stop,
-                       paused=lambda: (run / _PAUSE).exists(), checkpoint_path=run / _MODEL, **spec["kwargs"])
+        detector = train_detector(spec["volumes"], progress=progress if rank == 0 else None, should_stop=should_stop,
+                                  paused=lambda: (run / _PAUSE).exists(), **spec["kwargs"])
+        if rank == 0:  # the calibrated model, once (atomically)
+            detector.save(run / _MODEL)
     except Exception as e:
         if rank == 0:
             write_json(run / _ERROR, {"type": type(e).__name__, "message": str(e)})

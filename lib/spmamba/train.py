@@ -705,7 +705,7 @@ def fit(detector: Detector, data: Any, budget: Optional[TrainingBudget] = None, 
     if loss_of is not None:
         loss_of.close()
     model.eval()
-    ranks.check_same(weights_digest(model.state_dict()), "the trained weights")  # one model on every rank
+    ranks.check_same(lambda: weights_digest(model.state_dict()), "the trained weights")  # one model everywhere
     return state
 
 
