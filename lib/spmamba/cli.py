@@ -151,14 +151,19 @@ def cmd_synth(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 class _StopFlag:
     """SIGINT handler: the first Ctrl-C asks training to stop (a valid checkpoint is still written); the second
-    aborts at once."""
+    aborts at once. Under torchrun (which forwards Ctrl-C, and a scheduler's SIGTERM, to every process it started)
+    SIGTERM asks for the same graceful stop."""
 
     def __init__(self, time_limit_s: float | None = None, tag: str = "train") -> None:
+        from spmamba.distributed import launched
+
         self.tag = tag
         self.requested = False
         self.timed_out = False
-        self._old = None
+        self._old: dict = {}
         self._deadline = time.time() + time_limit_s if time_limit_s else None
+        self._signals = [signal.SIGINT] + ([signal.SIGTERM] if launched()[1] > 1 else [])
+        self._loud = launched()[0] == 0
 
     def __call__(self) -> bool:
         if not self.requested and self._deadline is not None and time.time() > self._deadline:
@@ -170,20 +175,22 @@ class _StopFlag:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        _eprint(f"\n[{self.tag}] stopping after the current step; the model will be " +
-                ("calibrated and saved" if self.tag == "train" else "saved") +
-                " (press Ctrl-C again to abort without saving)")
+        if self._loud:
+            _eprint(f"\n[{self.tag}] stopping after the current step; the model will be " +
+                    ("calibrated and saved" if self.tag == "train" else "saved") +
+                    " (press Ctrl-C again to abort without saving)")
 
     def __enter__(self) -> "_StopFlag":
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread
-            self._old = None
+        for sig in self._signals:
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread
+                pass
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 class _TrainProgress:
@@ -268,7 +275,9 @@ def _training_files(folder: str) -> list[Path]:
         raise CLIError(f"{d}: holds a single DICOM series (one volume); --normal needs a folder of normal volumes: "
                        "put each DICOM series in its own subfolder of DIR")
     images, others = _list_folder(d)
-    if others:
+    from spmamba.distributed import is_main_process
+
+    if others and is_main_process():  # under torchrun: said once
         names = ", ".join(p.name for p in others[:5]) + (" ..." if len(others) > 5 else "")
         _eprint(f"[train] ignoring {len(others)} file(s) that are not {_supported()} in {d}: {names}")
     if not images:
@@ -282,21 +291,26 @@ def train_model(normal_dir: str, out: str, *, config: str | None = None, method:
                 max_steps: int | None = None, time_limit_min: float | None = None, quiet: bool = False,
                 position_normalise: bool | None = None, origin: str = "spmamba train", align: str | None = None,
                 align_reference: str = "auto", teacher_pretrain: str = "none",
-                pretrain_steps: int | None = None, fusion: str | None = None) -> dict:
+                pretrain_steps: int | None = None, fusion: str | None = None,
+                batch_size: int | None = None) -> dict:
     """What ``spmamba train`` does (also used by ``spmamba demo``); returns a summary dict.
 
     ``method``: a method of the registry (default spmamba, or the resumed model's); ``config``: one of its presets
     (default: the method's default preset). ``teacher_pretrain`` / ``pretrain_steps``: in-domain pretraining of
     the teacher before distillation (``train_detector``). ``fusion``: None or "auto" = the product's default
-    (``train_detector(fusion=None)``), else "none" or one of ``scoring.FUSIONS``.
+    (``train_detector(fusion=None)``), else "none" or one of ``scoring.FUSIONS``. ``batch_size``: samples per step
+    of each process, instead of the preset's (the learning rate follows it, ``TrainingSettings.lr``).
 
     ``time_limit_min`` bounds the whole training in wall time, from reading the volumes to the calibrated model
     (``train_detector(time_limit=...)``); ``origin`` is recorded in the model (``meta.training.origin``).
     ``align``: None = the product's default (``registration.DEFAULT_ALIGN``, "auto"; a resumed model keeps its
     own setting)."""
+    from spmamba.distributed import launched
     from spmamba.registration import DEFAULT_ALIGN
 
     align = DEFAULT_ALIGN if align is None else align
+    rank, processes = launched()  # torchrun: every process runs this; rank 0 reports and writes the files
+    quiet = quiet or rank != 0
     files = _training_files(normal_dir)
     out_path = Path(out)
     if out_path.exists() and out_path.is_dir():
@@ -305,13 +319,22 @@ def train_model(normal_dir: str, out: str, *, config: str | None = None, method:
     if resume and not Path(resume).is_file():
         raise CLIError(f"{resume}: --resume checkpoint not found")
     method, config = _method_and_preset(method, config, resume)
+    model_config = config
+    if batch_size is not None:  # the preset with another batch (a new model: checked by cmd_train)
+        from spmamba.methods import get_method
+
+        model_config = get_method(method).get_config(config, batch_size=batch_size)
     if not quiet:
         _eprint(f"[train] {len(files)} normal volumes from {normal_dir}, "
                 + (f"method {method}, " if method != "spmamba" else "") + f"preset {config!r}"
                 + (f", {epochs} epochs" if epochs else "")
+                + (f", batch {batch_size}" if batch_size else "")
                 + (f", at most {time_limit_min:g} min of wall time" if time_limit_min else "")
                 + (f", teacher pretrained ({teacher_pretrain})" if teacher_pretrain not in (None, "none") else "")
-                + f", device {device}; Ctrl-C stops early and still saves")
+                + f", device {device}"
+                + (f", {processes} processes (torchrun; each step's batch is {processes} x the preset's)"
+                   if processes > 1 else "")
+                + "; Ctrl-C stops early and still saves")
     from spmamba.train import train_detector
 
     progress = _TrainProgress(quiet)
@@ -321,7 +344,7 @@ def train_model(normal_dir: str, out: str, *, config: str | None = None, method:
     partial = out_path.with_name(out_path.name + ".partial")
     with _StopFlag() as stop:
         try:
-            detector = train_detector(files, method=method, config=config, epochs=epochs, device=device,
+            detector = train_detector(files, method=method, config=model_config, epochs=epochs, device=device,
                                       val_fraction=val_fraction, seed=seed, encoder_weights=encoder_weights, progress=progress,
                                       should_stop=stop, resume=resume, checkpoint_path=str(partial),
                                       position_normalise=position_normalise, origin=origin,
@@ -329,27 +352,39 @@ def train_model(normal_dir: str, out: str, *, config: str | None = None, method:
                                       time_limit=time_limit_min * 60 if time_limit_min else None,
                                       teacher_pretrain=teacher_pretrain, pretrain_steps=pretrain_steps,
                                       fusion=None if fusion in (None, "auto") else fusion,
+                                      stop_time_limit=_torchrun_stop_seconds() if processes > 1 else None,
                                       **({"max_steps": max_steps} if max_steps else {}))
         except KeyboardInterrupt:
             progress.close()
-            if partial.exists():
+            if partial.exists() and rank == 0:
                 _eprint(f"[train] aborted; the last finished epoch is in {partial} (continue with --resume {partial})")
             raise
         finally:
             progress.close()
-        if partial.exists():
+        if rank == 0 and partial.exists():  # under torchrun rank 0 alone wrote it
             os.replace(partial, out_path)
-        else:  # pragma: no cover - the library always writes checkpoint_path; keep the CLI safe if it does not
+        elif rank == 0:  # pragma: no cover - the library always writes checkpoint_path; keep the CLI safe
             detector.save(str(out_path))
     dt = time.time() - t0
     meta = getattr(detector, "meta", {}) or {}
     reason = (meta.get("training") or {}).get("stop_reason") if isinstance(meta, dict) else None
     summary = {"model": str(out_path), "version": getattr(detector, "version", None), "n_volumes": len(files),
                "seconds": round(dt, 1), "stopped_early": reason == "stopped",
-               "timed_out": reason == "time_limit"}
+               "timed_out": reason == "time_limit", "rank": rank, "processes": processes}
     if isinstance(meta, dict) and meta.get("training"):
         summary["training"] = meta["training"]
     return summary
+
+
+def _torchrun_stop_seconds() -> float:
+    """Under torchrun a Ctrl-C (or SIGTERM) reaches the training processes from torchrun, which kills them after its
+    shutdown timeout (``--shutdown-timeout`` / ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``, 30 s by default): the time a
+    stopped training has to calibrate and save, less a margin."""
+    try:
+        grace = float(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30"))
+    except ValueError:
+        grace = 30.0
+    return max(5.0, grace - 8.0)
 
 
 def _method_and_preset(method: str | None, config: str | None, resume: str | None) -> tuple[str | None, str | None]:
@@ -407,6 +442,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     _check_training_limits(args)
     if args.max_steps is not None and args.max_steps < 1:
         raise CLIError(f"--max-steps {args.max_steps}: must be >= 1")
+    if args.batch_size is not None:
+        from spmamba.methods import DEFAULT_METHOD, get_method, method_names
+
+        if args.batch_size < 1:
+            raise CLIError(f"--batch-size {args.batch_size}: must be >= 1")
+        if args.resume:
+            raise CLIError("--batch-size: a resumed model keeps its batch size; drop one of them")
+        name = args.method or DEFAULT_METHOD
+        preset = get_method(name).PRESETS.get(args.config or get_method(name).default_preset) \
+            if name in method_names() else None
+        if preset is not None and getattr(preset, "training", None) is None:
+            raise CLIError(f"--batch-size: method {name} is fitted in one pass, not in batches")
     ref = args.align_reference
     if ref not in ("auto", "normals", "mni152") and not ref.startswith("mni152:") and not Path(ref).is_file():
         raise CLIError(f"--align-reference {ref}: not 'auto', 'normals', 'mni152' or an existing volume file")
@@ -421,12 +468,15 @@ def cmd_train(args: argparse.Namespace) -> int:
                     val_fraction=args.val_fraction, seed=args.seed, max_steps=args.max_steps,
                     time_limit_min=args.time_limit, quiet=args.quiet, position_normalise=args.position_normalise,
                     align=args.align, align_reference=ref, teacher_pretrain=args.teacher_pretrain,
-                    pretrain_steps=args.pretrain_steps, fusion=args.fusion)
+                    pretrain_steps=args.pretrain_steps, fusion=args.fusion, batch_size=args.batch_size)
+    if s.get("rank", 0) != 0:  # another process of a torchrun training: rank 0 reports
+        return EXIT_OK
     al = (s.get("training") or {}).get("alignment")
     note = ((f"; aligned to the {al['reference']} reference ({al['method']})" if al else "; not aligned")
             if s.get("training") else "")
     note += " (stopped early by Ctrl-C; calibrated)" if s["stopped_early"] else ""
     note += " (time limit reached; calibrated)" if s["timed_out"] else ""
+    note += f" by {s['processes']} processes" if s["processes"] > 1 else ""
     print(f"saved {s['model']} (version {s['version']}) trained on {s['n_volumes']} volumes in "
           f"{s['seconds']:.1f} s{note}")
     return EXIT_OK
@@ -436,6 +486,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 # pretrain
 # ----------------------------------------------------------------------------------------------------------------
 def cmd_pretrain(args: argparse.Namespace) -> int:
+    from spmamba.distributed import launched
+
+    if launched()[1] > 1:
+        raise CLIError("pretrain runs in one process; start it without torchrun (train's --teacher-pretrain under "
+                       "torchrun pretrains once, on rank 0)")
     _check_training_limits(args)
     if args.steps is not None and args.steps < 1:
         raise CLIError(f"--steps {args.steps}: must be >= 1")
@@ -478,29 +533,74 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # detect
 # ----------------------------------------------------------------------------------------------------------------
+def cmd_merge(folder: str) -> int:
+    """``spmamba detect --merge DIR``: scores.csv and detect.json from the finished shards in DIR."""
+    from spmamba.results import ResultsError, merge_shards, read_detect_meta
+
+    if not Path(folder).is_dir():
+        raise CLIError(f"{folder}: no such folder (give the --out folder of the shards)")
+    try:
+        path = merge_shards(folder)
+    except ResultsError as e:
+        raise CLIError(str(e)) from e
+    meta = read_detect_meta(folder)
+    print(f"{path}: {meta['n_done']} volume(s) scored by {meta['shards']} shards"
+          + (f"; {meta['n_failed']} input(s) could not be read or aligned" if meta["n_failed"] else ""))
+    return EXIT_OK
+
+
 def cmd_detect(args: argparse.Namespace) -> int:
-    n_files = _check_inputs(args.inputs)
+    from spmamba.results import Shard
+
+    if args.merge is not None:
+        if args.inputs or args.model or args.out or args.shard:
+            raise CLIError("--merge DIR takes no inputs, --model, --out or --shard (it merges the shards in DIR)")
+        return cmd_merge(args.merge)
+    if not args.inputs or not args.model or not args.out:
+        raise CLIError("give --model MODEL.pt, one or more inputs and --out DIR (or --merge DIR)")
+    try:  # a share of the inputs: --shard K/N, or torchrun's RANK/WORLD_SIZE
+        shard = Shard.parse(args.shard) if args.shard else Shard.from_env()
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    _check_inputs(args.inputs)
     model = Path(args.model)
     if not model.is_file():
         raise CLIError(f"{model}: model file not found (make one with `spmamba train`)")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CLIError(f"{out}: exists and is not a folder")
-    from spmamba.detector import Detector
+    from spmamba.detector import Detector, resolve_device
+    from spmamba.distributed import local_device
     from spmamba.figures import save_mosaic, to_ras
-    from spmamba.results import DetectOutputWriter, overlay_path
+    from spmamba.results import DetectOutputWriter, ResultsError, overlay_path
     from spmamba.io import VolumeError, load_volume, volume_id
 
-    detector = Detector.load(str(model), device=args.device)
+    inputs = list(iter_inputs(args.inputs))
+    if shard is not None:  # the shard's share of all inputs, in the order of their ids
+        inputs = shard.take(sorted(inputs, key=volume_id))
+    n_files = len(inputs)
+    detector = Detector.load(str(model), device=local_device(resolve_device(args.device)))
     failed: list[tuple[str, str]] = []
     aligned: dict[str, dict] = {}  # models with alignment: per volume, how it was aligned
-    n_done = n_abnormal = 0
+    n_done = n_abnormal = n_skipped = 0
     t0 = time.time()
-    bar = None if args.quiet else _tqdm(total=n_files, desc="detect", unit="vol")
+    tag = f"detect {shard.label}" if shard is not None else "detect"
     try:
-        with DetectOutputWriter(out) as output:
-            for path in iter_inputs(args.inputs):
+        output = DetectOutputWriter(out, shard=shard, model_version=detector.version)
+    except ResultsError as e:
+        raise CLIError(str(e)) from e
+    bar = None if args.quiet else _tqdm(total=n_files, desc=tag, unit="vol")
+    try:
+        with output:
+            for path in inputs:
                 sid = volume_id(path)
+                if output.done(sid) and (not args.png or overlay_path(out, sid).exists()):
+                    n_skipped += 1  # an earlier run of this shard scored it
+                    n_done += 1
+                    n_abnormal += output.previous[sid][3] == "1"
+                    if bar is not None:
+                        bar.update(1)
+                    continue
                 try:
                     vol = load_volume(path)
                     res = detector.detect(vol.array, affine=vol.affine, name=str(path))
@@ -510,11 +610,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
                     if bar is not None:
                         bar.update(1)
                     continue
-                output.add(sid, res.heatmap, vol.affine, res.score, res.threshold, res.abnormal)
-                if res.alignment:
-                    aligned[sid] = {k: res.alignment[k] for k in ("similarity", "scales", "seconds", "matrix_ras",
-                                                                  "deformable") if k in res.alignment}
-                if args.png:
+                if args.png:  # before the row: a row means its files are all there (a shard can restart)
                     flag = "ABNORMAL" if res.abnormal else "normal"
                     title = f"{sid}: score {float(res.score):.4g} (threshold {float(res.threshold):.4g}) {flag}"
                     single = [a for a, n in enumerate(vol.array.shape) if n == 1]
@@ -525,6 +621,10 @@ def cmd_detect(args: argparse.Namespace) -> int:
                         save_mosaic(to_ras(vol.array, vol.affine), to_ras(res.heatmap, vol.affine),
                                     float(res.pixel_threshold), overlay_path(out, sid), axis=int(res.slice_axis),
                                     title=title)
+                output.add(sid, res.heatmap, vol.affine, res.score, res.threshold, res.abnormal)
+                if res.alignment:
+                    aligned[sid] = {k: res.alignment[k] for k in ("similarity", "scales", "seconds", "matrix_ras",
+                                                                  "deformable") if k in res.alignment}
                 n_done += 1
                 n_abnormal += int(bool(res.abnormal))
                 if bar is not None:
@@ -541,10 +641,21 @@ def cmd_detect(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    print(f"{n_done} volume(s) scored, {n_abnormal} abnormal; heatmaps and scores.csv in {out}"
-          + (f" (each aligned to the model's {alignment.reference.name} reference first)" if alignment else "")
-          + (f"; {len(failed)} input(s) could not be read" + (" or aligned" if alignment else "") + " (see above)"
-             if failed else ""))
+    aligned_note = f" (each aligned to the model's {alignment.reference.name} reference first)" if alignment else ""
+    failed_note = (f"; {len(failed)} input(s) could not be read" + (" or aligned" if alignment else "") + " (see above)"
+                   if failed else "")
+    if shard is None:
+        print(f"{n_done} volume(s) scored, {n_abnormal} abnormal; heatmaps and scores.csv in {out}" + aligned_note
+              + failed_note)
+        return EXIT_BAD_INPUT if failed else EXIT_OK
+    from spmamba.results import shard_status
+
+    status = shard_status(out, shard.count)
+    merged = (f"all {shard.count} shards done: scores.csv built" if not status["missing"] else
+              f"waiting for shard(s) {', '.join(f'{k}/{shard.count}' for k in status['missing'])} (the last to "
+              f"finish builds scores.csv; or: spmamba detect --merge {out})")
+    print(f"shard {shard.label}: {n_done} of {n_files} volume(s) scored ({n_skipped} by an earlier run), "
+          f"{n_abnormal} abnormal; heatmaps in {out}; {merged}" + aligned_note + failed_note)
     return EXIT_BAD_INPUT if failed else EXIT_OK
 
 
@@ -811,6 +922,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="preset of the method: for spmamba and memmc_mae paper, fast (default) or tiny; for voxelwise "
                    "default")
     t.add_argument("--epochs", type=int, default=None, help="override the preset's number of epochs")
+    t.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help="samples per optimisation step (of each process under torchrun) instead of the preset's; "
+                        "the learning rate follows it")
     t.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:N]")
     t.add_argument("--resume", default=None, metavar="CKPT", help="continue from a checkpoint")
     t.add_argument("--encoder-weights", default="none", metavar="W",
@@ -881,11 +995,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "DIR/scores.csv (id,score,threshold,abnormal), DIR/detect.json (model, pixel threshold) and, "
                        "with --png, DIR/<id>_overlay.png. Volumes are processed one at a time. Exit code 2 when an "
                        "input could not be read (the others are still processed).")
-    d.add_argument("--model", required=True, metavar="MODEL.pt")
-    d.add_argument("inputs", nargs="+", metavar="INPUT",
+    d.add_argument("--model", default=None, metavar="MODEL.pt", help="model file (required unless --merge)")
+    d.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="volume files (.nii/.nii.gz/.nrrd), DICOM series folders (one volume each), 2-D images "
                    "(.png/.jpg/.dcm: one slice), or folders of these")
-    d.add_argument("--out", required=True, metavar="DIR")
+    d.add_argument("--out", default=None, metavar="DIR", help="output folder (required unless --merge)")
+    d.add_argument("--shard", default=None, metavar="K/N",
+                   help="detect share K of N of the inputs (0 <= K < N; default under torchrun: RANK/WORLD_SIZE); "
+                        "restartable: what this shard already wrote is skipped; the last shard to finish builds "
+                        "scores.csv")
+    d.add_argument("--merge", default=None, metavar="DIR",
+                   help="build DIR/scores.csv and detect.json from the finished shards in DIR")
     d.add_argument("--png", action="store_true", help="also write a slice mosaic with the heatmap overlaid")
     d.add_argument("--device", default="auto")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -982,8 +1102,9 @@ def _library_input_errors() -> tuple[type[BaseException], ...]:
     from spmamba.train import TrainingDataError
     from spmamba.io import VolumeError
     from spmamba.models.encoder import EncoderWeightsError
+    from spmamba.results import ResultsError
 
-    return VolumeError, TrainingDataError, CheckpointError, EvaluationError, EncoderWeightsError
+    return VolumeError, TrainingDataError, CheckpointError, EvaluationError, EncoderWeightsError, ResultsError
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -45,7 +45,7 @@ import itertools
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -106,6 +106,10 @@ class DetectionResult:
     # models with alignment: Alignment.summary() (reference, similarity, metric_floor, scales, seconds,
     # matrix_ras = reference RAS point -> input RAS point); None for models without alignment
     alignment: Optional[dict] = None
+
+
+def _in_order(fn: Callable, items) -> Iterator:
+    return (fn(i, item) for i, item in enumerate(items))
 
 
 class Detector:
@@ -342,12 +346,15 @@ class Detector:
         return heat, slice_scores, None
 
     def fit_position_stats(self, volumes, progress: Optional[Callable[[int, int], None]] = None,
-                           aligned: bool = False, fusion: Optional[str] = None) -> VoxelwiseStats:
+                           aligned: bool = False, fusion: Optional[str] = None,
+                           map_volumes: Optional[Callable] = None) -> VoxelwiseStats:
         """Fit (and switch on) position-aware normalisation from normal volumes (objects with ``array`` and
         ``affine``, all on one grid). The statistics are of the raw heatmaps, on the canonical slice-first grid.
         With alignment the volumes are registered to the reference first (``aligned=True``: they already are).
         ``fusion`` (one of ``scoring.FUSIONS``): in the same pass, fit the statistics of the normals' intensities
-        and fuse their |z| map with the normalised heatmap that way (``Detector.intensity_stats``); None: no fusion."""
+        and fuse their |z| map with the normalised heatmap that way (``Detector.intensity_stats``); None: no fusion.
+        ``map_volumes(fn, volumes)``: yields ``fn(i, volume)`` for every volume, in order (default: one after the
+        other, here; ``spmamba.distributed.Ranks.map``: each training process detects its share)."""
         if fusion is not None and fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}; choose one of {', '.join(FUSIONS)}")
         self.position_stats = self.intensity_stats = None
@@ -356,22 +363,27 @@ class Detector:
         spacing: list = []
         intensities = VoxelwiseAccumulator()
 
+        def heatmap(i, v):  # -> (heatmap, foreground) canonical and slice-first, spacing (mm), intensities or None
+            array, affine = v.array, v.affine
+            if self.alignment is not None and not aligned:
+                al = self.alignment.align(array, affine, name=str(getattr(v, "path", None) or f"volume {i}"))
+                array, affine = al.array, al.affine
+            res = self.detect(array, affine, aligned=True)
+            canon = to_canonical(res.heatmap.reshape(np.shape(array)), affine, prep.slice_axis)
+            fg = to_canonical(res.foreground.reshape(np.shape(array)), affine, prep.slice_axis)
+            # the normalised intensities (slice-first, as the heatmaps) for the fused intensity statistics
+            slices = prepare_slices(array, affine, prep)[:2] if intensity else None
+            if progress is not None:
+                progress(i + 1, len(volumes))
+            return ((np.moveaxis(canon.array, prep.slice_axis, 0), np.moveaxis(fg.array, prep.slice_axis, 0)),
+                    canon.spacing_slice_first(prep.slice_axis), slices)
+
         def maps():
-            for i, v in enumerate(volumes):
-                array, affine = v.array, v.affine
-                if self.alignment is not None and not aligned:
-                    al = self.alignment.align(array, affine, name=str(getattr(v, "path", None) or f"volume {i}"))
-                    array, affine = al.array, al.affine
-                res = self.detect(array, affine, aligned=True)
-                if intensity:
-                    norm, fg_norm, _, _ = prepare_slices(array, affine, prep)
-                    intensities.add(norm, fg_norm)
-                canon = to_canonical(res.heatmap.reshape(np.shape(array)), affine, prep.slice_axis)
-                fg = to_canonical(res.foreground.reshape(np.shape(array)), affine, prep.slice_axis)
-                spacing.append(canon.spacing_slice_first(prep.slice_axis))
-                yield np.moveaxis(canon.array, prep.slice_axis, 0), np.moveaxis(fg.array, prep.slice_axis, 0)
-                if progress is not None:
-                    progress(i + 1, len(volumes))
+            for pair, mm, slices in (map_volumes or _in_order)(heatmap, volumes):
+                spacing.append(mm)
+                if slices is not None:
+                    intensities.add(*slices)
+                yield pair
 
         maps_and_fg = maps()
         first = next(maps_and_fg, None)

@@ -17,14 +17,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint
+from . import distributed
+from .checkpoint import load_checkpoint, weights_digest
 from .detector import DEFAULT_FUSION, Calibration, Detector, resolve_device
 from .io import Volume, VolumeError, load_volume
 from .methods import DEFAULT_METHOD, PreparedVolume, get_method
@@ -138,33 +139,50 @@ def calibrate(detector: Detector, vols: list[Volume], pixel_fpr: float = 0.001, 
     is their maximum).
 
     ``deadline`` (a ``time.time()`` value): the volumes are used in order while the next one is expected to end
-    before it (expected = the mean detection time so far, or ``seconds_per_volume`` before the first); the first
-    volume is always used. ``Calibration.n_volumes`` says how many were. A callable ``deadline`` is asked before
-    each volume (None = no limit), so a limit that appears during calibration (a stop request) is followed.
-    ``wait`` is called before each volume (``train_detector``: waits while the training is paused)."""
+    before it (expected = the mean detection time so far); the first volume is always used.
+    ``Calibration.n_volumes`` says how many were. A callable ``deadline`` is asked before each volume (None = no
+    limit), so a limit that appears during calibration (a stop request) is followed. ``wait`` is called before each
+    volume (``train_detector``: waits while the training is paused). ``seconds_per_volume`` is accepted for
+    compatibility (the first volume is used whatever it takes).
+
+    With several processes (``spmamba.distributed``, torchrun) each detects its share of the volumes (the rule
+    above applies to each share) and the thresholds are computed from all of them, in order, on every rank."""
     rng = np.random.default_rng(0)
     pixel_values, scores, took = [], [], []
+    ended: list = []  # the time limit ended this process's share of the volumes
     if progress:
         progress({"phase": "calibrate", "step": 0, "total_steps": len(vols), "unit": "vol"})
-    for i, v in enumerate(vols):
+
+    def detect_one(i: int, v: Volume) -> Optional[tuple[np.ndarray, float]]:
+        """-> (foreground heatmap values, volume score), or None when the time limit leaves it out."""
+        if ended:
+            return None
         if wait is not None:
             wait()
         limit = deadline() if callable(deadline) else deadline
-        if limit is not None and i > 0:
-            expected = float(np.mean(took)) if took else float(seconds_per_volume or 0.0)
-            if time.time() + expected > limit:
-                log.info("calibration: time limit; %d of %d held-out volumes used", i, len(vols))
-                break
+        if limit is not None and took:  # the first volume (of each process's share) is always used
+            if time.time() + float(np.mean(took)) > limit:
+                ended.append(i)
+                return None
         t0 = time.perf_counter()
         res = detector.detect(v.array, v.affine)
-        vals = res.heatmap[res.foreground]
-        if vals.size > _PIXELS_PER_VOLUME:
-            vals = rng.choice(vals, _PIXELS_PER_VOLUME, replace=False)
-        pixel_values.append(vals)
-        scores.append(res.score)
         took.append(time.perf_counter() - t0)
         if progress:
             progress({"phase": "calibrate", "step": i + 1, "total_steps": len(vols), "unit": "vol"})
+        return res.heatmap[res.foreground], res.score
+
+    # the volumes in order (one process), or each rank its share, gathered in order on every rank: the thresholds
+    # are then computed from the same values everywhere
+    for done in distributed.current().map(detect_one, vols):
+        if done is None:
+            continue
+        vals, score = done
+        if vals.size > _PIXELS_PER_VOLUME:
+            vals = rng.choice(vals, _PIXELS_PER_VOLUME, replace=False)
+        pixel_values.append(vals)
+        scores.append(score)
+    if len(scores) < len(vols):
+        log.info("calibration: time limit; %d of %d held-out volumes used", len(scores), len(vols))
     return Calibration(
         pixel_threshold=calibrate_threshold(np.concatenate(pixel_values), pixel_fpr),
         volume_threshold=calibrate_threshold(np.array(scores), volume_fpr),
@@ -204,18 +222,11 @@ def _check_one_grid(vols: list[Volume]) -> None:
 MAX_EXCLUDED_SHARE = 0.2  # normals that fail to align are left out, up to this share of them
 
 
-def _prepare_alignment(detector: Detector, align: Optional[str], reference: Union[str, Path],
-                       train_vols: list[Volume], val_vols: list[Volume], emit: Callable[[dict], None],
-                       resumed: bool = False) -> tuple[list[Volume], list[Volume], Optional[dict]]:
-    """Alignment for training (``registration``): set ``detector.alignment`` (a new reference, or the resumed
-    model's), register every training and held-out normal to it, calibrate the similarity floor on them, and return
-    the training volumes on the reference grid, the held-out volumes that aligned (on their own grids: calibration
-    detects them like any input) and a summary; ``(train_vols, val_vols, None)`` without alignment. Normals that
-    fail to align are left out and listed in the summary's ``excluded`` (at most ``MAX_EXCLUDED_SHARE``).
-
-    ``align``: None follows a resumed model (a new one: none); "auto" aligns a new model to MNI152 when the
-    normals are brains that fit it (``registration.mni152_fits``, on a grid of ``auto_spacing``), else trains
-    without alignment and says why (a resumed model follows its own setting)."""
+def _alignment_reference(detector: Detector, align: Optional[str], reference: Union[str, Path],
+                         train_vols: list[Volume], emit: Callable[[dict], None],
+                         resumed: bool) -> tuple[str, Optional[AffineAligner], float]:
+    """``_prepare_alignment``'s choice of the setting and its reference: (mode, aligner, seconds to build it);
+    ("none", None, 0.0) without alignment. A new reference is built here (and set as ``detector.alignment``)."""
     have = detector.alignment.method if detector.alignment is not None else "none"
     mode = have if align is None else str(align)
     if mode not in ALIGN_METHODS:
@@ -233,13 +244,13 @@ def _prepare_alignment(detector: Detector, align: Optional[str], reference: Unio
                 log.warning("no alignment: the normals are not brains that register to the MNI152 template "
                             "(--align affine --align-reference normals aligns them to a reference built from "
                             "themselves)")
-                return train_vols, val_vols, None
+                return "none", None, 0.0
             mode, reference = "deformable", f"mni152:{spacing:g}"
     if detector.alignment is not None and mode != have:
         raise TrainingDataError(f"the resumed model aligns its inputs (align={have}); resume it with the same "
                                 "setting, or train a new model")
     if mode == "none":
-        return train_vols, val_vols, None
+        return "none", None, 0.0
     t0 = time.time()
     if detector.alignment is None:
         emit({"phase": "reference", "step": 0, "total_steps": len(train_vols), "unit": "vol"})
@@ -251,32 +262,61 @@ def _prepare_alignment(detector: Detector, align: Optional[str], reference: Unio
         except ValueError as e:
             raise TrainingDataError(str(e)) from e
         detector.alignment = AffineAligner(ref, deformable=mode == "deformable")
-    t_ref = time.time() - t0
-    aligner = detector.alignment
+    return mode, detector.alignment, time.time() - t0
+
+
+def _prepare_alignment(detector: Detector, align: Optional[str], reference: Union[str, Path],
+                       train_vols: list[Volume], val_vols: list[Volume], emit: Callable[[dict], None],
+                       resumed: bool = False) -> tuple[list[Volume], list[Volume], Optional[dict]]:
+    """Alignment for training (``registration``): set ``detector.alignment`` (a new reference, or the resumed
+    model's), register every training and held-out normal to it, calibrate the similarity floor on them, and return
+    the training volumes on the reference grid, the held-out volumes that aligned (on their own grids: calibration
+    detects them like any input) and a summary; ``(train_vols, val_vols, None)`` without alignment. Normals that
+    fail to align are left out and listed in the summary's ``excluded`` (at most ``MAX_EXCLUDED_SHARE``).
+
+    ``align``: None follows a resumed model (a new one: none); "auto" aligns a new model to MNI152 when the
+    normals are brains that fit it (``registration.mni152_fits``, on a grid of ``auto_spacing``), else trains
+    without alignment and says why (a resumed model follows its own setting)."""
+    ranks = distributed.current()
+    # the setting and the reference: decided (and built) once, by rank 0 when torchrun started several processes
+    mode, aligner, t_ref = ranks.once(lambda: _alignment_reference(detector, align, reference, train_vols, emit,
+                                                                   resumed))
+    if mode == "none":
+        return train_vols, val_vols, None
+    detector.alignment = aligner
     every = train_vols + val_vols
     aligned, val_kept, sims, secs, excluded = [], [], [], [], []
     emit({"phase": "align", "step": 0, "total_steps": len(every), "unit": "vol"})
-    for i, v in enumerate(every):
+
+    def align_one(i: int, v: Volume) -> tuple:
+        """-> (name, (array, affine, similarity, seconds) on the reference grid or None, AlignmentError or None)"""
         name = str(v.path or f"volume {i}")
         try:
             al = aligner.align(v.array, v.affine, name=name, check_floor=False)
         except AlignmentError as e:
+            return name, None, e
+        finally:
+            emit({"phase": "align", "step": i + 1, "total_steps": len(every), "unit": "vol"})
+        return name, (al.array, al.affine, al.similarity, al.seconds), None
+
+    # each rank registers its share of the normals (one process: all, in order)
+    for i, (name, al, error) in enumerate(ranks.map(align_one, every)):
+        if error is not None:
             # one odd scan (cropped, another contrast) is left out and reported, not used misaligned; many mean
             # the setting or the data is wrong
             excluded.append(name)
-            log.warning("left out of training: %s", e)
+            log.warning("left out of training: %s", error)
             if len(excluded) > MAX_EXCLUDED_SHARE * len(every):
                 raise TrainingDataError(f"cannot train with alignment: {len(excluded)} of {len(every)} normals "
-                                        f"fail to align (the last: {e})") from e
-            emit({"phase": "align", "step": i + 1, "total_steps": len(every), "unit": "vol"})
+                                        f"fail to align (the last: {error})") from error
             continue
-        sims.append(al.similarity)
-        secs.append(al.seconds)
+        array, affine, similarity, seconds = al
+        sims.append(similarity)
+        secs.append(seconds)
         if i < len(train_vols):
-            aligned.append(Volume(al.array, al.affine, v.path))
+            aligned.append(Volume(array, affine, every[i].path))
         else:
-            val_kept.append(v)
-        emit({"phase": "align", "step": i + 1, "total_steps": len(every), "unit": "vol"})
+            val_kept.append(every[i])
     if not aligned or not val_kept:
         raise TrainingDataError("cannot train with alignment: none of the " + ("training" if not aligned else
                                 "held-out") + " normals could be aligned")
@@ -356,6 +396,11 @@ class TrainingBudget:
         if self.stop_seen_at is None and self.should_stop is not None and self.should_stop():
             self.stop_seen_at = time.time()
         return self.stop_seen_at is not None
+
+    def note_stop(self) -> None:
+        """A stop decided elsewhere (another rank saw the request): from now on ``stop`` says True."""
+        if self.stop_seen_at is None:
+            self.stop_seen_at = time.time()
 
     def stop_deadline(self) -> Optional[float]:
         """The time-limit deadline, or earlier when a stop asked for the result within stop_time_limit."""
@@ -443,6 +488,8 @@ class FitState:
     lr_drop_step: Optional[int] = None  # the step at which the time limit dropped the learning rate, if it did
     optimizer: Any = None
     scheduler: Any = None
+    processes: int = 1  # data-parallel processes (torchrun); a step's batch is batch_per_process x processes
+    batch_per_process: int = 0
 
     @property
     def steps(self) -> int:
@@ -452,13 +499,61 @@ class FitState:
         """What a checkpoint needs to resume the optimisation after ``epoch_done`` epochs (None: one-pass)."""
         if self.optimizer is None:
             return None
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "epoch": epoch_done, "loss_history": self.history}
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "epoch": epoch_done, "loss_history": self.history}
+        if self.processes > 1:  # a resume on another number of processes rescales the learning rate
+            state["processes"] = self.processes
+        return state
+
+
+def _scale_lr(optimizer: Any, scheduler: Any, factor: float) -> None:
+    """Multiply the learning rate (now, initial and the scheduler's base) by ``factor`` (no-op for 1)."""
+    if factor == 1:
+        return
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+        if "initial_lr" in group:
+            group["initial_lr"] *= factor
+    scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def _drop_pending(scheduler: Any) -> bool:
     """Whether the MultiStepLR still has its drop ahead (not yet reached, nor made earlier by the time limit)."""
     return bool(scheduler.milestones) and scheduler.last_epoch < max(scheduler.milestones)
+
+
+def _prepare_model(model: Any, data: Any, budget: TrainingBudget, *, seed: int, encoder_weights: str,
+                   teacher_pretrain: Optional[str], pretrain_steps: Optional[int]) -> dict:
+    """``fit``'s one-time preparation of a new model: the optional teacher pretraining, then the method's preparation
+    hook. Returns the notes for ``detector.meta`` (``teacher``, and the preparation phase's name)."""
+    emit = budget.emit
+    notes: dict = {}
+    n = len(data)
+    record = model.teacher_record(encoder_weights)
+    if teacher_pretrain not in (None, "none"):
+        pre_deadline = None
+        if budget.deadline is not None:
+            pre_deadline = time.time() + PRETRAIN_SHARE * max(0.0, budget.left() - budget.reserve())
+        record = model.pretrain(data, teacher_pretrain, steps=pretrain_steps, seed=seed, deadline=pre_deadline,
+                                should_stop=budget.stop, progress=emit, encoder_weights=encoder_weights)
+        log.info("teacher pretraining (%s): %s", teacher_pretrain, record)
+    if record is not None:
+        notes["teacher"] = record
+    prep_phase = model.preparation_phase(encoder_weights)
+    if prep_phase is not None:
+        norm_order, norm_stop = None, None
+        if budget.deadline is not None:  # at most a quarter of the training time; a random sample if cut short
+            norm_deadline = time.time() + 0.25 * max(0.0, budget.left() - budget.reserve())
+            norm_order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+            norm_stop = lambda: time.time() > norm_deadline  # noqa: E731
+        notes[prep_phase] = model.prepare(
+            data if norm_order is None else data[norm_order],
+            progress=lambda b, k: emit({"phase": prep_phase, "step": b, "total_steps": k, "unit": "batch"}),
+            should_stop=budget.pausing(prep_phase, norm_stop,
+                                       until=norm_deadline if budget.deadline is not None else None))
+        log.info("%s: %s", prep_phase, notes[prep_phase])
+    return notes
 
 
 def fit(detector: Detector, data: Any, budget: Optional[TrainingBudget] = None, *, total_epochs: int,
@@ -489,45 +584,37 @@ def fit(detector: Detector, data: Any, budget: Optional[TrainingBudget] = None, 
     ts = model.training_settings  # None: fitted in one pass
     n = len(data)
     dev = detector.device
-    if prepare:
-        record = model.teacher_record(encoder_weights)
-        if teacher_pretrain not in (None, "none"):
-            pre_deadline = None
-            if budget.deadline is not None:
-                pre_deadline = time.time() + PRETRAIN_SHARE * max(0.0, budget.left() - budget.reserve())
-            record = model.pretrain(data, teacher_pretrain, steps=pretrain_steps, seed=seed, deadline=pre_deadline,
-                                    should_stop=budget.stop, progress=emit, encoder_weights=encoder_weights)
-            log.info("teacher pretraining (%s): %s", teacher_pretrain, record)
-        if record is not None:
-            detector.meta["teacher"] = record
-    prep_phase = model.preparation_phase(encoder_weights) if prepare else None
-    if prep_phase is not None:
-        norm_order, norm_stop = None, None
-        if budget.deadline is not None:  # at most a quarter of the training time; a random sample if cut short
-            norm_deadline = time.time() + 0.25 * max(0.0, budget.left() - budget.reserve())
-            norm_order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-            norm_stop = lambda: time.time() > norm_deadline  # noqa: E731
-        detector.meta[prep_phase] = model.prepare(
-            data if norm_order is None else data[norm_order],
-            progress=lambda b, k: emit({"phase": prep_phase, "step": b, "total_steps": k, "unit": "batch"}),
-            should_stop=budget.pausing(prep_phase, norm_stop,
-                                       until=norm_deadline if budget.deadline is not None else None))
-        log.info("%s: %s", prep_phase, detector.meta[prep_phase])
+    ranks = distributed.current()  # one process unless torchrun started several (spmamba.distributed)
+    if prepare:  # one-time preparation; with several processes rank 0 does it and shares the model and the notes
+        detector.meta.update(ranks.once(lambda: _prepare_model(model, data, budget, seed=seed,
+                                                               encoder_weights=encoder_weights,
+                                                               teacher_pretrain=teacher_pretrain,
+                                                               pretrain_steps=pretrain_steps), module=model))
     if ts is not None:
-        batch = min(ts.batch_size, n)
-        steps_per_epoch = max(1, n // batch)  # drop the ragged last batch (BatchNorm in the bottleneck)
+        # Several processes (torchrun): each takes ``batch`` samples of every step, the step's batch is
+        # batch x world, and the learning rate follows the linear scaling rule of the presets (lr = base_lr x batch
+        # / 16, TrainingSettings.lr) for that batch: x world.
+        batch = min(ts.batch_size, n // ranks.world)
+        if batch < 1:
+            raise TrainingDataError(f"{n} training samples cannot be shared by {ranks.world} processes; train with "
+                                    "fewer processes or on more data")
+        global_batch = batch * ranks.world
+        steps_per_epoch = max(1, n // global_batch)  # drop the ragged last batch (BatchNorm in the bottleneck)
         params = model.trainable_parameters()
-        optimizer = torch.optim.AdamW(params, lr=ts.lr, betas=(0.9, 0.999), weight_decay=ts.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=ts.lr * ranks.world, betas=(0.9, 0.999),
+                                      weight_decay=ts.weight_decay)
         milestone = max(1, int(math.floor(0.8 * total_epochs)))
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[milestone], gamma=0.1)
     else:  # fitted in one pass: one "epoch" of one step
-        batch, steps_per_epoch, params, optimizer, scheduler = n, 1, [], None, None
+        batch, global_batch, steps_per_epoch, params, optimizer, scheduler = n, n, 1, [], None, None
     state = FitState(total_epochs=total_epochs, steps_per_epoch=steps_per_epoch, optimizer=optimizer,
-                     scheduler=scheduler)
+                     scheduler=scheduler, processes=ranks.world, batch_per_process=batch)
     start_epoch = 0
     if resume_state is not None and optimizer is not None:
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
+        # a checkpoint of a run on another number of processes: its learning rate was scaled for that many
+        _scale_lr(optimizer, scheduler, ranks.world / int(resume_state.get("processes", 1)))
         start_epoch = int(resume_state["epoch"])
         state.history = list(resume_state.get("loss_history", []))
     history = state.history
@@ -538,7 +625,7 @@ def fit(detector: Detector, data: Any, budget: Optional[TrainingBudget] = None, 
     samples = data
     if ts is not None:  # e.g. SP-Mamba's teacher features, computed once
         samples = model.training_samples(
-            data, (state.planned_steps - state.steps_before) * batch,
+            data, (state.planned_steps - state.steps_before) * global_batch,
             progress=lambda b, k: emit({"phase": "teacher_features", "step": b, "total_steps": k, "unit": "batch"}),
             should_stop=budget.pausing("teacher_features", budget.stop))
         if samples is not data:
@@ -553,7 +640,11 @@ def fit(detector: Detector, data: Any, budget: Optional[TrainingBudget] = None, 
     lr_drop_at = None
     if scheduler is not None and budget.deadline is not None and _drop_pending(scheduler):
         lr_drop_at = time.time() + LR_DROP_SHARE * max(0.0, budget.left() - budget.reserve())
-    g = torch.Generator().manual_seed(seed + start_epoch)
+    g = torch.Generator().manual_seed(seed + start_epoch)  # the same order of the samples on every rank
+    # several processes: DistributedDataParallel, BatchNorm over the whole batch (one process: the loss itself)
+    loss_of = ranks.parallel(model) if ts is not None else None
+    if ranks.world > 1:  # stochastic layers (drop path): an independent draw on each rank
+        torch.manual_seed(seed + ranks.rank)
     emit({"phase": "train", "epoch": start_epoch + 1, "total_epochs": total_epochs, "step": 0,
           "total_steps": steps_per_epoch, "global_step": state.steps_before,
           "total_global_steps": state.planned_steps})
@@ -574,16 +665,21 @@ def fit(detector: Detector, data: Any, budget: Optional[TrainingBudget] = None, 
                 resumed={"phase": "train", "epoch": epoch + 1, "total_epochs": total_epochs, "step": step,
                          "total_steps": steps_per_epoch, "global_step": state.steps,
                          "total_global_steps": state.planned_steps})
-            if budget.stop():
+            # every rank takes the same decision (one process: these flags as they are)
+            stop_asked, out_of_time, drop_due = ranks.agree(
+                budget.stop(), state.step_total > 0 and step_seconds > budget.left() - budget.reserve(),
+                lr_drop_at is not None and time.time() >= lr_drop_at)
+            if stop_asked:
+                budget.note_stop()  # also on the ranks that did not see the request themselves
                 state.stop_reason = "stopped"
             elif max_steps is not None and state.step_total >= max_steps:
                 state.stop_reason = "max_steps"
-            elif state.step_total > 0 and step_seconds > budget.left() - budget.reserve():
+            elif out_of_time:
                 state.stop_reason = "time_limit"
             if state.stop_reason is not None:
                 stopped = True
                 break
-            if lr_drop_at is not None and time.time() >= lr_drop_at:
+            if drop_due:
                 lr_drop_at = None
                 if _drop_pending(scheduler):
                     for group in optimizer.param_groups:
@@ -592,13 +688,14 @@ def fit(detector: Detector, data: Any, budget: Optional[TrainingBudget] = None, 
                     state.lr_drop_step = state.steps
                     log.info("lr x%g at 80%% of the time limit (step %d)", scheduler.gamma, state.steps)
             t_step = time.perf_counter()
-            idx = perm[step * batch:(step + 1) * batch]
-            loss = model.training_loss(samples[idx].to(dev, non_blocking=True))
+            # this rank's share of the step's batch (one process: all of it)
+            idx = perm[step * global_batch:(step + 1) * global_batch][ranks.rank * batch:(ranks.rank + 1) * batch]
+            loss = loss_of(samples[idx].to(dev, non_blocking=True))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # with several processes the gradients are then the mean over the ranks
             torch.nn.utils.clip_grad_norm_(params, ts.grad_clip)
             optimizer.step()
-            loss_value = loss.item()
+            loss_value = ranks.mean(loss.item())  # the loss of the whole batch
             running += loss_value
             state.step_total += 1
             dt = time.perf_counter() - t_step
@@ -620,7 +717,10 @@ def fit(detector: Detector, data: Any, budget: Optional[TrainingBudget] = None, 
         epoch = total_epochs
     state.stopped = stopped
     state.epochs_done = epoch if stopped else total_epochs
+    if loss_of is not None:
+        loss_of.close()
     model.eval()
+    ranks.check_same(lambda: weights_digest(model.state_dict()), "the trained weights")  # one model everywhere
     return state
 
 
@@ -715,9 +815,12 @@ def train_detector(
         A calibrated Detector (not yet saved unless checkpoint_path was given; then that file is final too).
     """
     check_teacher_pretrain(method, teacher_pretrain, pretrain_steps, resume)
-    t_start = time.time()
+    # one process, or one of those torchrun started (then in their process group, on this process's own GPU)
+    ranks, dev = distributed.setup(resolve_device(device))
+    t_start = ranks.broadcast(time.time())  # the time limit counts from rank 0's start on every rank
     budget = TrainingBudget(deadline=t_start + float(time_limit) if time_limit is not None else None,
-                            should_stop=should_stop, stop_time_limit=stop_time_limit, progress=progress,
+                            should_stop=should_stop, stop_time_limit=stop_time_limit,
+                            progress=progress if ranks.main else None,  # rank 0 alone reports progress
                             paused=paused, started=t_start)
     emit = budget.emit
     emit({"phase": "load", "step": 0, "total_steps": len(volumes), "unit": "vol"})
@@ -727,7 +830,6 @@ def train_detector(
             f"{len(vols)} normal volume(s) given; at least {MIN_VOLUMES} are needed (some to learn from, one held out "
             "to calibrate the thresholds). Mark more studies normal or add volumes."
         )
-    dev = resolve_device(device)
     torch.manual_seed(seed)
     train_idx, val_idx = split_normals(len(vols), val_fraction, seed)
     val_vols = [vols[i] for i in val_idx]
@@ -753,6 +855,7 @@ def train_detector(
     data = model.training_data(standardise_volumes(prepare_volumes(
         train_vols, prep, lambda i, k: emit({"phase": "prepare", "step": i, "total_steps": k, "unit": "vol"})), prep))
     n = len(data)
+    ranks.check_same(prep.intensity_landmarks, "the intensity landmarks")  # each rank fitted them itself
 
     # Time budget (time_limit): what follows training (position statistics, calibration, the final save) needs
     # about one detection per volume; measure one now (the time does not depend on the weights). The position
@@ -760,14 +863,15 @@ def train_detector(
     budget.n_after = len(val_vols)
     budget.n_after_aligned = len(train_vols) if position_normalise else 0
     if budget.deadline is not None:
-        emit({"phase": "measure", "step": 0, "total_steps": 1, "unit": "vol"})
-        t0 = time.perf_counter()
-        measured = detector.detect(val_vols[0].array, val_vols[0].affine)
-        budget.seconds_per_volume = time.perf_counter() - t0
-        t = measured.timings
-        budget.seconds_per_aligned_volume = (budget.seconds_per_volume if "align_s" not in t else
-                                             t["prepare_s"] + t["model_s"])
-        emit({"phase": "measure", "step": 1, "total_steps": 1, "unit": "vol"})
+        def measure() -> tuple[float, float]:  # -> seconds of one detection, and of one already aligned
+            emit({"phase": "measure", "step": 0, "total_steps": 1, "unit": "vol"})
+            t0 = time.perf_counter()
+            measured = detector.detect(val_vols[0].array, val_vols[0].affine)
+            seconds = time.perf_counter() - t0
+            t = measured.timings
+            emit({"phase": "measure", "step": 1, "total_steps": 1, "unit": "vol"})
+            return seconds, (seconds if "align_s" not in t else t["prepare_s"] + t["model_s"])
+        budget.seconds_per_volume, budget.seconds_per_aligned_volume = ranks.once(measure)
 
     n_calibration_used = len(val_vols)
 
@@ -789,10 +893,13 @@ def train_detector(
             "paused_s": round(budget.paused_seconds, 1), "pauses": budget.pauses,
             "lr_drop_step": st.lr_drop_step, "intensity_landmarks": prep.intensity_landmarks,
             "fusion": detector.fusion if detector.intensity_stats is not None else "none",
+            "processes": st.processes,
+            **({"batch_per_process": st.batch_per_process, "step_batch": st.batch_per_process * st.processes,
+                "lr": st.optimizer.param_groups[0].get("initial_lr")} if st.optimizer is not None else {}),
         }
 
     def save(st: FitState, epoch_done: int) -> None:
-        if checkpoint_path is None:
+        if checkpoint_path is None or not ranks.main:  # rank 0 alone writes the checkpoints
             return
         t0 = time.perf_counter()
         detector.meta["training"] = summary(st, epoch_done, False)
@@ -814,10 +921,12 @@ def train_detector(
             if available < needed:
                 keep = max(min(2, len(train_vols)), int(len(train_vols) * max(0.0, available) / max(1e-6, needed)))
                 fit_vols = train_vols[:keep]
+        fit_vols = train_vols[:ranks.broadcast(len(fit_vols))]  # rank 0's clock decides for every rank
         emit({"phase": "position_stats", "step": 0, "total_steps": len(fit_vols), "unit": "vol"})
         detector.fit_position_stats(fit_vols, lambda i, n: emit({"phase": "position_stats", "step": i,
                                                                  "total_steps": n, "unit": "vol"}),
-                                    aligned=detector.alignment is not None, fusion=fusion)
+                                    aligned=detector.alignment is not None, fusion=fusion,
+                                    map_volumes=ranks.map)  # several processes: each detects its share
 
     def calibration_deadline() -> Optional[float]:
         limit = budget.stop_deadline()
@@ -836,6 +945,7 @@ def train_detector(
           "global_step": state.steps, "total_global_steps": state.planned_steps,
           "loss": state.history[-1] if state.history else None,
           "val_score": float(np.mean(detector.calibration.normal_volume_scores))})
-    if checkpoint_path is not None:
+    ranks.check_same(asdict(detector.calibration), "the calibration")
+    if checkpoint_path is not None and ranks.main:
         publish(detector, checkpoint_path, state.training_state(epochs_done))
     return detector

@@ -29,8 +29,11 @@ def test_parse_conf_defaults_and_errors(applib, tmp_path):
     assert s.published_model == str((tmp_path / "model" / "spmamba.pt").resolve())
     s = configs.parse_conf(str(tmp_path), "x", {"slice_axis": "axial", "unflagged_normal": "yes", "model": str(tmp_path / "m.pt")})
     assert s.slice_axis == 2 and s.unflagged_normal is True and s.model.endswith("m.pt")
+    assert s.train_processes == 1
+    assert configs.parse_conf(str(tmp_path), "x", {"train_processes": "2"}).train_processes == 2
     for bad in ({"slice_axis": "7"}, {"device": "tpu"}, {"unflagged_normal": "perhaps"}, {"epochs": "-1"},
-                {"encoder_weights": str(tmp_path / "missing.pt")}):
+                {"encoder_weights": str(tmp_path / "missing.pt")}, {"train_processes": "0"},
+                {"train_processes": "two"}):
         with pytest.raises(ValueError) as e:
             configs.parse_conf(str(tmp_path), "x", bad)
         assert list(bad)[0] in str(e.value)

@@ -97,6 +97,9 @@ class AppSettings:
     dicomweb_modality: str = ""
     dicomweb_timeout_s: int = 30
     pacs_results: bool = False
+    # training in this many local processes (data-parallel, torchrun under the hood; spmamba.launch); 1 = in the
+    # training subprocess itself
+    train_processes: int = 1
     extra: Dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -279,5 +282,6 @@ def parse_conf(app_dir: str, studies: str, conf: Optional[Dict[str, Any]]) -> Ap
         dicomweb_modality=modalities,
         dicomweb_timeout_s=_int(conf, "dicomweb_timeout_s", 30, minimum=1) or 30,
         pacs_results=_bool(conf, "pacs_results", False),
+        train_processes=_int(conf, "train_processes", 1, minimum=1) or 1,
         extra={k: v for k, v in conf.items() if k in MONAILABEL_KEYS},
     )

@@ -12,6 +12,10 @@ over ``spmamba.pt`` (``versions.VersionHistory.publish``, which first keeps the 
 ``<model_dir>/versions`` for rollback), so a killed training leaves the previous model intact and the inference task
 picks the new one up by its modification time, without a restart.
 
+Several processes (``--conf train_processes N``): the task runs the same training data-parallel in N local processes
+(``spmamba.launch.train_in_processes``: torchrun under the hood, the usable cores shared among them), with the same
+progress, stop and pause (relayed through files) and the same publishing.
+
 Sharing the CPU with the server: the task uses torch threads = the usable cores and pauses between optimisation steps while a detection holds its marker in
 ``<model_dir>/.foreground`` (``Detection.run``; ``spmamba.cpu.foreground_busy``), so a clinician's detection gets
 the cores; ``train_stats`` then shows ``phase: "paused"`` with the ``reason``.
@@ -75,6 +79,7 @@ class AnomalyTrain(TrainTask):
             "device": self.settings.device,
             "unflagged_normal": self.settings.unflagged_normal,
             "min_normals": self.settings.min_normals,
+            "train_processes": self.settings.train_processes,
         }
 
     def stats(self) -> Dict[str, Any]:
@@ -155,7 +160,7 @@ class AnomalyTrain(TrainTask):
     # ------------------------------------------------------------------ run (in MONAI Label's train subprocess)
     def __call__(self, request, datastore):
         from spmamba.cpu import foreground_busy, set_threads, usable_cores
-        from spmamba.train import train_detector
+        from spmamba.launch import train_in_processes
 
         s = self.settings
         if in_task_subprocess():
@@ -184,7 +189,8 @@ class AnomalyTrain(TrainTask):
             detail = getattr(e, "detail", None) or str(e)
             write_json(s.stats_path, {**stats, "status": "ERROR", "detail": detail, "pid": None})
             raise RuntimeError(detail) from e
-        stats.update({"preset": params["preset"], "n_studies": len(images), "total_epochs": params["epochs"]})
+        stats.update({"preset": params["preset"], "n_studies": len(images), "total_epochs": params["epochs"],
+                      "processes": s.train_processes})
         warning = self.preset_warning(request)
         if warning:
             stats["warning"] = warning
@@ -227,8 +233,9 @@ class AnomalyTrain(TrainTask):
             extra["preprocessing"] = Preprocessing(**{**get_method(s.method).preprocessing_defaults,
                                                       "slice_axis": s.slice_axis})
         try:
-            detector = train_detector(
+            detector = train_in_processes(  # train_detector itself with one process
                 images,
+                processes=s.train_processes,
                 method=s.method,
                 config=params["preset"],
                 epochs=params["epochs"],
