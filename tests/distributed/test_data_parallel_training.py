@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 
-from conftest import HERE, finish, start, torchrun_cmd
+from ddp_helpers import HERE, finish, start, torchrun_cmd
 
 pytestmark = pytest.mark.slow
 

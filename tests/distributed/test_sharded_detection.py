@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import process_env, stop
+from ddp_helpers import process_env, stop
 
 SLOW_DETECT = '''
 import os, time
