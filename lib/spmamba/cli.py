@@ -238,6 +238,10 @@ class _TrainProgress:
                 self.bar.set_postfix_str(f"epoch {info.get('epoch')}/{info.get('total_epochs')} "
                                          f"mean loss {info['loss']:.4g}")
             return
+        if phase == "stage":  # a multi-stage method moves to its next stage
+            if self.bar is not None:
+                self.bar.write(f"training stage {info.get('stage')} from epoch {info.get('epoch')}")
+            return
         if phase == "train":
             steps, epochs = int(info.get("total_steps") or 1), int(info.get("total_epochs") or 1)
             total = int(info.get("total_global_steps") or steps * epochs)
@@ -439,6 +443,14 @@ def _check_training_limits(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     if args.epochs is not None and args.epochs < 1:
         raise CLIError(f"--epochs {args.epochs}: must be >= 1")
+    if args.epochs is not None and not args.resume:
+        from spmamba.methods import DEFAULT_METHOD, get_method, method_names
+
+        name = args.method or DEFAULT_METHOD
+        stages = tuple(get_method(name).TRAINING_STAGES) if name in method_names() else ()
+        if args.epochs < len(stages):
+            raise CLIError(f"--epochs {args.epochs}: method {name} trains in {len(stages)} stages "
+                           f"({', '.join(stages)}), one epoch at least each: epochs must be >= {len(stages)}")
     _check_training_limits(args)
     if args.max_steps is not None and args.max_steps < 1:
         raise CLIError(f"--max-steps {args.max_steps}: must be >= 1")

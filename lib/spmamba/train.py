@@ -645,8 +645,9 @@ def fit(detector: Detector, data: Any, budget: Optional[TrainingBudget] = None, 
     if ts is not None:  # e.g. SP-Mamba's teacher features, computed once
         samples = model.training_samples(
             data, (state.planned_steps - state.steps_before) * global_batch,
-            progress=lambda b, k: emit({"phase": "teacher_features", "step": b, "total_steps": k, "unit": "batch"}),
-            should_stop=budget.pausing("teacher_features", budget.stop))
+            progress=lambda b, k: emit({"phase": model.SAMPLES_PHASE, "step": b, "total_steps": k,
+                                        "unit": model.SAMPLES_UNIT}),
+            should_stop=budget.pausing(model.SAMPLES_PHASE, budget.stop))
         if samples is not data:
             log.info("training samples prepared once (%s)", type(samples).__name__)
     stopped = False

@@ -133,6 +133,10 @@ class AnomalyModel(nn.Module):
         gradient-trained methods, anything ``fit`` accepts otherwise."""
         raise NotImplementedError
 
+    #: the progress phase (and its unit) of ``training_samples``' work
+    SAMPLES_PHASE: ClassVar[str] = "teacher_features"
+    SAMPLES_UNIT: ClassVar[str] = "batch"
+
     def training_samples(self, data: Any, planned_samples: int,
                          progress: Optional[Callable[[int, int], None]] = None,
                          should_stop: Optional[Callable[[], bool]] = None) -> Any:

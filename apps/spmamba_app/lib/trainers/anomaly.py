@@ -209,6 +209,8 @@ class AnomalyTrain(TrainTask):
                 stats["epoch_step"], stats["steps_per_epoch"] = p.get("step"), p.get("total_steps")
             elif p.get("step") is not None:
                 stats["phase_step"], stats["phase_total_steps"] = p["step"], p.get("total_steps")
+            if p.get("stage") is not None:  # multi-stage methods (Spatial-MSMA): the stage being trained
+                stats["stage"] = p["stage"]
             if p.get("phase") == "paused":  # a detection runs in the server: waiting between steps
                 stats["pause_reason"], stats["pauses"] = p.get("reason"), p.get("pauses")
             else:

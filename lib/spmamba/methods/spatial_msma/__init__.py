@@ -218,6 +218,8 @@ class SpatialMSMA(VolumeModel):
     PRESETS: ClassVar[Mapping[str, SpatialMSMAConfig]] = PRESETS
     default_preset: ClassVar[str] = "fast"
     TRAINING_STAGES: ClassVar[tuple] = STAGES
+    SAMPLES_PHASE: ClassVar[str] = "score_features"  # the flow stage's feature cache, built on its first step
+    SAMPLES_UNIT: ClassVar[str] = "vol"
     # every slice of the volume counts; the Detector's 3-D smoothing stays (the features are pooled already, 3 x 3 x 3)
     preprocessing_defaults: ClassVar[Mapping[str, Any]] = {"min_foreground": 0.0}
     fuse_intensity: ClassVar[bool] = False
@@ -252,10 +254,10 @@ class SpatialMSMA(VolumeModel):
     # ------------------------------------------------------------------ noise
     @property
     def sigma_max(self) -> float:
+        """The VE SDE's sigma_max; a new model's is set from the training volumes before its first step (until then,
+        e.g. for the training's timing of one detection, a placeholder of 100 sigma_min)."""
         s = float(self.sigma_max_value)
-        if s <= 0:
-            raise RuntimeError("spatial_msma: sigma_max is not set yet (it is set from the training volumes)")
-        return s
+        return s if s > 0 else 100.0 * self.config.sigma_min
 
     @property
     def sigmas(self) -> torch.Tensor:
