@@ -444,11 +444,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.epochs is not None and args.epochs < 1:
         raise CLIError(f"--epochs {args.epochs}: must be >= 1")
     if args.epochs is not None and not args.resume:
-        from spmamba.methods import DEFAULT_METHOD, get_method, method_names
+        from spmamba.methods import DEFAULT_METHOD, get_method, method_names, min_epochs
 
         name = args.method or DEFAULT_METHOD
-        stages = tuple(get_method(name).TRAINING_STAGES) if name in method_names() else ()
-        if args.epochs < len(stages):
+        if name in method_names() and args.epochs < min_epochs(name):
+            stages = get_method(name).TRAINING_STAGES
             raise CLIError(f"--epochs {args.epochs}: method {name} trains in {len(stages)} stages "
                            f"({', '.join(stages)}), one epoch at least each: epochs must be >= {len(stages)}")
     _check_training_limits(args)
