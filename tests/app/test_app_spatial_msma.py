@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from app_helpers import AFFINE, SHAPE, load_bytes, parse_infer
+from app_helpers import AFFINE, APP_DIR, SHAPE, load_bytes, parse_infer
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 CONF = {"method": "spatial_msma", "preset": "tiny"}
@@ -23,10 +23,17 @@ def msma_model(tiny_data, tmp_path_factory):
     return path
 
 
-def test_served_method_tasks_and_a_volume(make_app, tiny_data, msma_model):
+def test_served_method_tasks_and_a_volume(make_app, tiny_data, msma_model, monkeypatch):
     env = make_app({"n0": tiny_data["normal"][0], "a0": tiny_data["abnormal"][0]}, conf=CONF, model=msma_model)
     c = env.client
     info = c.get("/info/").json()
+    # the Slicer module's Method list (its client reads /info/ without Qt or Slicer): the heatmap task, not the label
+    monkeypatch.syspath_prepend(str(APP_DIR.parents[1] / "slicer_extension" / "AnomalyDetection"))
+    from AnomalyDetectionLib.client import summarize_info
+
+    summary = summarize_info(info)
+    assert summary.models == ["spatial_msma"] and summary.train_task("spatial_msma") == "spatial_msma"
+    assert summary.description("spatial_msma").startswith("Spatial-MSMA")
     assert {"spatial_msma", "spatial_msma_seg"} <= set(info["models"]) and "spmamba" not in info["models"]
     assert "spatial_msma" in info["trainers"] and info["spmamba"]["settings"]["method"] == "spatial_msma"
     assert info["spmamba"]["model"]["ready"] is True
