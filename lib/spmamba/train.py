@@ -641,15 +641,19 @@ def fit(detector: Detector, data: Any, budget: Optional[TrainingBudget] = None, 
     state.planned_steps = state.steps_before + steps_per_epoch * max(0, total_epochs - start_epoch)
     if max_steps is not None:
         state.planned_steps = min(state.planned_steps, state.steps_before + max_steps)
-    samples = data
-    if ts is not None:  # e.g. SP-Mamba's teacher features, computed once
-        samples = model.training_samples(
-            data, (state.planned_steps - state.steps_before) * global_batch,
+    def make_samples() -> Any:
+        """e.g. SP-Mamba's teacher features, computed once; made again when a multi-stage method changes stage
+        (outside the steps' timing, so a stage's one-time work does not count as a slow step)."""
+        made = model.training_samples(
+            data, (state.planned_steps - state.steps) * global_batch,
             progress=lambda b, k: emit({"phase": model.SAMPLES_PHASE, "step": b, "total_steps": k,
                                         "unit": model.SAMPLES_UNIT}),
             should_stop=budget.pausing(model.SAMPLES_PHASE, budget.stop))
-        if samples is not data:
-            log.info("training samples prepared once (%s)", type(samples).__name__)
+        if made is not data:
+            log.info("training samples prepared (%s)", type(made).__name__)
+        return made
+
+    samples = make_samples() if ts is not None else data
     stopped = False
     step_seconds = 0.0  # running estimate of one optimisation step
     epoch = start_epoch
@@ -699,6 +703,7 @@ def fit(detector: Detector, data: Any, budget: Optional[TrainingBudget] = None, 
             log.info("training stage %s from epoch %d (step %d)", stages[k + 1], epoch + 1, state.steps)
             emit({"phase": "stage", "stage": stages[k + 1], "index": k + 1, "stages": list(stages),
                   "epoch": epoch + 1, "total_epochs": total_epochs, "global_step": state.steps})
+            samples = make_samples()
         model.train()
         perm = torch.randperm(n, generator=g)
         running = 0.0

@@ -168,25 +168,34 @@ class FeatureSamples:
     """What the shared loop indexes for Spatial-MSMA (``training_samples``): ``samples[idx]`` is the batch of working
     volumes (B, 2, *grid) while the model is in its score stage, and (B * voxels_per_volume, L + 3 + L) rows of
     [standardised feature | voxel position | the volume's mean standardised feature] of random foreground voxels of
-    those volumes in its flow stage (features computed once per volume with the frozen score network, on first
-    use; the per-level standardisation is fitted then, for a model that has none yet)."""
+    those volumes in its flow stage. The features are computed once per volume with the frozen score network when
+    the samples are made in the flow stage (the loop makes them again at the change of stage; ``progress`` per
+    volume, ``should_stop`` polled between volumes: a stop leaves them to be computed on first use), and the
+    per-level standardisation is fitted then, for a model that has none yet."""
 
     def __init__(self, model: "SpatialMSMA", volumes: torch.Tensor,
-                 progress: Optional[Callable[[int, int], None]] = None):
-        self.model, self.volumes, self.progress = model, volumes, progress
+                 progress: Optional[Callable[[int, int], None]] = None,
+                 should_stop: Optional[Callable[[], bool]] = None):
+        self.model, self.volumes = model, volumes
         self.features: Optional[torch.Tensor] = None  # (n, L, *grid) raw pooled score norms
+        self._globals: dict = {}  # volume index -> its mean standardised feature (1, L)
+        if model.stage_index >= 1:
+            self._cache(progress, should_stop)
 
     def __len__(self) -> int:
         return len(self.volumes)
 
-    def _cache(self) -> torch.Tensor:
+    def _cache(self, progress: Optional[Callable[[int, int], None]] = None,
+               should_stop: Optional[Callable[[], bool]] = None) -> Optional[torch.Tensor]:
         if self.features is None:
             m = self.model
             out = []
             for i in range(len(self.volumes)):
+                if should_stop is not None and should_stop():
+                    return None
                 out.append(m.score_features(self.volumes[i:i + 1, :1].to(m.sigmas.device)).cpu())
-                if self.progress is not None:
-                    self.progress(i + 1, len(self.volumes))
+                if progress is not None:
+                    progress(i + 1, len(self.volumes))
             self.features = torch.cat(out)
             if not bool(m.standardised):
                 m.fit_standardisation(self.features, self.volumes[:, 1] > 0)
@@ -203,7 +212,9 @@ class FeatureSamples:
             where = torch.nonzero(mask)  # (M, 3)
             pick = where[torch.randint(len(where), (k,))]
             f = m.standardise(feats[i][:, pick[:, 0], pick[:, 1], pick[:, 2]].T)  # (k, L)
-            g = m.standardise(feats[i][:, mask].T).mean(0, keepdim=True).expand(k, -1)
+            if i not in self._globals:
+                self._globals[i] = m.standardise(feats[i][:, mask].T).mean(0, keepdim=True)
+            g = self._globals[i].expand(k, -1)
             rows.append(torch.cat([f, pick.float(), g], dim=1))
         return torch.cat(rows)
 
@@ -302,7 +313,7 @@ class SpatialMSMA(VolumeModel):
     def training_samples(self, data: Any, planned_samples: int,
                          progress: Optional[Callable[[int, int], None]] = None,
                          should_stop: Optional[Callable[[], bool]] = None) -> FeatureSamples:
-        return FeatureSamples(self, data, progress)
+        return FeatureSamples(self, data, progress, should_stop)
 
     def training_loss(self, batch: torch.Tensor) -> torch.Tensor:
         """Score stage: DSM loss of (B, 2, *grid) working volumes at sigma(t), t ~ U(0, 1). Flow stage: mean
