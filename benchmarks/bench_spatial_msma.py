@@ -16,8 +16,10 @@ import torch
 
 from spmamba.data.synthetic import make_normal
 from spmamba.detector import Detector
-from spmamba.methods.spatial_msma import SpatialMSMA
+from spmamba.io import Volume
+from spmamba.methods.spatial_msma import FeatureSamples, SpatialMSMA, to_working_grid
 from spmamba.preprocessing import Preprocessing
+from spmamba.train import prepare_volumes
 
 
 def main() -> None:
@@ -38,12 +40,8 @@ def main() -> None:
         res = det.detect(subj.image, subj.affine)
         times.append(time.perf_counter() - t0)
         parts.append(res.timings)
-    # one optimisation step of each stage (batch of the preset)
-    from spmamba.methods.spatial_msma import FeatureSamples, to_working_grid
-    from spmamba.train import prepare_volumes
-    from spmamba.io import Volume
-    prep = det.preprocessing
-    pv = prepare_volumes([Volume(subj.image, subj.affine)], prep)[0]
+    # one optimisation step of each stage (batch of the preset; the flow stage's features cached before)
+    pv = prepare_volumes([Volume(subj.image, subj.affine)], det.preprocessing)[0]
     vols = to_working_grid(pv.norm, pv.fg, model.config.grid)[None].repeat(model.config.training.batch_size, 1, 1, 1, 1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     step_s = {}

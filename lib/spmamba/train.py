@@ -641,6 +641,7 @@ def fit(detector: Detector, data: Any, budget: Optional[TrainingBudget] = None, 
     state.planned_steps = state.steps_before + steps_per_epoch * max(0, total_epochs - start_epoch)
     if max_steps is not None:
         state.planned_steps = min(state.planned_steps, state.steps_before + max_steps)
+
     def make_samples() -> Any:
         """e.g. SP-Mamba's teacher features, computed once; made again when a multi-stage method changes stage
         (outside the steps' timing, so a stage's one-time work does not count as a slow step)."""
