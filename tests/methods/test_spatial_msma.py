@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import itertools
 import math
+import types
 
 import numpy as np
 import pytest
@@ -23,6 +24,16 @@ from spmamba.methods.spatial_msma.network import (ScoreUNet, build_flow, dsm_los
 from spmamba.train import stage_end_epochs, train_detector
 
 AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models are many small operations: one torch thread is several times faster than two on a busy machine
+    (measured: 0.3 s against 30 s for the time-limit test at load 3)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------------ the pieces
@@ -136,13 +147,10 @@ def test_flow_log_likelihood_is_the_change_of_variables_formula():
         assert math.isclose(float(got[i]), want, rel_tol=1e-6, abs_tol=1e-6)
 
 
-def test_flow_fits_a_conditional_gaussian_to_its_closed_form_likelihood(request):
+def test_flow_fits_a_conditional_gaussian_to_its_closed_form_likelihood():
     """x | c ~ N((2c, -c), diag(0.5^2, 0.25^2)): after maximum-likelihood training the mean log-likelihood of held-out
     samples is the Gaussian's closed form, -1/2 sum(1 + log(2 pi s^2)), and the flow beats the unconditional fit."""
     torch.manual_seed(3)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # many small operations: one thread is several times faster on a busy machine
-    request.addfinalizer(lambda: torch.set_num_threads(threads))
 
     def sample(n):
         c = torch.rand(n, 1) * 2 - 1
@@ -268,7 +276,37 @@ def test_resume_in_the_flow_stage_leaves_the_score_network_as_it_was(normals, tr
         train_detector(normals, method="spmamba", resume=path, device="cpu")
 
 
-def test_stop_time_limit_and_too_few_epochs(normals, tmp_path):
+def test_a_time_limit_shares_the_optimisation_time_between_the_stages(monkeypatch):
+    """On a clock whose seconds pass with the steps (one per step; no real time, so a loaded machine changes
+    nothing): a 10 s limit gives the score stage its share (0.5 for tiny: ~5 steps), then the flow trains until the
+    time is up, with the samples made again (the feature cache) at the change."""
+    import spmamba.train as train_module
+    from spmamba.preprocessing import Preprocessing
+    from spmamba.train import TrainingBudget, fit
+
+    now = [1000.0]
+    monkeypatch.setattr(train_module, "time", types.SimpleNamespace(
+        time=lambda: now[0], perf_counter=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s)))
+    torch.manual_seed(0)
+    det = Detector(SpatialMSMA("tiny"), Preprocessing(), device="cpu")
+    vols = torch.stack([to_working_grid(_vol(np.random.default_rng(i)), _vol(np.random.default_rng(i)) > 0,
+                                        (16, 16, 16)) for i in range(4)])
+    events = []
+
+    def progress(e):
+        events.append(e)
+        if e.get("phase") == "train" and "loss" in e:
+            now[0] += 1.0
+
+    budget = TrainingBudget(deadline=now[0] + 10.0, progress=progress, started=now[0])
+    state = fit(det, vols, budget, total_epochs=10_000)
+    assert state.stop_reason == "time_limit" and det.model.stage_index == 1
+    (change,) = state.stage_changes
+    assert change["stage"] == "flow" and 4 <= change["step"] <= 6 and state.steps >= change["step"] + 3
+    assert [e["phase"] for e in events].count("score_features") == len(vols)  # the cache, once, at the change
+
+
+def test_stop_and_too_few_epochs(normals, tmp_path):
     # a stop during the score stage: a calibrated, loadable model, still in that stage (a resume goes on there)
     calls = itertools.count()
     det = train_detector(normals, method="spatial_msma", config="tiny", device="cpu",
@@ -276,9 +314,6 @@ def test_stop_time_limit_and_too_few_epochs(normals, tmp_path):
     assert det.meta["training"]["stop_reason"] == "stopped" and det.meta["training"]["stage"] == "score"
     assert np.isfinite(det.calibration.pixel_threshold)
     assert Detector.load(tmp_path / "stopped.pt", device="cpu").model.stage_index == 0
-    # a time limit shares the optimisation time between the stages: both are trained
-    det = train_detector(normals, method="spatial_msma", config="tiny", epochs=10_000, device="cpu", time_limit=8)
-    assert det.meta["training"]["stop_reason"] == "time_limit" and det.meta["training"]["stage"] == "flow"
     with pytest.raises(ValueError, match="2 stages: epochs must be >= 2"):
         train_detector(normals, method="spatial_msma", config="tiny", epochs=1, device="cpu")
 
