@@ -141,7 +141,7 @@ def test_flow_log_likelihood_is_the_change_of_variables_formula():
 
     got = flow.log_prob(x, context=c).detach()
     for i in range(5):
-        z = inverse(x[i:i + 1], c[i:i + 1])[0]
+        z = inverse(x[i:i + 1], c[i:i + 1])[0].detach()
         jac = torch.autograd.functional.jacobian(lambda v: inverse(v[None], c[i:i + 1])[0], x[i])
         want = -0.5 * float((z ** 2).sum()) - 1.5 * math.log(2 * math.pi) + float(torch.linalg.slogdet(jac)[1])
         assert math.isclose(float(got[i]), want, rel_tol=1e-6, abs_tol=1e-6)
