@@ -63,6 +63,8 @@ VARIANTS = {
     "memmc_mae": ("memmc_mae", {}),
     "memmc_mae_no_memory": ("memmc_mae", {"memory_slots": 0}),
     "memmc_mae_single_level": ("memmc_mae", {"decoder_levels": 1}),
+    # Spatial-MSMA (fast preset): score network, then the position-conditioned flow, in the one time budget
+    "spatial_msma": ("spatial_msma", {}),
 }
 NOTES = {"voxelwise": "per-voxel mean/std of 16 intensity-normalised normals, |z| smoothed sigma 1 voxel, top-50 mean"}
 SPACING = 2.0

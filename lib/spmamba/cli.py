@@ -238,6 +238,10 @@ class _TrainProgress:
                 self.bar.set_postfix_str(f"epoch {info.get('epoch')}/{info.get('total_epochs')} "
                                          f"mean loss {info['loss']:.4g}")
             return
+        if phase == "stage":  # a multi-stage method moves to its next stage
+            if self.bar is not None:
+                self.bar.write(f"training stage {info.get('stage')} from epoch {info.get('epoch')}")
+            return
         if phase == "train":
             steps, epochs = int(info.get("total_steps") or 1), int(info.get("total_epochs") or 1)
             total = int(info.get("total_global_steps") or steps * epochs)
@@ -439,6 +443,14 @@ def _check_training_limits(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     if args.epochs is not None and args.epochs < 1:
         raise CLIError(f"--epochs {args.epochs}: must be >= 1")
+    if args.epochs is not None and not args.resume:
+        from spmamba.methods import DEFAULT_METHOD, get_method, method_names, min_epochs
+
+        name = args.method or DEFAULT_METHOD
+        if name in method_names() and args.epochs < min_epochs(name):
+            stages = get_method(name).TRAINING_STAGES
+            raise CLIError(f"--epochs {args.epochs}: method {name} trains in {len(stages)} stages "
+                           f"({', '.join(stages)}), one epoch at least each: epochs must be >= {len(stages)}")
     _check_training_limits(args)
     if args.max_steps is not None and args.max_steps < 1:
         raise CLIError(f"--max-steps {args.max_steps}: must be >= 1")
@@ -674,18 +686,36 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             bar.set_postfix_str(sid, refresh=False)
             bar.refresh()
 
+    sade = args.protocol == "sade"
+    if sade:
+        missing = [opt for opt, val in (("--images", args.images), ("--normal-pred", args.normal_pred),
+                                        ("--normal-images", args.normal_images)) if not val]
+        if missing:
+            if bar is not None:
+                bar.close()
+            raise CLIError(f"--protocol sade needs {', '.join(missing)}: the brain masks come from the input images "
+                           "and the thresholds from the heatmaps of normal volumes (a detect output of held-out "
+                           "normals and their images)")
+    elif args.normal_pred or args.normal_images or args.voxel_fpr is not None:
+        raise CLIError("--normal-pred, --normal-images and --voxel-fpr belong to --protocol sade")
     try:
-        result = evaluate_folder(args.pred, args.masks, args.labels, threshold=args.threshold,
-                                 images_dir=args.images, min_region_voxels=args.min_region_voxels,
-                                 progress=progress)
+        if sade:
+            from spmamba.metrics_sade import DEFAULT_FPRS, evaluate_sade, format_sade_table
+
+            result = evaluate_sade(args.pred, args.masks, args.images, args.normal_pred, args.normal_images,
+                                   fprs=args.voxel_fpr or DEFAULT_FPRS, progress=progress)
+        else:
+            result = evaluate_folder(args.pred, args.masks, args.labels, threshold=args.threshold,
+                                     images_dir=args.images, min_region_voxels=args.min_region_voxels,
+                                     progress=progress)
     finally:
         if bar is not None:
             bar.close()
-    json_path = Path(args.json) if args.json else Path(args.pred) / "metrics.json"
+    json_path = Path(args.json) if args.json else Path(args.pred) / ("metrics_sade.json" if sade else "metrics.json")
     if str(json_path) == "-":
         print(json.dumps(result, indent=2, default=json_default))
         return EXIT_OK
-    print(format_table(result))
+    print(format_sade_table(result) if sade else format_table(result))
     write_json(json_path, result)
     print(f"(JSON: {json_path})")
     return EXIT_OK
@@ -1023,6 +1053,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--images", default=None, metavar="DIR",
                    help="input images: restrict pixel metrics to their non-zero voxels (foreground)")
     e.add_argument("--min-region-voxels", type=int, default=1, help="drop predicted regions smaller than this")
+    e.add_argument("--protocol", choices=("product", "sade"), default="product",
+                   help="product (default): the metrics above; sade: the lesion protocol of Spatial-MSMA's public "
+                   "code (thresholds at voxel false-positive rates of normal heatmaps inside the eroded brain mask, "
+                   "components under 3 voxels dropped, lesion TPR/PPV, directed GT-to-prediction HD99/MSD; "
+                   "needs --images, --normal-pred, --normal-images; JSON default PRED/metrics_sade.json)")
+    e.add_argument("--normal-pred", default=None, metavar="DIR",
+                   help="sade: a `spmamba detect` output folder of held-out normal volumes (the thresholds)")
+    e.add_argument("--normal-images", default=None, metavar="DIR", help="sade: those normal volumes' images")
+    e.add_argument("--voxel-fpr", type=float, nargs="+", default=None, metavar="FPR",
+                   help="sade: voxel false-positive rates of the thresholds (default 0.05 0.1, as the code)")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_evaluate)
 

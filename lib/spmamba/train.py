@@ -36,7 +36,7 @@ from .scoring import FUSIONS, calibrate_threshold
 
 __all__ = ["train_detector", "TrainingDataError", "calibrate", "MIN_VOLUMES", "split_normals", "build_or_resume",
            "prepare_volumes", "publish", "fit", "FitState", "TrainingBudget", "PRETRAIN_SHARE",
-           "check_teacher_pretrain", "standardise_volumes"]
+           "check_teacher_pretrain", "standardise_volumes", "stage_end_epochs"]
 
 log = logging.getLogger(__name__)
 MIN_VOLUMES = 3  # at least 2 to train on + 1 held out for calibration
@@ -490,6 +490,7 @@ class FitState:
     scheduler: Any = None
     processes: int = 1  # data-parallel processes (torchrun); a step's batch is batch_per_process x processes
     batch_per_process: int = 0
+    stage_changes: list = field(default_factory=list)  # multi-stage methods: {"stage", "epoch", "step"} per change
 
     @property
     def steps(self) -> int:
@@ -503,6 +504,8 @@ class FitState:
                  "epoch": epoch_done, "loss_history": self.history}
         if self.processes > 1:  # a resume on another number of processes rescales the learning rate
             state["processes"] = self.processes
+        if self.stage_changes:
+            state["stage_changes"] = self.stage_changes
         return state
 
 
@@ -521,6 +524,21 @@ def _scale_lr(optimizer: Any, scheduler: Any, factor: float) -> None:
 def _drop_pending(scheduler: Any) -> bool:
     """Whether the MultiStepLR still has its drop ahead (not yet reached, nor made earlier by the time limit)."""
     return bool(scheduler.milestones) and scheduler.last_epoch < max(scheduler.milestones)
+
+
+def stage_end_epochs(shares: Sequence[float], total_epochs: int) -> list[int]:
+    """The epoch at which each stage but the last of a multi-stage method ends: the cumulative share of
+    ``total_epochs``, rounded, each stage getting at least one epoch. Raises ValueError when ``total_epochs`` is
+    fewer than the stages."""
+    k = len(shares)
+    if total_epochs < k:
+        raise ValueError(f"this method trains in {k} stages: epochs must be >= {k}, got {total_epochs}")
+    ends, cum = [], 0.0
+    for i, share in enumerate(shares[:-1]):
+        cum += float(share)
+        low = (ends[-1] + 1) if ends else 1
+        ends.append(min(max(int(round(cum * total_epochs)), low), total_epochs - (k - 1 - i)))
+    return ends
 
 
 def _prepare_model(model: Any, data: Any, budget: TrainingBudget, *, seed: int, encoder_weights: str,
@@ -617,22 +635,42 @@ def fit(detector: Detector, data: Any, budget: Optional[TrainingBudget] = None, 
         _scale_lr(optimizer, scheduler, ranks.world / int(resume_state.get("processes", 1)))
         start_epoch = int(resume_state["epoch"])
         state.history = list(resume_state.get("loss_history", []))
+        state.stage_changes = list(resume_state.get("stage_changes", []))
     history = state.history
     state.steps_before = start_epoch * steps_per_epoch
     state.planned_steps = state.steps_before + steps_per_epoch * max(0, total_epochs - start_epoch)
     if max_steps is not None:
         state.planned_steps = min(state.planned_steps, state.steps_before + max_steps)
-    samples = data
-    if ts is not None:  # e.g. SP-Mamba's teacher features, computed once
-        samples = model.training_samples(
-            data, (state.planned_steps - state.steps_before) * global_batch,
-            progress=lambda b, k: emit({"phase": "teacher_features", "step": b, "total_steps": k, "unit": "batch"}),
-            should_stop=budget.pausing("teacher_features", budget.stop))
-        if samples is not data:
-            log.info("training samples prepared once (%s)", type(samples).__name__)
+
+    def make_samples() -> Any:
+        """e.g. SP-Mamba's teacher features, computed once; made again when a multi-stage method changes stage
+        (outside the steps' timing, so a stage's one-time work does not count as a slow step)."""
+        made = model.training_samples(
+            data, (state.planned_steps - state.steps) * global_batch,
+            progress=lambda b, k: emit({"phase": model.SAMPLES_PHASE, "step": b, "total_steps": k,
+                                        "unit": model.SAMPLES_UNIT}),
+            should_stop=budget.pausing(model.SAMPLES_PHASE, budget.stop))
+        if made is not data:
+            log.info("training samples prepared (%s)", type(made).__name__)
+        return made
+
+    samples = make_samples() if ts is not None else data
     stopped = False
     step_seconds = 0.0  # running estimate of one optimisation step
     epoch = start_epoch
+    # Multi-stage methods (TRAINING_STAGES): each stage but the last ends at its epoch (stage_end_epochs) or, under
+    # a time limit, once its cumulative share of the optimisation's time (now to the deadline less the reserve) has
+    # passed, whichever is first; the model keeps its stage, so a resumed run goes on from there.
+    stages = tuple(model.TRAINING_STAGES) if ts is not None else ()
+    stage_ends = stage_end_epochs(model.stage_shares(), total_epochs) if len(stages) > 1 else []
+    stage_times: list = []
+    if stage_ends and budget.deadline is not None:
+        opt_time = max(0.0, budget.left() - budget.reserve())
+        shares = model.stage_shares()
+        done_share = sum(shares[:model.training_stage])  # a resumed run: the stages before are done
+        now = time.time()
+        stage_times = [now + opt_time * max(0.0, (sum(shares[:i + 1]) - done_share) / max(1e-9, 1.0 - done_share))
+                       for i in range(len(stages) - 1)]
     # Under a time limit the training usually ends long before ``total_epochs``, so the epoch milestone of the
     # published schedule (lr x0.1 at 80% of the training) would never come: the drop then also comes at 80% of the
     # time the optimisation has (from now to the deadline less what is reserved for calibration), whichever is
@@ -656,6 +694,17 @@ def fit(detector: Detector, data: Any, budget: Optional[TrainingBudget] = None, 
         emit({"phase": "train", "epoch": 1, "total_epochs": 1, "step": 1, "total_steps": 1,
               "global_step": 1, "total_global_steps": state.planned_steps})
     for epoch in range(start_epoch, total_epochs if ts is not None else 0):
+        while model.training_stage < len(stage_ends):
+            k = model.training_stage
+            (due,) = ranks.agree(epoch >= stage_ends[k] or (bool(stage_times) and time.time() >= stage_times[k]))
+            if not due:
+                break
+            model.begin_stage(k + 1)
+            state.stage_changes.append({"stage": stages[k + 1], "epoch": epoch, "step": state.steps})
+            log.info("training stage %s from epoch %d (step %d)", stages[k + 1], epoch + 1, state.steps)
+            emit({"phase": "stage", "stage": stages[k + 1], "index": k + 1, "stages": list(stages),
+                  "epoch": epoch + 1, "total_epochs": total_epochs, "global_step": state.steps})
+            samples = make_samples()
         model.train()
         perm = torch.randperm(n, generator=g)
         running = 0.0
@@ -850,6 +899,8 @@ def train_detector(
     total_epochs = int(epochs if epochs is not None else ts.epochs) if ts is not None else 1
     if total_epochs < 1:
         raise ValueError("epochs must be >= 1")
+    if ts is not None and len(model.TRAINING_STAGES) > 1:
+        stage_end_epochs(model.stage_shares(), total_epochs)  # enough epochs for every stage, before any work
 
     emit({"phase": "prepare", "step": 0, "total_steps": len(train_vols), "unit": "vol"})
     data = model.training_data(standardise_volumes(prepare_volumes(
@@ -894,6 +945,8 @@ def train_detector(
             "lr_drop_step": st.lr_drop_step, "intensity_landmarks": prep.intensity_landmarks,
             "fusion": detector.fusion if detector.intensity_stats is not None else "none",
             "processes": st.processes,
+            **({"stage": type(detector.model).TRAINING_STAGES[detector.model.training_stage],
+                "stage_changes": st.stage_changes} if type(detector.model).TRAINING_STAGES else {}),
             **({"batch_per_process": st.batch_per_process, "step_batch": st.batch_per_process * st.processes,
                 "lr": st.optimizer.param_groups[0].get("initial_lr")} if st.optimizer is not None else {}),
         }

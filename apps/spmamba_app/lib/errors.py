@@ -52,7 +52,8 @@ NO_MODEL_MSG = (
     "or start the server with --conf model PATH pointing to a checkpoint made by `spmamba train`. ({where})"
 )
 #: how messages and task descriptions name the built-in methods (others by their registry name)
-METHOD_NAMES = {"spmamba": "SP-Mamba", "voxelwise": "voxel-wise statistics", "memmc_mae": "MemMC-MAE"}
+METHOD_NAMES = {"spmamba": "SP-Mamba", "voxelwise": "voxel-wise statistics", "memmc_mae": "MemMC-MAE",
+                "spatial_msma": "Spatial-MSMA"}
 
 
 def method_title(method: str) -> str:

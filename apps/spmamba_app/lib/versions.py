@@ -48,7 +48,7 @@ LOG_LENGTH = 100
 PRESET_ORDER = ("tiny", "fast", "paper")
 RANKED_METHOD = "spmamba"  # the method of files that name none
 #: methods whose presets form the ladder PRESET_ORDER (tiny < fast < paper)
-RANKED_METHODS = ("spmamba", "memmc_mae")
+RANKED_METHODS = ("spmamba", "memmc_mae", "spatial_msma")
 _SAFE_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _THREAD_LOCK = threading.Lock()
 
@@ -63,7 +63,7 @@ class UnknownVersion(KeyError):
 
 
 def preset_rank(name: Any, method: str = RANKED_METHOD) -> Optional[int]:
-    """SP-Mamba and MemMC-MAE: 0 tiny, 1 fast, 2 paper; None for a custom configuration or another method (never
+    """SP-Mamba, MemMC-MAE and Spatial-MSMA: 0 tiny, 1 fast, 2 paper; None for a custom configuration or another method (never
     compared)."""
     return PRESET_ORDER.index(name) if method in RANKED_METHODS and name in PRESET_ORDER else None
 

@@ -133,6 +133,10 @@ class AnomalyModel(nn.Module):
         gradient-trained methods, anything ``fit`` accepts otherwise."""
         raise NotImplementedError
 
+    #: the progress phase (and its unit) of ``training_samples``' work
+    SAMPLES_PHASE: ClassVar[str] = "teacher_features"
+    SAMPLES_UNIT: ClassVar[str] = "batch"
+
     def training_samples(self, data: Any, planned_samples: int,
                          progress: Optional[Callable[[int, int], None]] = None,
                          should_stop: Optional[Callable[[], bool]] = None) -> Any:
@@ -144,6 +148,27 @@ class AnomalyModel(nn.Module):
 
     def training_loss(self, batch: torch.Tensor) -> torch.Tensor:
         """Scalar loss of a batch of training samples (gradient-trained methods)."""
+        raise NotImplementedError
+
+    #: the named stages of a method trained in several stages, in order (e.g. Spatial-MSMA's ("score", "flow"));
+    #: () = one stage. The shared loop moves the model from one stage to the next (``begin_stage``) at the
+    #: epoch - or, under a time limit, the moment - given by ``stage_shares``; each stage keeps the one optimiser
+    #: (parameters a stage does not train simply get no gradient), and the stage is part of the model's state, so a
+    #: checkpoint resumed in a later stage continues there.
+    TRAINING_STAGES: ClassVar[tuple] = ()
+
+    @property
+    def training_stage(self) -> int:
+        """Index of the current stage in ``TRAINING_STAGES`` (stored with the model)."""
+        return 0
+
+    def stage_shares(self) -> tuple:
+        """Share of the epochs (and of the optimisation time under a time limit) of each stage; sums to 1."""
+        return (1.0,)
+
+    def begin_stage(self, index: int) -> None:
+        """Move to stage ``index`` (e.g. freeze what the earlier stages trained); ``training_samples`` and
+        ``training_loss`` then follow the stage."""
         raise NotImplementedError
 
     def fit(self, data: Any, progress: Optional[Callable[[int, int], None]] = None) -> None:

@@ -16,6 +16,7 @@ BUILTIN = {
     "spmamba": "spmamba.models.spmamba:SPMamba",
     "voxelwise": "spmamba.methods.voxelwise:VoxelwiseModel",
     "memmc_mae": "spmamba.methods.memmc_mae:MemMCMAE",
+    "spatial_msma": "spmamba.methods.spatial_msma:SpatialMSMA",
 }
 DEFAULT_METHOD = "spmamba"  # also the method of model files written before methods had names
 ENV_VAR = "SPMAMBA_METHODS"

@@ -251,6 +251,13 @@ def parse_conf(app_dir: str, studies: str, conf: Optional[Dict[str, Any]]) -> Ap
     if modalities and not all(m.strip().isalnum() for m in modalities.split(",")):
         raise ConfError(f"--conf dicomweb_modality {modalities!r}: expected modalities such as MR or MR,CT")
 
+    epochs = _int(conf, "epochs", None, minimum=1)
+    if epochs is not None and method in library_methods():
+        from spmamba.methods import min_epochs
+
+        if epochs < min_epochs(method):
+            raise ConfError(f"--conf epochs {epochs}: method {method} trains in {min_epochs(method)} stages, one "
+                            "epoch at least each")
     return AppSettings(
         app_dir=app_dir,
         method=method,
@@ -262,7 +269,7 @@ def parse_conf(app_dir: str, studies: str, conf: Optional[Dict[str, Any]]) -> Ap
         unflagged_normal=_bool(conf, "unflagged_normal", False),
         model=model,
         model_dir=model_dir,
-        epochs=_int(conf, "epochs", None, minimum=1),
+        epochs=epochs,
         min_normals=_int(conf, "min_normals", 2, minimum=1) or 2,
         auto_score=_bool(conf, "auto_score", True),
         auto_train=_bool(conf, "auto_train", False),

@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Optional
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.train import TrainTask
 from spmamba.atomic import write_json
+from spmamba.methods import min_epochs
 
 from ..configs import AppSettings
 from ..configs.settings import library_presets
@@ -108,6 +109,9 @@ class AnomalyTrain(TrainTask):
                 raise bad_request(f"max_epochs must be an integer, not {epochs!r}") from None
             if epochs < 1:
                 epochs = None  # 0 = preset default
+            elif epochs < min_epochs(self.settings.method):
+                raise bad_request(f"max_epochs {epochs}: method {self.settings.method} trains in "
+                                  f"{min_epochs(self.settings.method)} stages, one epoch at least each")
         force = request.get("force", False)
         if isinstance(force, str):
             force = force.strip().lower() in ("1", "true", "yes", "on")
@@ -209,6 +213,8 @@ class AnomalyTrain(TrainTask):
                 stats["epoch_step"], stats["steps_per_epoch"] = p.get("step"), p.get("total_steps")
             elif p.get("step") is not None:
                 stats["phase_step"], stats["phase_total_steps"] = p["step"], p.get("total_steps")
+            if p.get("stage") is not None:  # multi-stage methods (Spatial-MSMA): the stage being trained
+                stats["stage"] = p["stage"]
             if p.get("phase") == "paused":  # a detection runs in the server: waiting between steps
                 stats["pause_reason"], stats["pauses"] = p.get("reason"), p.get("pauses")
             else:
