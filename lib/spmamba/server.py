@@ -190,6 +190,17 @@ def stop(proc: subprocess.Popen, timeout: float = 20.0) -> Optional[int]:
     return proc.returncode
 
 
+def _wait_interruptibly(proc: subprocess.Popen, slice_s: float = 0.2) -> int:
+    """``proc.wait()`` in short slices. The kernel may hand a Ctrl-C to any thread; when it picks the output-copying
+    thread, a main thread blocked in ``waitpid`` never sees it (the Python handler runs only when the main thread
+    runs Python code), and the server would be left running. Waking up every ``slice_s`` lets it run."""
+    while True:
+        try:
+            return proc.wait(slice_s)
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def _pump(src: IO[bytes], dst: IO[str], quiet: threading.Event) -> None:
     """Copy the server's output to ``dst`` line by line until ``quiet`` is set, then only drain it (a full pipe
     would block the server)."""
@@ -269,7 +280,7 @@ def serve(
         wait_until_ready(host, port, ready_timeout, proc)
         if on_ready is not None:
             on_ready(f"http://{host}:{port}")
-        rc = proc.wait()
+        rc = _wait_interruptibly(proc)
         pump.join(5)
         return rc
     except KeyboardInterrupt:
