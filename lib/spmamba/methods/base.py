@@ -81,11 +81,29 @@ class AnomalyModel(nn.Module):
     config: Any
 
     # ------------------------------------------------------------ construction
+    #: the architecture config's class, for the default :meth:`get_config`: it has ``from_dict(dict)``,
+    #: ``with_overrides(**kw)`` and ``validate()``; methods whose configs do not follow that write their own
+    config_class: ClassVar[Optional[type]] = None
+
     @classmethod
     def get_config(cls, spec: Any, **overrides: Any) -> Any:
         """A preset name, a config or a dict of settings (as stored in a model file), then overrides -> a validated
         architecture config (with ``.training`` for gradient-trained methods)."""
-        raise NotImplementedError
+        if cls.config_class is None:
+            raise NotImplementedError(f"{cls.__name__}: set config_class or write get_config")
+        if isinstance(spec, cls.config_class):
+            cfg = spec
+        elif isinstance(spec, Mapping):
+            cfg = cls.config_class.from_dict(spec)
+        elif spec in cls.PRESETS:
+            cfg = cls.PRESETS[spec]
+        else:
+            raise ValueError(f"unknown preset {spec!r} for method {cls.method}; choose one of "
+                             f"{', '.join(cls.PRESETS)}")
+        if overrides:
+            cfg = cfg.with_overrides(**overrides)
+        cfg.validate()
+        return cfg
 
     @classmethod
     def build(cls, config: Any, encoder_weights: str = "none") -> "AnomalyModel":

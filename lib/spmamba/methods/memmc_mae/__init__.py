@@ -199,21 +199,7 @@ class MemMCMAE(SliceModel):
     method: ClassVar[str] = "memmc_mae"
     PRESETS: ClassVar[Mapping[str, MemMCMAEConfig]] = PRESETS
     default_preset: ClassVar[str] = "fast"
-
-    @classmethod
-    def get_config(cls, spec: Any, **overrides: Any) -> MemMCMAEConfig:
-        if isinstance(spec, MemMCMAEConfig):
-            cfg = spec
-        elif isinstance(spec, Mapping):
-            cfg = MemMCMAEConfig.from_dict(spec)
-        elif spec in PRESETS:
-            cfg = PRESETS[spec]
-        else:
-            raise ValueError(f"unknown preset {spec!r} for method memmc_mae; choose one of {', '.join(PRESETS)}")
-        if overrides:
-            cfg = cfg.with_overrides(**overrides)
-        cfg.validate()
-        return cfg
+    config_class: ClassVar[type] = MemMCMAEConfig
 
     def __init__(self, config: Any = "fast"):
         super().__init__()

@@ -228,27 +228,13 @@ class SpatialMSMA(VolumeModel):
     method: ClassVar[str] = "spatial_msma"
     PRESETS: ClassVar[Mapping[str, SpatialMSMAConfig]] = PRESETS
     default_preset: ClassVar[str] = "fast"
+    config_class: ClassVar[type] = SpatialMSMAConfig
     TRAINING_STAGES: ClassVar[tuple] = STAGES
     SAMPLES_PHASE: ClassVar[str] = "score_features"  # the flow stage's feature cache, built on its first step
     SAMPLES_UNIT: ClassVar[str] = "vol"
     # every slice of the volume counts; the Detector's 3-D smoothing stays (the features are pooled already, 3 x 3 x 3)
     preprocessing_defaults: ClassVar[Mapping[str, Any]] = {"min_foreground": 0.0}
     fuse_intensity: ClassVar[bool] = False
-
-    @classmethod
-    def get_config(cls, spec: Any, **overrides: Any) -> SpatialMSMAConfig:
-        if isinstance(spec, SpatialMSMAConfig):
-            cfg = spec
-        elif isinstance(spec, Mapping):
-            cfg = SpatialMSMAConfig.from_dict(spec)
-        elif spec in PRESETS:
-            cfg = PRESETS[spec]
-        else:
-            raise ValueError(f"unknown preset {spec!r} for method spatial_msma; choose one of {', '.join(PRESETS)}")
-        if overrides:
-            cfg = cfg.with_overrides(**overrides)
-        cfg.validate()
-        return cfg
 
     def __init__(self, config: Any = "fast"):
         super().__init__()
