@@ -296,14 +296,15 @@ def train_model(normal_dir: str, out: str, *, config: str | None = None, method:
                 position_normalise: bool | None = None, origin: str = "spmamba train", align: str | None = None,
                 align_reference: str = "auto", teacher_pretrain: str = "none",
                 pretrain_steps: int | None = None, fusion: str | None = None,
-                batch_size: int | None = None) -> dict:
+                batch_size: int | None = None, settings: dict | None = None) -> dict:
     """What ``spmamba train`` does (also used by ``spmamba demo``); returns a summary dict.
 
     ``method``: a method of the registry (default spmamba, or the resumed model's); ``config``: one of its presets
     (default: the method's default preset). ``teacher_pretrain`` / ``pretrain_steps``: in-domain pretraining of
     the teacher before distillation (``train_detector``). ``fusion``: None or "auto" = the product's default
     (``train_detector(fusion=None)``), else "none" or one of ``scoring.FUSIONS``. ``batch_size``: samples per step
-    of each process, instead of the preset's (the learning rate follows it, ``TrainingSettings.lr``).
+    of each process, instead of the preset's (the learning rate follows it, ``TrainingSettings.lr``). ``settings``:
+    the preset's settings changed by name (``--set``, checked by :func:`config_with_settings`).
 
     ``time_limit_min`` bounds the whole training in wall time, from reading the volumes to the calibrated model
     (``train_detector(time_limit=...)``); ``origin`` is recorded in the model (``meta.training.origin``).
@@ -324,15 +325,14 @@ def train_model(normal_dir: str, out: str, *, config: str | None = None, method:
         raise CLIError(f"{resume}: --resume checkpoint not found")
     method, config = _method_and_preset(method, config, resume)
     model_config = config
-    if batch_size is not None:  # the preset with another batch (a new model: checked by cmd_train)
-        from spmamba.methods import get_method
-
-        model_config = get_method(method).get_config(config, batch_size=batch_size)
+    if batch_size is not None or settings:  # the preset changed (a new model: checked by cmd_train)
+        model_config = config_with_settings(method, config, settings, batch_size=batch_size)
     if not quiet:
         _eprint(f"[train] {len(files)} normal volumes from {normal_dir}, "
                 + (f"method {method}, " if method != "spmamba" else "") + f"preset {config!r}"
                 + (f", {epochs} epochs" if epochs else "")
                 + (f", batch {batch_size}" if batch_size else "")
+                + "".join(f", {k}={v!r}" for k, v in (settings or {}).items())
                 + (f", at most {time_limit_min:g} min of wall time" if time_limit_min else "")
                 + (f", teacher pretrained ({teacher_pretrain})" if teacher_pretrain not in (None, "none") else "")
                 + f", device {device}"
@@ -408,6 +408,77 @@ def _method_and_preset(method: str | None, config: str | None, resume: str | Non
     return name, preset
 
 
+def parse_settings(pairs: Sequence[str] | None) -> dict:
+    """``--set KEY=VALUE`` (repeated) -> {key: value}. Values are read as Python literals (``0``, ``2e-4``,
+    ``(1, 2)``), ``true``/``false`` as booleans, anything else as text; :func:`config_with_settings` checks them."""
+    import ast
+
+    out: dict = {}
+    for pair in pairs or ():
+        key, sep, text = pair.partition("=")
+        key, text = key.strip(), text.strip()
+        if not sep or not key or not text:
+            raise CLIError(f"--set {pair}: give KEY=VALUE, e.g. --set memory_slots=0")
+        if key in out:
+            raise CLIError(f"--set {key}: given twice")
+        if text.lower() in ("true", "false"):
+            out[key] = text.lower() == "true"
+            continue
+        try:
+            out[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            out[key] = text
+    return out
+
+
+def config_with_settings(method: str, preset: str, settings: dict | None, batch_size: int | None = None):
+    """The ``preset`` of ``method`` with ``settings`` (architecture or training settings, by name) and
+    ``batch_size`` changed, validated. Unknown names, values of the wrong type and values the method refuses give a
+    :class:`CLIError` that names the setting and what is allowed."""
+    from dataclasses import fields, is_dataclass
+
+    from spmamba.methods import get_method
+    from spmamba.methods.base import TrainingSettings
+
+    cls = get_method(method)
+    base = cls.get_config(preset)
+    defaults = {f.name: getattr(base, f.name) for f in fields(base)} if is_dataclass(base) else {}
+    defaults.pop("name", None)
+    training = defaults.pop("training", None)
+    if training is not None:
+        defaults.update({k: getattr(training, k) for k in TrainingSettings.names()})
+    overrides = {}
+    for key, value in (settings or {}).items():
+        if key not in defaults:
+            raise CLIError(f"--set {key}: not a setting of method {method}; its settings are "
+                           f"{', '.join(sorted(defaults)) or 'none'}")
+        overrides[key] = _setting_value(key, value, defaults[key])
+    if batch_size is not None:
+        overrides["batch_size"] = batch_size
+    try:
+        return cls.get_config(preset, **overrides)
+    except (ValueError, TypeError) as e:
+        raise CLIError(f"--set: {e}") from None
+
+
+def _setting_value(key: str, value, default):
+    """``value`` in the type of the preset's ``default`` (an int where an int is, a tuple for a tuple ...)."""
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str),
+          tuple: lambda v: isinstance(v, (tuple, list)),
+          list: lambda v: isinstance(v, (tuple, list))}
+    kind = next((t for t in ok if isinstance(default, t)), None)  # bool before int: True is an int too
+    if default is None or kind is None:
+        return value
+    if not ok[kind](value):
+        raise CLIError(f"--set {key}={value!r}: {key} must be of type {kind.__name__}, like the preset's "
+                       f"{default!r}")
+    return float(value) if kind is float else tuple(value) if kind is tuple else list(value) if kind is list \
+        else value
+
+
 def _check_teacher_options(objective: str, steps: int | None, method: str | None, resume: str | None,
                            encoder_weights: str) -> None:
     """--teacher-pretrain / --pretrain-steps / --encoder-weights FILE: one clear line for what cannot work."""
@@ -472,6 +543,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if ref != "auto" and args.align not in ("affine", "deformable"):
         raise CLIError("--align-reference needs --align affine or --align deformable")
     _check_teacher_options(args.teacher_pretrain, args.pretrain_steps, args.method, args.resume, args.encoder_weights)
+    settings = parse_settings(args.settings)
+    if settings and args.resume:
+        raise CLIError("--set: a resumed model keeps its settings; drop --resume or --set")
+    if settings:  # checked before any volume is read
+        method, preset = _method_and_preset(args.method, args.config, None)
+        config_with_settings(method, preset, settings, batch_size=args.batch_size)
     if args.fusion not in ("auto", "none") and (args.position_normalise is False or args.align == "none"):
         raise CLIError(f"--fusion {args.fusion} compares intensities by position: it needs aligned volumes and "
                        "position-aware normalisation (drop --align none / --no-position-normalise, or use --fusion none)")
@@ -480,7 +557,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                     val_fraction=args.val_fraction, seed=args.seed, max_steps=args.max_steps,
                     time_limit_min=args.time_limit, quiet=args.quiet, position_normalise=args.position_normalise,
                     align=args.align, align_reference=ref, teacher_pretrain=args.teacher_pretrain,
-                    pretrain_steps=args.pretrain_steps, fusion=args.fusion, batch_size=args.batch_size)
+                    pretrain_steps=args.pretrain_steps, fusion=args.fusion, batch_size=args.batch_size,
+                    settings=settings)
     if s.get("rank", 0) != 0:  # another process of a torchrun training: rank 0 reports
         return EXIT_OK
     al = (s.get("training") or {}).get("alignment")
@@ -947,10 +1025,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--method", default=None, metavar="NAME",
                    help="anomaly-detection method: spmamba (default), voxelwise (per-voxel statistics of normals on "
                    "one grid; use --align affine for unregistered volumes), memmc_mae (memory-augmented masked "
-                   "autoencoder, 2-D) or any registered one")
+                   "autoencoder, 2-D), spatial_msma (3-D score matching with a position-aware flow) or any "
+                   "registered one")
     t.add_argument("--config", default=None, metavar="NAME",
-                   help="preset of the method: for spmamba and memmc_mae paper, fast (default) or tiny; for voxelwise "
-                   "default")
+                   help="preset of the method: for spmamba, memmc_mae and spatial_msma paper, fast (default) or "
+                   "tiny; for voxelwise default")
+    t.add_argument("--set", dest="settings", action="append", default=None, metavar="KEY=VALUE",
+                   help="change one setting of the preset, e.g. --set memory_slots=0 (repeat for more; ablations "
+                   "and experiments); a wrong name lists the method's settings. Recorded in the model file")
     t.add_argument("--epochs", type=int, default=None, help="override the preset's number of epochs")
     t.add_argument("--batch-size", type=int, default=None, metavar="B",
                    help="samples per optimisation step (of each process under torchrun) instead of the preset's; "

@@ -266,3 +266,48 @@ def test_position_normalisation_refuses_volumes_on_different_grids(tiny_data, tm
                "--max-steps", "1", "--position-normalise", "--align", "none", "-q"])
     err = capsys.readouterr().err
     assert rc == 2 and "one grid" in err and "Register" in err
+
+
+def test_train_set_changes_one_setting_and_records_it(tiny_data, tmp_path, capsys):
+    """--set KEY=VALUE: an ablation from the command line (here MemMC-MAE without its memory slots, a smaller batch
+    and a training setting); the model file carries the changed settings and detects."""
+    from spmamba.detector import Detector
+
+    out = tmp_path / "nomem.pt"
+    rc = main(["train", "--normal", str(tiny_data / "train"), "--out", str(out), "--method", "memmc_mae",
+               "--config", "tiny", "--set", "memory_slots=0", "--set", "grad_clip=0.5", "--max-steps", "1",
+               "--align", "none"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "memory_slots=0" in captured.err and "grad_clip=0.5" in captured.err  # said in the header
+    det = Detector.load(out)
+    assert det.model.config.memory_slots == 0 and det.model.config.training.grad_clip == 0.5
+    img = next((tiny_data / "test" / "images").glob("*.nii.gz"))
+    res = det.detect(nib.load(img).get_fdata(), nib.load(img).affine)
+    assert np.isfinite(res.score)
+
+
+@pytest.mark.parametrize("sets, needle", [
+    (["memory_slot=0"], "not a setting of method memmc_mae; its settings are"),
+    (["memory_slots=zero"], "memory_slots must be of type int"),
+    (["memory_slots"], "give KEY=VALUE"),
+    (["mask_ratio=1.5"], "--set: memmc_mae"),
+    (["memory_slots=0", "memory_slots=1"], "given twice"),
+])
+def test_train_set_refuses_bad_settings_before_reading_volumes(tiny_data, tmp_path, capsys, sets, needle):
+    args = ["train", "--normal", str(tiny_data / "train"), "--out", str(tmp_path / "m.pt"), "--method", "memmc_mae",
+            "--config", "tiny"]
+    for s in sets:
+        args += ["--set", s]
+    rc = main(args)
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err, err
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_train_set_refuses_resume(tiny_data, tmp_path, capsys):
+    ckpt = tmp_path / "c.pt"
+    ckpt.write_bytes(b"x")
+    rc = main(["train", "--normal", str(tiny_data / "train"), "--out", str(tmp_path / "m.pt"), "--resume", str(ckpt),
+               "--set", "epochs=3"])
+    assert rc == 2 and "a resumed model keeps its settings" in capsys.readouterr().err
