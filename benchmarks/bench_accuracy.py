@@ -159,13 +159,14 @@ def _detect_all(det, test, header: "HeaderGrid | None" = None) -> tuple[list[dic
             print(f"  {sid}: alignment failed ({e})", flush=True)
             failed.append(sid)
             cases.append({"id": sid, "heatmap": np.zeros(m.shape, np.float32), "score": None, "mask": m,
-                          "label": lab, "fg": v.array > 0, "spacing": _voxel_mm(v.affine), "family": fam})
+                          "label": lab, "fg": v.array > 0, "spacing": _voxel_mm(v.affine), "family": fam,
+                          "image": v.array})
             continue
         det_s.append(time.perf_counter() - t)
         if "align_s" in r.timings:
             align_s.append(r.timings["align_s"])
         cases.append({"id": sid, "heatmap": heat, "score": r.score, "mask": m, "label": lab, "fg": fg,
-                      "spacing": _voxel_mm(v.affine), "family": fam})
+                      "spacing": _voxel_mm(v.affine), "family": fam, "image": v.array})
     lowest = min([c["score"] for c in cases if c["score"] is not None], default=0.0)
     for c in cases:
         if c["score"] is None:
@@ -173,6 +174,17 @@ def _detect_all(det, test, header: "HeaderGrid | None" = None) -> tuple[list[dic
     extras = {"align_s_per_volume": float(np.mean(align_s)) if align_s else None,
               "align_s_max": float(np.max(align_s)) if align_s else None, "align_failed": failed}
     return cases, det_s, extras
+
+
+def sade(cases) -> dict:
+    """Spatial-MSMA's protocol (spmamba.metrics_sade, ``spmamba evaluate --protocol sade``) on the same maps: the
+    normal test volumes (never trained on) set the thresholds at voxel FPR 0.05 and 0.10, the abnormal ones are
+    scored lesion by lesion."""
+    from spmamba.metrics_sade import sade_protocol
+
+    r = sade_protocol(((c["heatmap"], c["image"]) for c in cases if not c["label"]),
+                      ((c["id"], c["heatmap"], c["image"], c["mask"], c["spacing"]) for c in cases if c["label"]))
+    return {k: r[k] for k in ("n_normal_volumes", "thresholds", "at_fpr", "not_evaluated")}
 
 
 def per_family(cases, pixel_threshold: float) -> dict:
@@ -285,7 +297,8 @@ def run_method(name: str, data: Path, args) -> list[dict]:
                   "heatmap_sigma_mm": det.preprocessing.heatmap_sigma_mm}
         thr = det.calibration.pixel_threshold
         out.append({"method": row, "pixel_threshold": thr, **common, **evaluate(cases, thr),
-                    "per_family": per_family(cases, thr), **({"notes": NOTES[name]} if name in NOTES else {})})
+                    "per_family": per_family(cases, thr), "sade": sade(cases),
+                    **({"notes": NOTES[name]} if name in NOTES else {})})
         if name != "spmamba" or models:
             continue
         # ablation without contrast/concentration terms: same maps, slice score = max(A) (on the volume grid)
@@ -345,6 +358,12 @@ COLUMNS = [("img AUROC", ("image", "auroc"), 3), ("img AP", ("image", "ap"), 3),
            ("peak MB", ("peak_rss_mb",), 0)]
 
 
+#: ``--table --protocol sade``: the lesion protocol of Spatial-MSMA's code at its two voxel false-positive rates
+SADE_COLUMNS = [(f"{name} @{fpr}", ("sade", "at_fpr", fpr, key), nd) for fpr in ("0.05", "0.1")
+                for name, key, nd in (("TPR", "tpr", 2), ("PPV", "ppv", 2), ("Dice", "dice", 3),
+                                      ("HD99 mm", "hd99_mm", 1), ("MSD mm", "msd_mm", 1))]
+
+
 def _get(r, path):
     for k in path:
         r = r.get(k) if isinstance(r, dict) else None
@@ -362,24 +381,26 @@ def _rows(folder: Path) -> dict:
     return {k: found[k] for k in keys}
 
 
-def table(folders=None) -> str:
+def table(folders=None, protocol: str = "product") -> str:
     """The markdown table of the results in ``folders`` (default RESULTS). With several folders (e.g. one per data
-    seed) each row present in all of them shows mean +- standard deviation over the folders, and n."""
+    seed) each row present in all of them shows mean +- standard deviation over the folders, and n.
+    ``protocol`` "sade": the columns of Spatial-MSMA's lesion protocol (rows measured without it show n/a)."""
+    columns = SADE_COLUMNS if protocol == "sade" else COLUMNS
     folders = [Path(f) for f in (folders or [RESULTS])]
     per = [_rows(f) for f in folders]
     names = [m for m in per[0] if all(m in p for p in per[1:])]
-    head = "| method | " + " | ".join(c for c, _, _ in COLUMNS) + (" | n |" if len(per) > 1 else " |")
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 1 + (len(per) > 1))]
+    head = "| method | " + " | ".join(c for c, _, _ in columns) + (" | n |" if len(per) > 1 else " |")
+    lines = [head, "|" + "---|" * (len(columns) + 1 + (len(per) > 1))]
     notes = []
     for m in names:
         errs = [p[m]["error"] for p in per if "error" in p[m]]
         if errs:
             notes.append(f"- {m}: {errs[0]}")
-            lines.append(f"| {m} | " + " | ".join(["refused"] + ["n/a"] * (len(COLUMNS) - 1)) +
+            lines.append(f"| {m} | " + " | ".join(["refused"] + ["n/a"] * (len(columns) - 1)) +
                          (f" | {len(per)} |" if len(per) > 1 else " |"))
             continue
         cells = []
-        for _, path, nd in COLUMNS:
+        for _, path, nd in columns:
             vals = [_get(p[m], path) for p in per]
             vals = [float(v) for v in vals if v is not None and np.isfinite(float(v))]
             if not vals:
@@ -418,6 +439,8 @@ def main() -> None:
     ap.add_argument("--train-seconds", type=float, default=240.0, help="training-loop budget per method")
     ap.add_argument("--epochs", type=int, default=100, help="epoch cap (the time budget usually stops first)")
     ap.add_argument("--encoder-weights", default=None, help="torchvision ResNet34 .pth: adds spmamba_imagenet")
+    ap.add_argument("--protocol", choices=("product", "sade"), default="product",
+                    help="with --table: the product's metrics (default) or Spatial-MSMA's lesion protocol")
     ap.add_argument("--table", action="store_true",
                     help="print the table of --results; several folders (one per seed): mean +- sd")
     ap.add_argument("--no-posnorm", action="store_true",
@@ -436,7 +459,7 @@ def main() -> None:
     RESULTS = Path(args.results[0])
     SPACING = float(args.spacing)
     if args.table:
-        print(table(args.results))
+        print(table(args.results, args.protocol))
         return
     if len(args.results) > 1:
         sys.exit("several --results folders only with --table")

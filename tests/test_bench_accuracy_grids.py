@@ -26,7 +26,8 @@ def _case(i, shape, label, rng):
         mask[4:7, 5:8, 3:6] = 1
     heat = rng.uniform(0, 1, shape).astype(np.float32) + 3.0 * mask
     return {"id": f"c{i}", "heatmap": heat, "score": float(heat.max()), "mask": mask, "label": label,
-            "fg": np.ones(shape, bool), "spacing": (2.0, 2.0, 2.0), "family": "tumour" if label else "none"}
+            "fg": np.ones(shape, bool), "spacing": (2.0, 2.0, 2.0), "family": "tumour" if label else "none",
+            "image": np.pad(np.ones(tuple(n - 2 for n in shape), np.float32), 1)}
 
 
 def test_evaluate_volumes_of_different_shapes(bench):
@@ -78,3 +79,21 @@ def test_table_mean_and_spread(bench, tmp_path):
     out = bench.table([tmp_path / "s0", tmp_path / "s1", tmp_path / "s2"])
     line = [l for l in out.splitlines() if l.startswith("| voxelwise+affine")][0]
     assert "0.900 ± 0.100" in line and line.endswith("| 3 |")
+
+
+def test_sade_protocol_rows_and_table(bench, tmp_path):
+    """Every row also carries Spatial-MSMA's lesion protocol: the normal test volumes set the thresholds, the
+    abnormal ones are scored; the lesion (3 above every normal value) is found at both voxel FPRs."""
+    rng = np.random.default_rng(1)
+    shape = (14, 14, 12)
+    cases = [_case(i, shape, i % 2, rng) for i in range(6)]
+    r = bench.sade(cases)
+    assert r["n_normal_volumes"] == 3 and set(r["at_fpr"]) == {"0.05", "0.1"}
+    for s in r["at_fpr"].values():
+        assert s["n_volumes"] == 3 and s["tpr"] == pytest.approx(1.0)
+        assert 0.0 <= s["hd99_mm"] <= 4.0  # surface to surface: the dilated prediction's is a voxel outside
+    row = {"method": "m", "image": {}, "pixel": {}, "lesion": {}, "sade": r}
+    (tmp_path / "accuracy_m.json").write_text(json.dumps(row))
+    out = bench.table([tmp_path], protocol="sade")
+    assert "TPR @0.05" in out.splitlines()[0]
+    assert [l for l in out.splitlines() if l.startswith("| m |")][0].startswith("| m | 1.00 |")

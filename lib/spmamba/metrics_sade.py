@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -32,7 +32,7 @@ from spmamba.metrics import EvaluationError, _find_image, _index_masks, _read, _
 from spmamba.results import ResultsError, heatmap_path, read_scores
 
 __all__ = ["DEFAULT_FPRS", "ball", "brain_masks", "post_process", "voxel_threshold", "normal_values",
-           "volume_metrics", "evaluate_sade", "format_sade_table"]
+           "volume_metrics", "sade_protocol", "evaluate_sade", "format_sade_table"]
 
 DEFAULT_FPRS = (0.05, 0.10)
 ERODE_RADIUS = 2
@@ -132,72 +132,97 @@ def _summary(rows: list[dict]) -> dict:
     return out
 
 
+def sade_protocol(normals: Iterable[tuple[np.ndarray, np.ndarray]],
+                  cases: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray, Sequence[float]]], *,
+                  fprs: Sequence[float] = DEFAULT_FPRS, max_values_per_volume: int = 500_000, seed: int = 0) -> dict:
+    """The protocol (module docstring) on arrays. ``normals``: (heatmap, image) of normal volumes, which set the
+    thresholds (held-out normals, not those the model was trained on, for an honest false-positive rate);
+    ``cases``: (id, heatmap, image, mask, voxel spacing in mm) of the test volumes, each array of one shape; those
+    with a lesion voxel inside the eroded brain are evaluated. Both may be generators (read one volume at a time);
+    ``normals`` is consumed first. At most ``max_values_per_volume`` values of each normal volume enter the
+    thresholds (a seeded uniform sample)."""
+    fprs = [float(f) for f in fprs]
+    if not fprs or any(not 0.0 < f < 1.0 for f in fprs):
+        raise EvaluationError(f"voxel false-positive rates must be between 0 and 1, got {fprs}")
+    rng = np.random.default_rng(seed)
+    pooled = []
+    for heat, img in normals:
+        _same_shape(img, heat, "a normal volume")
+        vals = normal_values(heat, brain_masks(img)[1])
+        if vals.size > max_values_per_volume:
+            vals = rng.choice(vals, max_values_per_volume, replace=False)
+        pooled.append(vals)
+    if not pooled:
+        raise EvaluationError("no normal heatmaps to set the thresholds from")
+    values = np.concatenate(pooled)
+    thresholds = {f: voxel_threshold(values, f) for f in fprs}
+
+    rows: dict[float, list[dict]] = {f: [] for f in fprs}
+    skipped = []
+    for sid, heat, img, mask, spacing in cases:
+        _same_shape(img, heat, sid)
+        _same_shape(mask, heat, sid)
+        eroded = brain_masks(img)[1]
+        gt = post_process((np.asarray(mask) > 0) & eroded)
+        if not gt.any():
+            skipped.append(sid)  # a normal volume (or a lesion outside the eroded brain): not in the protocol
+            continue
+        shifted = (np.asarray(heat, dtype=np.float64) - float(np.min(heat))) * eroded
+        for f in fprs:
+            pred = post_process(shifted > thresholds[f], dilate=True)
+            rows[f].append({"id": sid, **volume_metrics(pred, gt, spacing)})
+    return {
+        "protocol": "sade (ahsanMah/sade segmentation_evaluator)",
+        "n_normal_volumes": len(pooled), "n_normal_values": int(values.size),
+        "thresholds": {f"{f:g}": t for f, t in thresholds.items()},
+        "at_fpr": {f"{f:g}": _summary(rows[f]) for f in fprs},
+        "per_volume": {f"{f:g}": rows[f] for f in fprs},
+        "not_evaluated": skipped,
+    }
+
+
 def evaluate_sade(pred_dir: str | Path, masks_dir: str | Path, images_dir: str | Path,
                   normal_pred_dir: str | Path, normal_images_dir: str | Path, *,
                   fprs: Sequence[float] = DEFAULT_FPRS, max_values_per_volume: int = 500_000, seed: int = 0,
                   progress: Optional[Callable[[int, int, str], None]] = None) -> dict:
-    """The public code's protocol (module docstring) on ``spmamba detect`` output folders: ``pred_dir`` (the
-    abnormal test volumes; those whose mask has a lesion voxel are evaluated), ``masks_dir`` (``<id>.nii.gz``, or
-    ``_mask`` / ``_seg`` / ``_label``), ``images_dir`` (their input images: the brain masks), ``normal_pred_dir`` and
-    ``normal_images_dir`` (the detect output and images of normal volumes: the thresholds; held-out normals, not
-    those the model was trained on, for an honest false-positive rate). At most ``max_values_per_volume`` values of
-    each normal volume enter the thresholds (a seeded uniform sample)."""
-    fprs = [float(f) for f in fprs]
-    if not fprs or any(not 0.0 < f < 1.0 for f in fprs):
-        raise EvaluationError(f"voxel false-positive rates must be between 0 and 1, got {fprs}")
+    """:func:`sade_protocol` on ``spmamba detect`` output folders: ``pred_dir`` (the abnormal test volumes; those
+    whose mask has a lesion voxel are evaluated), ``masks_dir`` (``<id>.nii.gz``, or ``_mask`` / ``_seg`` /
+    ``_label``), ``images_dir`` (their input images: the brain masks), ``normal_pred_dir`` and
+    ``normal_images_dir`` (the detect output and images of normal volumes: the thresholds)."""
     try:
         test_scores, normal_scores = read_scores(pred_dir), read_scores(normal_pred_dir)
     except ResultsError as exc:
         raise EvaluationError(str(exc)) from exc
     if not normal_scores:
         raise EvaluationError(f"{Path(normal_pred_dir) / 'scores.csv'}: has no rows (no normal heatmaps)")
-    rng = np.random.default_rng(seed)
     total = len(normal_scores) + len(test_scores)
-    pooled = []
-    for k, sid in enumerate(normal_scores):
-        h, _ = _read(_existing(heatmap_path(normal_pred_dir, sid)))
-        img, _ = _read(_find_image(Path(normal_images_dir), sid))
-        _same_shape(img, h, sid)
-        vals = normal_values(h, brain_masks(img)[1])
-        if vals.size > max_values_per_volume:
-            vals = rng.choice(vals, max_values_per_volume, replace=False)
-        pooled.append(vals)
-        if progress:
-            progress(k + 1, total, sid)
-    values = np.concatenate(pooled)
-    thresholds = {f: voxel_threshold(values, f) for f in fprs}
-
     masks = _index_masks(Path(masks_dir))
-    rows: dict[float, list[dict]] = {f: [] for f in fprs}
     skipped = []
-    for k, sid in enumerate(test_scores):
-        if progress:
-            progress(len(normal_scores) + k + 1, total, sid)
-        if sid not in masks:
-            skipped.append(sid)
-            continue
-        h, aff = _read(_existing(heatmap_path(pred_dir, sid)))
-        m, _ = _read(masks[sid])
-        img, _ = _read(_find_image(Path(images_dir), sid))
-        _same_shape(img, h, sid)
-        _same_shape(m, h, sid)
-        eroded = brain_masks(img)[1]
-        gt = post_process((np.asarray(m) > 0) & eroded)
-        if not gt.any():
-            skipped.append(sid)  # a normal volume (or a lesion outside the eroded brain): not in the protocol
-            continue
-        shifted = (np.asarray(h, dtype=np.float64) - float(np.min(h))) * eroded
-        for f in fprs:
-            pred = post_process(shifted > thresholds[f], dilate=True)
-            rows[f].append({"id": sid, **volume_metrics(pred, gt, _spacing(aff))})
-    return {
-        "protocol": "sade (ahsanMah/sade segmentation_evaluator)",
-        "n_normal_volumes": len(normal_scores), "n_normal_values": int(values.size),
-        "thresholds": {f"{f:g}": t for f, t in thresholds.items()},
-        "at_fpr": {f"{f:g}": _summary(rows[f]) for f in fprs},
-        "per_volume": {f"{f:g}": rows[f] for f in fprs},
-        "not_evaluated": skipped,
-    }
+
+    def normals():
+        for k, sid in enumerate(normal_scores):
+            h, _ = _read(_existing(heatmap_path(normal_pred_dir, sid)))
+            img, _ = _read(_find_image(Path(normal_images_dir), sid))
+            _same_shape(img, h, sid)
+            yield h, img
+            if progress:
+                progress(k + 1, total, sid)
+
+    def cases():
+        for k, sid in enumerate(test_scores):
+            if progress:
+                progress(len(normal_scores) + k + 1, total, sid)
+            if sid not in masks:
+                skipped.append(sid)
+                continue
+            h, aff = _read(_existing(heatmap_path(pred_dir, sid)))
+            m, _ = _read(masks[sid])
+            img, _ = _read(_find_image(Path(images_dir), sid))
+            yield sid, h, img, m, _spacing(aff)
+
+    result = sade_protocol(normals(), cases(), fprs=fprs, max_values_per_volume=max_values_per_volume, seed=seed)
+    result["not_evaluated"] = skipped + result["not_evaluated"]
+    return result
 
 
 def _existing(path: Path) -> Path:
