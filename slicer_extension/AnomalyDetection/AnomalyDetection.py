@@ -178,6 +178,8 @@ class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 timer.stop()
         if self.runner is not None:
             self.runner.shutdown()
+        if self.logic is not None:
+            self.logic.close()  # the temporary scans and heatmaps
 
     def enter(self):
         self.initializeParameterNode()
@@ -423,6 +425,7 @@ class AnomalyDetectionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def showDetection(self, volume, result):
         if not slicer.mrmlScene.IsNodePresent(volume):
+            self.logic.discard(result.heatmap_path)
             self.setStatus("The input volume was closed before the result arrived.", error=True)
             return
         # the Logic writes input, heatmap and threshold (the server's pixel threshold) into the parameter node,

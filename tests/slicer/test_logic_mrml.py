@@ -222,6 +222,38 @@ def test_unreadable_file_gives_clear_error(scene, tmp_path):
     assert not slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
 
 
+def test_work_files_are_removed_once_loaded_and_at_close(scene, tmp_path):
+    """Scans and heatmaps that pass through the logic's work folder do not stay on disk (patient data): a file
+    loaded from there goes with its folder, also when it cannot be read; the user's own files stay; close() removes
+    the folder and what is left in it."""
+    import os
+    import tempfile
+
+    from AnomalyDetectionLib.client import ServerError
+
+    logic = AnomalyLogic()
+    image, heat = testing.synthetic_arrays()
+    own = _write_nifti(tmp_path / "own.nii.gz", image)
+    reference = logic.load_volume(own)
+    downloaded = tempfile.mkdtemp(dir=logic.work_dir)
+    logic.show_heatmap(reference, _write_nifti(os.path.join(downloaded, "own_anomaly.nii.gz"), heat), threshold=0.5)
+    assert not os.path.exists(downloaded) and os.path.isfile(own)
+    broken = tempfile.mkdtemp(dir=logic.work_dir)
+    with open(os.path.join(broken, "bad.nii.gz"), "wb") as f:
+        f.write(b"not an image")
+    with pytest.raises(ServerError, match="Could not read"):
+        logic.load_volume(os.path.join(broken, "bad.nii.gz"))
+    assert os.listdir(logic.work_dir) == []
+    logic.discard(own)  # not in the work folder: left alone
+    logic.discard(logic.work_dir)
+    assert os.path.isfile(own) and os.path.isdir(logic.work_dir)
+    job = logic.prepare_detection(testing.add_volume(image, "unsaved scan"), add_to_studies=False)
+    assert os.path.isfile(job.file_path)  # the upload's copy, until run_detection has sent it
+    logic.close()
+    assert not os.path.exists(logic.work_dir)
+    logic.close()
+
+
 @pytest.mark.parametrize("name", ["xray.png", "colon.jpg", "chest.dcm"])
 def test_2d_images_load_as_one_slice_volumes_and_take_the_servers_heatmap(scene, tmp_path, name):
     """A 2-D study (PNG/JPEG/DICOM, as the server serves it) loads with the geometry the server's reader gives it
@@ -247,6 +279,9 @@ def test_2d_images_load_as_one_slice_volumes_and_take_the_servers_heatmap(scene,
     assert node.GetName() == name.split(".")[0] and node.GetImageData().GetDimensions() == (30, 20, 1)
     np.testing.assert_allclose(_matrix(node), server.affine, atol=1e-6)
     np.testing.assert_allclose(slicer.util.arrayFromVolume(node)[0].T, server.array[:, :, 0], atol=1e-3)
+    import os
+
+    assert os.listdir(logic.work_dir) == []  # the NRRD the image was converted to is gone once read
     heat = np.zeros(server.array.shape, np.float32)
     heat[4, 7, 0] = 1.0
     heat_node = logic.show_heatmap(node, str(save_volume(heat, server.affine, tmp_path / "heat.nii.gz")),

@@ -95,7 +95,8 @@ def test_logic_and_client_have_no_qt_and_no_spmamba(filename):
     forbidden = {n for n in names if n.split(".")[0] in ("qt", "ctk", "PythonQt", "spmamba", "PyQt5", "PySide2",
                                                         "requests", "httpx", "torch", "monai", "monailabel")}
     assert not forbidden, f"{filename} imports {forbidden}"
-    assert names <= {"__future__", "os", "re", "json", "math", "mimetypes", "socket", "tempfile", "urllib.error",
+    assert names <= {"__future__", "os", "re", "json", "math", "mimetypes", "shutil", "socket", "tempfile", "weakref",
+                     "urllib.error",
                      "urllib.parse", "urllib.request", "uuid", "dataclasses", "typing", "concurrent.futures",
                      "threading", "time", "numpy", "slicer", "vtk", "vtk.util",
                      "keyring", "keyring.backends",  # optional (credentials.py), imported when used

@@ -109,6 +109,8 @@ def test_connect_curate_and_next_case(server, scene, tmp_path):
     node = logic.load_case(image_id, path)
     assert logic.image_id_of(node) == image_id
     assert node.GetImageData().GetDimensions() == SHAPE
+    assert not os.path.exists(path) and os.listdir(logic.work_dir) == []  # the download is gone once loaded
+    logic.close()
 
 
 
@@ -162,9 +164,12 @@ def test_train_publish_detect_and_overlay(server, scene, tmp_path):
     # a local volume sent as a file (not added to the studies)
     from AnomalyDetectionLib import testing
 
+    assert not os.path.exists(result.heatmap_path)  # removed once in the scene
     local = testing.add_volume(_phantom(7), "another scan")
-    result = logic.run_detection(logic.prepare_detection(local, add_to_studies=False))
+    job = logic.prepare_detection(local, add_to_studies=False)
+    result = logic.run_detection(job)
     assert result.image_id is None and os.path.isfile(result.heatmap_path)
+    assert not os.path.exists(job.file_path)  # the copy written for the upload: removed once sent
     assert "another_scan" not in logic.client.curation_states()
 
     # a local volume goes up to the datastore (so that it can be curated) when detection starts

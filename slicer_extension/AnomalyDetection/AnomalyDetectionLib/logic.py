@@ -25,7 +25,9 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -182,13 +184,33 @@ class AnomalyLogic:
         self._method = model or DEFAULT_MODEL
         self.timeout = timeout
         self.client = AnomalyClient(server_url, timeout=timeout)
+        # scans written for upload, downloaded studies and heatmaps pass through here: each is removed as soon as it
+        # is in the scene or sent (``discard``), the folder itself by ``close`` or, at the latest, when Python exits
         self.work_dir = tempfile.mkdtemp(prefix="AnomalyDetection_")
+        self._remove_work_dir = weakref.finalize(self, shutil.rmtree, self.work_dir, True)
         self.summary: Optional[ServerSummary] = None  # the last GET /info/ (Connect)
         self.regions_source = ""  # how the last make_regions made its rows: "server", "server+heatmap", "heatmap"
         self.regions_note = ""  # why the server's regions were not used ('' when they were, or there were none)
         # a server on a PACS: store each detection of a PACS series there too (a Parametric Map and a Segmentation
         # referencing the series); the server's own pacs_results setting stores them whatever this says
         self.store_in_pacs = False
+
+    # ============================================================================================ files
+    def discard(self, path: Optional[str]) -> None:
+        """Remove a file this logic wrote or downloaded (the temporary folder holding it, directly under
+        ``work_dir``) once it is loaded into the scene or sent: patient images must not pile up on disk. Paths
+        elsewhere are left alone."""
+        if not path:
+            return
+        root = os.path.abspath(self.work_dir)
+        target = os.path.abspath(path)
+        if target == root or os.path.commonpath([target, root]) != root:
+            return
+        shutil.rmtree(os.path.join(root, os.path.relpath(target, root).split(os.sep)[0]), ignore_errors=True)
+
+    def close(self) -> None:
+        """Remove ``work_dir`` and everything left in it (the module's cleanup calls this)."""
+        self._remove_work_dir()
 
     # ============================================================================================ settings
     @property
@@ -329,7 +351,15 @@ class AnomalyLogic:
     # ============================================================================================ MRML: volumes
     def load_volume(self, path: str, name: Optional[str] = None, image_id: Optional[str] = None):
         """(main) Read a .nii/.nii.gz/.nrrd file, or a 2-D .png/.jpg/.dcm image (a volume with one slice, see
-        ``image_as_nrrd``), into a new scalar volume node through a storage node."""
+        ``image_as_nrrd``), into a new scalar volume node through a storage node. A file in ``work_dir`` (a
+        download, a heatmap) is removed once read, whether or not reading succeeded."""
+        original = path
+        try:
+            return self._load_volume(path, name, image_id)
+        finally:
+            self.discard(original)
+
+    def _load_volume(self, path: str, name: Optional[str], image_id: Optional[str]):
         node = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name or _stem(path))
         storage = self.scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
         if path.lower().endswith(IMAGE_SUFFIXES):
@@ -342,7 +372,11 @@ class AnomalyLogic:
                                   kind="bad_response") from e
         storage.SetFileName(path)
         storage.SetSingleFile(True)
-        if not storage.ReadData(node):
+        try:
+            read = storage.ReadData(node)
+        finally:
+            self.discard(path)  # an image converted to .nrrd in work_dir
+        if not read:
             self.scene.RemoveNode(node)
             self.scene.RemoveNode(storage)
             raise ServerError(f"Could not read the volume file {path} (not an image, or truncated).",
@@ -469,9 +503,20 @@ class AnomalyLogic:
                             store_results=bool(pacs and self.store_in_pacs))
 
     def run_detection(self, job: DetectionJob) -> DetectionResult:
-        """(worker) Upload the volume if needed, run ``POST /infer/{model}`` and download the heatmap."""
-        image_id = job.image_id
+        """(worker) Upload the volume if needed, run ``POST /infer/{model}`` and download the heatmap (into
+        ``work_dir``; ``show_heatmap`` removes it once loaded). The copy of the volume written for the upload is
+        removed when this returns; on failure the download folder too."""
         out_dir = tempfile.mkdtemp(dir=self.work_dir)
+        try:
+            return self._run_detection(job, out_dir)
+        except BaseException:
+            self.discard(out_dir)
+            raise
+        finally:
+            self.discard(job.file_path)
+
+    def _run_detection(self, job: DetectionJob, out_dir: str) -> DetectionResult:
+        image_id = job.image_id
         method = job.method or self._method
         params = {"store_results": True} if job.store_results else None
         if not image_id and job.series_uid and not job.file_path:  # a PACS series opened from Slicer's DICOM browser
