@@ -138,14 +138,17 @@ def test_stop_while_calibrating_waits_for_calibration_and_publishes(make_app, st
 
 def test_stop_during_training_bounds_calibration_to_stop_max_s(make_app, studies, tiny_model, monkeypatch, tmp_path,
                                                                loaded_cpu):
-    """stop_max_s 40 s leaves 22 s to calibrate: one of the two 15-s volumes; answered within stop_max_s."""
+    """stop_max_s 40 s leaves 18 s to calibrate: one of the two 15-s volumes; answered within stop_max_s.
+    stop_grace_s is 12 s: one tiny step beside the two busy processes took more than 8 s in a fresh environment
+    (a CI run killed it); what is measured here is the bound on calibration, not the step."""
     env = make_app(studies, model=tiny_model, curation={k: "normal" for k in studies if k.startswith("n")},
-                   conf={"stop_grace_s": "8", "stop_max_s": "40"})
+                   conf={"stop_grace_s": "12", "stop_max_s": "40"})
     c = env.client
     v0 = infer_version(c)
     slow_subprocesses(monkeypatch, tmp_path, detect_s=15.0)
     assert c.post("/train/spmamba", json={"preset": "tiny", "max_epochs": 200}).status_code == 200
-    wait_stats(c, lambda s: s.get("status") == "RUNNING" and (s.get("step") or 0) >= 1 and s.get("phase") == "train")
+    # past the first steps (their one-time costs), in the optimisation loop
+    wait_stats(c, lambda s: s.get("status") == "RUNNING" and (s.get("step") or 0) >= 2 and s.get("phase") == "train")
     t0 = time.time()
     r = c.delete("/train/")
     took = time.time() - t0
