@@ -15,13 +15,13 @@ from PIL import Image
 
 from spmamba.checkpoint import load_checkpoint
 from spmamba.detector import Detector
-from spmamba.io import Volume, load_volume, save_volume
+from spmamba.io import load_volume, save_volume
 from spmamba.methods import SLICE, get_method, method_names
 from spmamba.methods.memmc_mae import (PRESETS, MemMCMAE, MemMCMAEConfig, MemorySABlock, MultiLevelCrossAttention,
                                        complementary_masks)
 from spmamba.train import train_detector
+from method_helpers import AFFINE, box_volume  # noqa: E402
 
-AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
 
 
 # ------------------------------------------------------------------------------------------------ the operators
@@ -192,20 +192,6 @@ def test_built_on_monai_blocks():
 
 
 # ------------------------------------------------------------------------------------------------ the method
-def _vol(rng, lesion: bool = False, shape=(20, 24, 8)) -> np.ndarray:
-    a = np.zeros(shape, np.float32)
-    a[3:17, 4:20, 1:7] = 1 + 0.1 * rng.standard_normal((14, 16, 6))
-    if lesion:
-        a[8:12, 9:13, 3:5] += 1.5
-    return a
-
-
-@pytest.fixture(scope="module")
-def normals():
-    rng = np.random.default_rng(0)
-    return [Volume(_vol(rng), AFFINE) for _ in range(5)]
-
-
 @pytest.fixture(scope="module")
 def trained(normals, tmp_path_factory):
     path = tmp_path_factory.mktemp("memmc") / "memmc.pt"
@@ -222,7 +208,7 @@ def test_train_save_load_detect(normals, trained):
     obj = load_checkpoint(path)
     assert obj["method"] == "memmc_mae" and obj["config"]["name"] == "tiny" and "training_state" in obj
     loaded = Detector.load(path, device="cpu")
-    x = _vol(np.random.default_rng(5), lesion=True)
+    x = box_volume(np.random.default_rng(5), lesion=True)
     a, b = det.detect(x, AFFINE), loaded.detect(x, AFFINE)
     assert loaded.version == det.version and np.array_equal(a.heatmap, b.heatmap) and a.score == b.score
     assert a.heatmap.shape == x.shape and np.isfinite(a.heatmap).all()
@@ -273,8 +259,8 @@ def test_cli_trains_and_detects_volumes(trained, tmp_path, capsys):
     normal = tmp_path / "normal"
     rng = np.random.default_rng(1)
     for i in range(4):
-        save_volume(_vol(rng), AFFINE, normal / f"n{i}.nii.gz")
-    save_volume(_vol(rng, lesion=True), AFFINE, tmp_path / "test" / "a0.nii.gz")
+        save_volume(box_volume(rng), AFFINE, normal / f"n{i}.nii.gz")
+    save_volume(box_volume(rng, lesion=True), AFFINE, tmp_path / "test" / "a0.nii.gz")
     out = tmp_path / "m.pt"
     assert main(["train", "--method", "memmc_mae", "--config", "nosuch", "--normal", str(normal), "--out", str(out),
                  "-q"]) == 2
@@ -319,7 +305,7 @@ def test_single_slice_images_of_any_orientation_through_detect(trained, tmp_path
     DICOM orientation): the heatmap has the image's shape, one slice score, 0 outside the foreground."""
     det, _ = trained
     rng = np.random.default_rng(4)
-    img = _vol(rng, lesion=True)[:, :, 4:5]  # (20, 24, 1)
+    img = box_volume(rng, lesion=True)[:, :, 4:5]  # (20, 24, 1)
     coronal = np.array([[-2.0, 0, 0, 100], [0, 0, -2.0, -50], [0, -2.0, 0, 200], [0, 0, 0, 1]])
     for affine in (AFFINE, coronal):
         res = det.detect(img, affine)

@@ -15,31 +15,17 @@ import pytest
 from spmamba.baselines import VoxelwiseBaseline
 from spmamba.checkpoint import CheckpointError, load_checkpoint
 from spmamba.detector import Detector
-from spmamba.io import Volume, save_volume
+from spmamba.io import save_volume
 from spmamba.methods import SLICE, VOLUME, UnknownMethod, get_method, method_names, register_method
 from spmamba.train import split_normals, train_detector
 from toy_method import ToyModel
+from method_helpers import AFFINE, box_volume  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 TOY_ENV = {"SPMAMBA_METHODS": "toy_method:ToyModel", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(HERE), str(REPO / "lib"), os.environ.get("PYTHONPATH", "")])}
-AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
 register_method(ToyModel)  # in this process; subprocesses get it from TOY_ENV
-
-
-def _vol(rng, lesion: bool = False, shape=(20, 24, 8)) -> np.ndarray:
-    a = np.zeros(shape, np.float32)
-    a[3:17, 4:20, 1:7] = 1 + 0.1 * rng.standard_normal((14, 16, 6))
-    if lesion:
-        a[8:12, 9:13, 3:5] += 1.5
-    return a
-
-
-@pytest.fixture(scope="module")
-def normals():
-    rng = np.random.default_rng(0)
-    return [Volume(_vol(rng), AFFINE) for _ in range(5)]
 
 
 def test_registry_knows_the_builtin_methods_and_refuses_others():
@@ -57,7 +43,7 @@ def test_voxelwise_method_gives_the_baselines_heatmaps(normals, tmp_path):
     assert np.isfinite(cal.pixel_threshold) and np.isfinite(cal.volume_threshold) and cal.n_volumes == 1
     train_idx, _ = split_normals(len(normals))
     base = VoxelwiseBaseline().fit(normals[i].array for i in train_idx)
-    x = _vol(np.random.default_rng(5), lesion=True)
+    x = box_volume(np.random.default_rng(5), lesion=True)
     res = det.detect(x, AFFINE)
     np.testing.assert_allclose(res.heatmap, base.heatmap(x), rtol=1e-5, atol=1e-5)
     assert res.score == pytest.approx(base.score(base.heatmap(x)), rel=1e-5)
@@ -87,7 +73,7 @@ def test_toy_method_train_save_load_detect(normals, tmp_path):
     obj = load_checkpoint(tmp_path / "toy.pt")
     assert obj["method"] == "toy" and "training_state" in obj
     loaded = Detector.load(tmp_path / "toy.pt", device="cpu")
-    x = _vol(np.random.default_rng(5), lesion=True)
+    x = box_volume(np.random.default_rng(5), lesion=True)
     a, b = det.detect(x, AFFINE), loaded.detect(x, AFFINE)
     assert loaded.version == det.version and np.array_equal(a.heatmap, b.heatmap) and a.score == b.score
     assert a.heatmap.shape == x.shape
@@ -108,8 +94,8 @@ def toy_folder(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("toy_data")
     rng = np.random.default_rng(1)
     for i in range(4):
-        save_volume(_vol(rng), AFFINE, d / "normal" / f"n{i}.nii.gz")
-    save_volume(_vol(rng, lesion=True), AFFINE, d / "test" / "a0.nii.gz")
+        save_volume(box_volume(rng), AFFINE, d / "normal" / f"n{i}.nii.gz")
+    save_volume(box_volume(rng, lesion=True), AFFINE, d / "test" / "a0.nii.gz")
     return d
 
 

@@ -16,14 +16,14 @@ import torch
 
 from spmamba.checkpoint import load_checkpoint
 from spmamba.detector import Detector
-from spmamba.io import Volume, load_volume, save_volume
+from spmamba.io import load_volume, save_volume
 from spmamba.methods import VOLUME, get_method, method_names
 from spmamba.methods.spatial_msma import PRESETS, SpatialMSMA, to_working_grid
 from spmamba.methods.spatial_msma.network import (ScoreUNet, build_flow, dsm_loss, largest_pairwise_distance,
                                                   pooled_score_norms, position_encoding, sigma_at, sigma_schedule)
 from spmamba.train import stage_end_epochs, train_detector
+from method_helpers import AFFINE, box_volume  # noqa: E402
 
-AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -213,20 +213,6 @@ def test_working_grid_keeps_the_foreground_box():
 
 
 # ------------------------------------------------------------------------------------------------ the method
-def _vol(rng, lesion: bool = False, shape=(20, 24, 8)) -> np.ndarray:
-    a = np.zeros(shape, np.float32)
-    a[3:17, 4:20, 1:7] = 1 + 0.1 * rng.standard_normal((14, 16, 6))
-    if lesion:
-        a[8:12, 9:13, 3:5] += 1.5
-    return a
-
-
-@pytest.fixture(scope="module")
-def normals():
-    rng = np.random.default_rng(0)
-    return [Volume(_vol(rng), AFFINE) for _ in range(5)]
-
-
 @pytest.fixture(scope="module")
 def trained(normals, tmp_path_factory):
     path = tmp_path_factory.mktemp("msma") / "msma.pt"
@@ -252,7 +238,7 @@ def test_two_stage_training_save_load_detect(normals, trained):
     obj = load_checkpoint(path)
     assert obj["method"] == "spatial_msma" and obj["config"]["name"] == "tiny" and "training_state" in obj
     loaded = Detector.load(path, device="cpu")
-    x = _vol(np.random.default_rng(5), lesion=True)
+    x = box_volume(np.random.default_rng(5), lesion=True)
     a, b = det.detect(x, AFFINE), loaded.detect(x, AFFINE)
     assert loaded.version == det.version and np.array_equal(a.heatmap, b.heatmap) and a.score == b.score
     assert a.heatmap.shape == x.shape and np.isfinite(a.heatmap).all()
@@ -289,7 +275,7 @@ def test_a_time_limit_shares_the_optimisation_time_between_the_stages(monkeypatc
         time=lambda: now[0], perf_counter=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s)))
     torch.manual_seed(0)
     det = Detector(SpatialMSMA("tiny"), Preprocessing(), device="cpu")
-    vols = torch.stack([to_working_grid(_vol(np.random.default_rng(i)), _vol(np.random.default_rng(i)) > 0,
+    vols = torch.stack([to_working_grid(box_volume(np.random.default_rng(i)), box_volume(np.random.default_rng(i)) > 0,
                                         (16, 16, 16)) for i in range(4)])
     events = []
 
@@ -325,8 +311,8 @@ def test_cli_trains_and_detects(tmp_path, capsys):
     normal = tmp_path / "normal"
     rng = np.random.default_rng(1)
     for i in range(4):
-        save_volume(_vol(rng), AFFINE, normal / f"n{i}.nii.gz")
-    save_volume(_vol(rng, lesion=True), AFFINE, tmp_path / "test" / "a0.nii.gz")
+        save_volume(box_volume(rng), AFFINE, normal / f"n{i}.nii.gz")
+    save_volume(box_volume(rng, lesion=True), AFFINE, tmp_path / "test" / "a0.nii.gz")
     (tmp_path / "test" / "broken.nii.gz").write_bytes(b"not a volume")
     out = tmp_path / "m.pt"
     assert main(["train", "--method", "spatial_msma", "--config", "nosuch", "--normal", str(normal), "--out",

@@ -14,7 +14,7 @@ method.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from ..preprocessing import slices_to_batch
 
-__all__ = ["TrainingSettings", "AnomalyModel", "SliceModel", "VolumeModel", "PreparedVolume", "SLICE", "VOLUME"]
+__all__ = ["TrainingSettings", "MethodConfig", "AnomalyModel", "SliceModel", "VolumeModel", "PreparedVolume", "SLICE", "VOLUME"]
 
 SLICE = "slice"
 VOLUME = "volume"
@@ -51,6 +51,42 @@ class TrainingSettings:
     @classmethod
     def names(cls) -> set[str]:
         return {f.name for f in fields(cls)}
+
+
+class MethodConfig:
+    """What the architecture configs (frozen dataclasses with a ``training`` field of :class:`TrainingSettings`)
+    share: reading one back from a model file's dict, and changing settings by name. ``LABEL`` names the method in
+    errors; ``TUPLE_SETTINGS`` are the settings a model file stores as lists."""
+
+    LABEL: ClassVar[str] = "model"
+    TUPLE_SETTINGS: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Any:
+        """A config from ``to_dict``'s output; training settings found beside the architecture's (SP-Mamba files
+        written before the split) move under ``training``. Unknown names: ValueError (a newer file)."""
+        d = dict(d)
+        training = dict(d.pop("training", None) or {})
+        for k in TrainingSettings.names() & set(d):
+            training[k] = d.pop(k)
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown {cls.LABEL} settings {sorted(unknown)}; this file needs a newer spmamba")
+        unknown = set(training) - TrainingSettings.names()
+        if unknown:
+            raise ValueError(f"unknown training settings {sorted(unknown)}; this file needs a newer spmamba")
+        return cls(**cls._tuples(d), training=TrainingSettings(**training))
+
+    def with_overrides(self, **kw: Any) -> Any:
+        """A copy with architecture and training settings (epochs, batch_size ...) changed by name."""
+        train_kw = {k: kw.pop(k) for k in TrainingSettings.names() & set(kw)}
+        if train_kw:
+            kw["training"] = replace(kw.get("training", self.training), **train_kw)
+        return replace(self, **self._tuples(kw))
+
+    @classmethod
+    def _tuples(cls, d: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: tuple(v) if k in cls.TUPLE_SETTINGS else v for k, v in d.items()}
 
 
 class PreparedVolume(NamedTuple):

@@ -2,14 +2,14 @@
 the optimisation settings (``methods.TrainingSettings``). A checkpoint stores the preset it was trained with."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..methods.base import TrainingSettings
+from ..methods.base import MethodConfig, TrainingSettings
 
 
 @dataclass(frozen=True)
-class SPMambaConfig:
+class SPMambaConfig(MethodConfig):
     """Everything that defines an SP-Mamba model and its scoring; ``training`` says how it is optimised.
 
     Sizes follow the paper at 256x256: encoder levels 64x64x64, 32x32x128, 16x16x256, bottleneck 8x8x512.
@@ -51,6 +51,8 @@ class SPMambaConfig:
     # optimisation (paper: AdamW lr 0.005 * batch / 16, wd 1e-4, lr x0.1 at 80%, clip 5, 1000 epochs, batch 16)
     training: TrainingSettings = field(default_factory=TrainingSettings)
 
+    TUPLE_SETTINGS = ("decoder_dims", "decoder_depths", "map_level_weights")
+
     @property
     def bottleneck_size(self) -> int:
         return self.image_size // 32
@@ -61,32 +63,6 @@ class SPMambaConfig:
         d["decoder_depths"] = list(self.decoder_depths)
         d["map_level_weights"] = list(self.map_level_weights)
         return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SPMambaConfig":
-        """Also reads files written before the split (training settings next to the architecture's)."""
-        d = dict(d)
-        training = dict(d.pop("training", None) or {})
-        for k in TrainingSettings.names() & set(d):
-            training[k] = d.pop(k)
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown model settings {sorted(unknown)}; this file needs a newer spmamba")
-        unknown = set(training) - TrainingSettings.names()
-        if unknown:
-            raise ValueError(f"unknown training settings {sorted(unknown)}; this file needs a newer spmamba")
-        for k in ("decoder_dims", "decoder_depths", "map_level_weights"):
-            if k in d:
-                d[k] = tuple(d[k])
-        return cls(**d, training=TrainingSettings(**training))
-
-    def with_overrides(self, **kw: Any) -> "SPMambaConfig":
-        """Architecture settings by name; training settings (epochs, batch_size ...) by name too."""
-        train_kw = {k: kw.pop(k) for k in TrainingSettings.names() & set(kw)}
-        if train_kw:
-            kw["training"] = replace(kw.get("training", self.training), **train_kw)
-        return replace(self, **kw)
 
     def validate(self) -> None:
         s = self.image_size

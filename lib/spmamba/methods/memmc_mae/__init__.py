@@ -41,7 +41,7 @@ Input: (B, 1, S, S) slices with intensities scaled to [0, 1] for normal tissue (
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Mapping
 
 import torch
@@ -51,7 +51,7 @@ from monai.networks.blocks.pos_embed_utils import build_sincos_position_embeddin
 from monai.networks.layers import trunc_normal_
 
 from ...models.anomaly_maps import gaussian_blur
-from ..base import SliceModel, TrainingSettings
+from ..base import MethodConfig, SliceModel, TrainingSettings
 from .blocks import EncoderLayer, MemorySABlock, MultiLevelCrossAttention, decoder_layer
 
 __all__ = ["MemMCMAEConfig", "MemMCMAE", "PRESETS", "complementary_masks", "MemorySABlock",
@@ -61,7 +61,7 @@ MAP_ERRORS = ("squared", "absolute")
 
 
 @dataclass(frozen=True)
-class MemMCMAEConfig:
+class MemMCMAEConfig(MethodConfig):
     """Architecture, masking and scoring of a MemMC-MAE model; ``training`` says how it is optimised."""
 
     name: str = "paper"
@@ -85,6 +85,8 @@ class MemMCMAEConfig:
     map_blur_sigma: float = 2.0  # pixels at image_size
     training: TrainingSettings = field(default_factory=lambda: TrainingSettings(
         batch_size=32, base_lr=2.5e-4, weight_decay=0.05, grad_clip=5.0, epochs=400))
+
+    LABEL = "memmc_mae"
 
     @property
     def grid(self) -> int:
@@ -113,25 +115,6 @@ class MemMCMAEConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "MemMCMAEConfig":
-        d = dict(d)
-        training = dict(d.pop("training", None) or {})
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown memmc_mae settings {sorted(unknown)}; this file needs a newer spmamba")
-        unknown = set(training) - TrainingSettings.names()
-        if unknown:
-            raise ValueError(f"unknown training settings {sorted(unknown)}; this file needs a newer spmamba")
-        return cls(**d, training=TrainingSettings(**training))
-
-    def with_overrides(self, **kw: Any) -> "MemMCMAEConfig":
-        """Architecture settings by name; training settings (epochs, batch_size ...) by name too."""
-        train_kw = {k: kw.pop(k) for k in TrainingSettings.names() & set(kw)}
-        if train_kw:
-            kw["training"] = replace(kw.get("training", self.training), **train_kw)
-        return replace(self, **kw)
 
     def validate(self) -> None:
         if self.image_size < 8 or self.patch_size < 1 or self.image_size % self.patch_size:

@@ -25,7 +25,7 @@ best). Intensities: the Detector's scaled intensities (normal tissue in [0, 1]) 
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
 
 import numpy as np
@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...baselines import topk_mean
-from ..base import PreparedVolume, TrainingSettings, VolumeModel
+from ..base import MethodConfig, PreparedVolume, TrainingSettings, VolumeModel
 from .network import (ScoreUNet, build_flow, dsm_loss, largest_pairwise_distance, pooled_score_norms,
                       position_encoding, sigma_at, sigma_schedule)
 
@@ -44,7 +44,7 @@ STAGES = ("score", "flow")
 
 
 @dataclass(frozen=True)
-class SpatialMSMAConfig:
+class SpatialMSMAConfig(MethodConfig):
     """Architecture, noise schedule, features, flow and scoring of a Spatial-MSMA model; ``training`` says how it is
     optimised (one optimiser for both stages; ``score_share`` of the epochs - or of the optimisation time under a
     time limit - train the score network, the rest the flow)."""
@@ -69,34 +69,13 @@ class SpatialMSMAConfig:
     training: TrainingSettings = field(default_factory=lambda: TrainingSettings(
         batch_size=4, base_lr=8e-4, weight_decay=0.0, grad_clip=1.0, epochs=1000))
 
+    LABEL = "spatial_msma"
+    TUPLE_SETTINGS = ("grid", "channels")
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["grid"], d["channels"] = list(self.grid), list(self.channels)
         return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "SpatialMSMAConfig":
-        d = dict(d)
-        training = dict(d.pop("training", None) or {})
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown spatial_msma settings {sorted(unknown)}; this file needs a newer spmamba")
-        unknown = set(training) - TrainingSettings.names()
-        if unknown:
-            raise ValueError(f"unknown training settings {sorted(unknown)}; this file needs a newer spmamba")
-        for k in ("grid", "channels"):
-            if k in d:
-                d[k] = tuple(int(v) for v in d[k])
-        return cls(**d, training=TrainingSettings(**training))
-
-    def with_overrides(self, **kw: Any) -> "SpatialMSMAConfig":
-        train_kw = {k: kw.pop(k) for k in TrainingSettings.names() & set(kw)}
-        if train_kw:
-            kw["training"] = replace(kw.get("training", self.training), **train_kw)
-        for k in ("grid", "channels"):
-            if k in kw:
-                kw[k] = tuple(int(v) for v in kw[k])
-        return replace(self, **kw)
 
     @property
     def context_dim(self) -> int:
