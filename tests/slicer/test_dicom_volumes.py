@@ -37,6 +37,38 @@ def test_a_dicom_volume_goes_by_its_series_uid_to_a_pacs_server(scene):
     assert job.add_to_studies is False and job.store_results is True  # the PACS owns the studies
 
 
+def test_a_series_the_pacs_lacks_goes_as_the_file_written_on_the_main_thread(scene):
+    """The worker never reads the scene (MRML is not thread-safe): the file for the fall-back is written by
+    prepare_detection; run_detection, in another thread, sends it when the PACS answers 'not found', then removes it."""
+    import os
+    import threading
+
+    from AnomalyDetectionLib.client import DetectionResult, ServerError
+
+    logic = AnomalyLogic()
+    node = _dicom_volume(scene)
+    logic.summary = ServerSummary(studies={"kind": "dicomweb", "url": "http://127.0.0.1:8042/dicom-web"})
+    job = logic.prepare_detection(node)
+    assert job.file_path is None and os.path.isfile(job.fallback_path)
+    sent = []
+
+    class Client:
+        def detect(self, image_id=None, file_path=None, model=None, out_dir=None, params=None):
+            if image_id:
+                raise ServerError("no such series", kind="not_found", status=404)
+            sent.append((file_path, os.path.isfile(file_path), threading.current_thread() is threading.main_thread()))
+            return DetectionResult({}, os.path.join(out_dir, "h.nii.gz"))
+
+    logic.client = Client()
+    results = []
+    worker = threading.Thread(target=lambda: results.append(logic.run_detection(job)))
+    worker.start()
+    worker.join(30)
+    assert results and sent and sent[0][1] and sent[0][2] is False, (results, sent)
+    assert "not in the server's PACS" in job.note
+    assert not os.path.exists(sent[0][0])  # removed once sent
+
+
 def test_a_dicom_volume_is_sent_as_a_file_to_a_folder_server(scene):
     logic = AnomalyLogic()
     node = _dicom_volume(scene)

@@ -122,6 +122,9 @@ class DetectionJob:
     series_uid: Optional[str] = None  # a volume from Slicer's DICOM database: its SeriesInstanceUID
     store_results: bool = False  # PACS studies: store the heatmap and regions in the PACS (Parametric Map, SEG)
     note: str = ""  # what run_detection did differently from what was asked (set by the worker)
+    # a PACS series: the volume written on the main thread too, sent as a file if the server's PACS lacks the series
+    # (MRML is not thread-safe: the worker must not read the scene)
+    fallback_path: Optional[str] = None
 
 
 @dataclass
@@ -387,12 +390,12 @@ class AnomalyLogic:
             node.SetAttribute(ATTR_IMAGE_ID, image_id)
         return node
 
-    def write_volume(self, node, path: str) -> str:
+    def write_volume(self, node, path: str, compress: bool = True) -> str:
         """(main) Write a volume node to ``path`` (.nrrd or .nii.gz) without changing its storage node."""
         storage = self.scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
         try:
             storage.SetFileName(path)
-            storage.SetUseCompression(True)
+            storage.SetUseCompression(compress)
             if not storage.WriteData(node):
                 raise ServerError(f"Could not write {node.GetName()} to {path}.", kind="bad_request")
         finally:
@@ -498,9 +501,15 @@ class AnomalyLogic:
             # same voxel grid and is shown under the same transform)
             safe = _safe_id(volume.GetName())
             file_path = self.write_volume(volume, os.path.join(tempfile.mkdtemp(dir=self.work_dir), safe + ".nrrd"))
+        fallback_path = None
+        if not image_id and file_path is None:  # a PACS series, sent by its UID; the file only if the PACS lacks it
+            # uncompressed: a fraction of a second on the main thread, for a file that is rarely sent
+            fallback_path = self.write_volume(volume, os.path.join(tempfile.mkdtemp(dir=self.work_dir),
+                                                                   _safe_id(volume.GetName()) + ".nrrd"),
+                                              compress=False)
         return DetectionJob(volume.GetID(), image_id, file_path, add_to_studies and not pacs,
                             _safe_id(volume.GetName()), method=self._method, series_uid=series_uid,
-                            store_results=bool(pacs and self.store_in_pacs))
+                            store_results=bool(pacs and self.store_in_pacs), fallback_path=fallback_path)
 
     def run_detection(self, job: DetectionJob) -> DetectionResult:
         """(worker) Upload the volume if needed, run ``POST /infer/{model}`` and download the heatmap (into
@@ -514,6 +523,7 @@ class AnomalyLogic:
             raise
         finally:
             self.discard(job.file_path)
+            self.discard(job.fallback_path)
 
     def _run_detection(self, job: DetectionJob, out_dir: str) -> DetectionResult:
         image_id = job.image_id
@@ -527,9 +537,10 @@ class AnomalyLogic:
             except ServerError as e:
                 if e.kind != "not_found":
                     raise
+                if not job.fallback_path:
+                    raise
                 job.note = "This series is not in the server's PACS: detected as a file, not added to the studies."
-                job.file_path = self.write_volume(self.scene.GetNodeByID(job.reference_id), os.path.join(
-                    tempfile.mkdtemp(dir=self.work_dir), job.upload_name + ".nrrd"))
+                job.file_path, job.fallback_path = job.fallback_path, None
         if not image_id and job.add_to_studies:
             image_id = self.client.upload_image(job.file_path, image_id=job.upload_name)
         if image_id:
