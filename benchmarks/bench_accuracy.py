@@ -258,11 +258,13 @@ def run_method(name: str, data: Path, args) -> list[dict]:
             if det.method_name != method:
                 raise SystemExit(f"{mf} holds a {det.method_name} model, not {method} (row {name}); leave --methods "
                                  "out to name the row after the file's method")
+            if args.no_fusion:  # the method's own (position-normalised) map, without the intensity |z| map
+                det.intensity_stats = None
             det.calibration = calibrate(det, [load_train(i) for i in val_idx])
             train_s = float(det.meta["training"]["train_seconds"])
             mode = det.alignment.method if det.alignment is not None else ("header" if header is not None else "none")
-            runs.append((_row_name(name, mode, mf if len(models) > 1 or args.models else None), det, train_s,
-                         train_s, mf))
+            row = _row_name(name, mode, mf if len(models) > 1 or args.models else None)
+            runs.append((row + ("+nofusion" if args.no_fusion else ""), det, train_s, train_s, mf))
     else:
         from spmamba.train import TrainingDataError
 
@@ -450,6 +452,9 @@ def main() -> None:
                     "training; without --methods the row is named after the file's method")
     ap.add_argument("--max-steps", type=int, default=None, metavar="N",
                     help="end each training after N optimisation steps (equal-step comparisons, e.g. ablations)")
+    ap.add_argument("--no-fusion", action="store_true",
+                    help="with --model/--models: evaluate the method's own map, without the intensity fusion the "
+                    "model was trained with (rows ...+nofusion); recalibrated")
     ap.add_argument("--models", nargs="+", default=None,
                     help="evaluate several trained model files (e.g. snapshots of one training after 5, 10, 20, 40 "
                     "min) into one table: rows <method>@<file stem>; the learning curve")
@@ -489,6 +494,7 @@ def main() -> None:
         cmd += ["--models", *args.models] if args.models else []
         cmd += ["--encoder-weights", args.encoder_weights] if args.encoder_weights else []
         cmd += ["--no-posnorm"] if args.no_posnorm else []
+        cmd += ["--no-fusion"] if args.no_fusion else []
         cmd += ["--max-steps", str(args.max_steps)] if args.max_steps else []
         print(">>", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=False)
