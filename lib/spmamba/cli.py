@@ -803,8 +803,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 # serve / demo
 # ----------------------------------------------------------------------------------------------------------------
 class _StopSignals:
-    """While a server runs: SIGTERM and SIGHUP (the terminal closing) act like Ctrl-C, a KeyboardInterrupt in the
-    main thread, so the server and its children are stopped however this command is asked to end."""
+    """While a server runs: SIGINT, SIGTERM and SIGHUP (the terminal closing) act like Ctrl-C, a KeyboardInterrupt
+    in the main thread, so the server and its children are stopped however this command is asked to end. SIGINT is
+    set too because a command started in the background by a script (``spmamba serve ... &``) inherits it ignored,
+    and Python then installs no Ctrl-C handler: ``kill -INT`` did nothing (as ``spmamba train``'s stop flag, which
+    sets it as well)."""
 
     def __init__(self) -> None:
         self._old: dict = {}
@@ -814,7 +817,7 @@ class _StopSignals:
         raise KeyboardInterrupt
 
     def __enter__(self) -> "_StopSignals":
-        for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
+        for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
             if sig is None:
                 continue
             try:
