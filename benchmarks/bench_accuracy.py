@@ -182,7 +182,7 @@ def sade(cases) -> dict:
     scored lesion by lesion."""
     from spmamba.metrics_sade import sade_protocol
 
-    r = sade_protocol(((c["heatmap"], c["image"]) for c in cases if not c["label"]),
+    r = sade_protocol(((c["id"], c["heatmap"], c["image"]) for c in cases if not c["label"]),
                       ((c["id"], c["heatmap"], c["image"], c["mask"], c["spacing"]) for c in cases if c["label"]))
     return {k: r[k] for k in ("n_normal_volumes", "thresholds", "at_fpr", "not_evaluated")}
 

@@ -132,10 +132,10 @@ def _summary(rows: list[dict]) -> dict:
     return out
 
 
-def sade_protocol(normals: Iterable[tuple[np.ndarray, np.ndarray]],
+def sade_protocol(normals: Iterable[tuple[str, np.ndarray, np.ndarray]],
                   cases: Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray, Sequence[float]]], *,
                   fprs: Sequence[float] = DEFAULT_FPRS, max_values_per_volume: int = 500_000, seed: int = 0) -> dict:
-    """The protocol (module docstring) on arrays. ``normals``: (heatmap, image) of normal volumes, which set the
+    """The protocol (module docstring) on arrays. ``normals``: (id, heatmap, image) of normal volumes, which set the
     thresholds (held-out normals, not those the model was trained on, for an honest false-positive rate);
     ``cases``: (id, heatmap, image, mask, voxel spacing in mm) of the test volumes, each array of one shape; those
     with a lesion voxel inside the eroded brain are evaluated. Both may be generators (read one volume at a time);
@@ -146,8 +146,8 @@ def sade_protocol(normals: Iterable[tuple[np.ndarray, np.ndarray]],
         raise EvaluationError(f"voxel false-positive rates must be between 0 and 1, got {fprs}")
     rng = np.random.default_rng(seed)
     pooled = []
-    for heat, img in normals:
-        _same_shape(img, heat, "a normal volume")
+    for sid, heat, img in normals:
+        _same_shape(img, heat, sid)
         vals = normal_values(heat, brain_masks(img)[1])
         if vals.size > max_values_per_volume:
             vals = rng.choice(vals, max_values_per_volume, replace=False)
@@ -203,8 +203,7 @@ def evaluate_sade(pred_dir: str | Path, masks_dir: str | Path, images_dir: str |
         for k, sid in enumerate(normal_scores):
             h, _ = _read(_existing(heatmap_path(normal_pred_dir, sid)))
             img, _ = _read(_find_image(Path(normal_images_dir), sid))
-            _same_shape(img, h, sid)
-            yield h, img
+            yield sid, h, img
             if progress:
                 progress(k + 1, total, sid)
 
