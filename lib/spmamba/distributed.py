@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["Ranks", "DataParallelLoss", "SINGLE", "current", "setup", "launched", "is_main_process", "local_device",
-           "TIMEOUT_ENV", "DEFAULT_TIMEOUT_S"]
+           "TIMEOUT_ENV", "DEFAULT_TIMEOUT_S", "finish"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -298,6 +298,12 @@ class Ranks:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return tuple(bool(v) for v in t.tolist())
 
+    def barrier(self) -> None:
+        """Wait until every rank is here: at the end of a run, so that no rank ends its process (closing its
+        connections) while rank 0 still writes the model; gloo can abort a process whose peer went away."""
+        if self.world > 1:
+            torch.distributed.barrier()
+
     def mean(self, value: float) -> float:
         """The mean of ``value`` over the ranks (e.g. a step's loss: the loss of the whole batch)."""
         if self.world == 1:
@@ -350,6 +356,13 @@ def setup(device: torch.device) -> tuple[Ranks, torch.device]:
     if ranks.world > 1:
         log.info("data-parallel training: rank %d of %d on %s", ranks.rank, ranks.world, device)
     return ranks, device
+
+
+def finish() -> None:
+    """End this process's part of a data-parallel run: wait for every rank (:meth:`Ranks.barrier`), then leave the
+    process group. Nothing with one process. Call it once the run's files are written, before the process exits."""
+    current().barrier()
+    _destroy()
 
 
 def _destroy() -> None:

@@ -12,8 +12,10 @@ private run folder, polled every ``poll_s``:
   treats this process's disappearance as a stop request too);
 * ``paused``: while it says True, ``pause`` exists; the training processes wait between steps while it does.
 
-The trained model comes back through ``model.pt`` (written atomically by rank 0); an error of the training
-(``TrainingDataError``, ``ValueError``) is raised here with its message (``error.json``).
+The trained model comes back through ``model.pt`` (written atomically by rank 0, once calibrated; the ranks then
+leave the process group together); an error of the training (``TrainingDataError``, ``ValueError``) is raised
+here with its message (``error.json``). A model that was written is returned even when a process failed after
+writing it (logged as a warning): what failed then was the processes' exit, not the training.
 """
 from __future__ import annotations
 
@@ -128,8 +130,11 @@ def train_in_processes(volumes: Sequence[Union[str, Path, Any]], *, processes: i
                 proc.kill()
             raise
         _relay_progress(run / _PROGRESS, offset, progress)
-        if proc.returncode != 0 or not (run / _MODEL).exists():
+        if not (run / _MODEL).exists():
             raise _error_from(run, proc.returncode)
+        if proc.returncode != 0:  # the model is whole (written atomically, after calibration): keep it
+            log.warning("the training processes exited with code %s after rank 0 had written the calibrated model; "
+                        "the model is used (see their output above for how they ended)", proc.returncode)
         return Detector.load(run / _MODEL, device=train_kwargs.get("device", "auto"))
     finally:
         shutil.rmtree(run, ignore_errors=True)
@@ -147,7 +152,7 @@ def _parent_alive(pid: int) -> bool:
 
 def _worker(run: Path) -> None:
     """One training process started by ``train_in_processes`` (``python -m spmamba.launch RUN``)."""
-    from .distributed import launched
+    from .distributed import finish, launched
     from .train import train_detector
 
     with open(run / _SPEC, "rb") as fh:
@@ -174,6 +179,7 @@ def _worker(run: Path) -> None:
     finally:
         if events is not None:
             events.close()
+    finish()  # the ranks leave together, once the model is written
 
 
 if __name__ == "__main__":

@@ -1001,4 +1001,5 @@ def train_detector(
     ranks.check_same(asdict(detector.calibration), "the calibration")
     if checkpoint_path is not None and ranks.main:
         publish(detector, checkpoint_path, state.training_state(epochs_done))
+    ranks.barrier()  # no rank leaves (and may end its process) while rank 0 still writes
     return detector

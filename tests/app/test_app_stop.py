@@ -99,8 +99,9 @@ def infer_version(client):
 def check_published(env, task, v0):
     from spmamba.detector import Detector
 
-    assert task["status"] == "STOPPED", task
-    assert "graceful" in task["stopped"] and task["model_version"], task
+    why = "\n".join([str(task.get("stopped"))] + list(task.get("details") or []))  # the training's last output lines
+    assert task["status"] == "STOPPED", why
+    assert "graceful" in task["stopped"] and task.get("model_version"), why
     assert not (env.model_dir / "train_stop.request").exists()
     stats = env.client.get("/info/").json()["train_stats"]["spmamba"]
     assert stats["status"] == "DONE" and stats["stopped_early"] is True, stats
