@@ -78,8 +78,8 @@ if numba is not None:
     def _exp_into(x, out, bits, fast):  # pragma: no cover - compiled
         """out = exp(x) elementwise, x (M,) <= 88. ``fast`` (float32 only): Cody-Waite reduction x = k ln2 + r,
         |r| <= ln2/2, Cephes' degree-6 polynomial for exp(r) and 2^k from the exponent bits (``bits``: (M,) int32
-        scratch), within 1.3 ulp; written without calls so LLVM vectorises it, where libm's exp, one call per element, was
-        ~40% of the scan. Otherwise (float64) libm's exp."""
+        scratch), within 1.3 ulp; written without calls so LLVM vectorises it, where libm's exp, one call per
+        element, was ~40% of the scan. Otherwise (float64) libm's exp."""
         M = x.shape[0]
         if not fast:
             for j in range(M):
