@@ -14,6 +14,7 @@ arrays of another shape are refused.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
@@ -24,7 +25,7 @@ from .preprocessing import fit_landmarks, normalise_intensity, standardise_inten
 from .scoring import smooth_within_mask
 
 __all__ = ["VoxelwiseStats", "VoxelwiseAccumulator", "VoxelwiseBaseline", "position_normalise", "topk_mean",
-           "zscore_heatmap"]
+           "search_zscore", "zscore_heatmap"]
 
 
 def topk_mean(heatmap: np.ndarray, k: int = 50, region: Optional[np.ndarray] = None) -> float:
@@ -160,14 +161,46 @@ def position_normalise(heatmap: np.ndarray, stats: VoxelwiseStats, region: Optio
 
 
 def zscore_heatmap(norm: np.ndarray, fg: np.ndarray, stats: VoxelwiseStats,
-                   smooth_sigma: "float | Sequence[float]" = 1.0) -> np.ndarray:
+                   smooth_sigma: "float | Sequence[float]" = 1.0,
+                   search: "int | Sequence[int]" = 0) -> np.ndarray:
     """|z| of normalised intensities against normal statistics, Gaussian-smoothed (``smooth_sigma`` voxels, one per
     axis or one for all; 0 = off), 0 outside the foreground ``fg`` and outside the statistics' support. Same shape
-    as ``norm``, float32."""
-    z = np.abs(stats.zscore(norm))
+    as ``norm``, float32.
+
+    ``search`` (voxels, one per axis or one for all; 0 = off): each voxel's |z| is the smallest against the
+    statistics at any position within this box around it (``search_zscore``), before the smoothing."""
+    z = search_zscore(norm, stats, search)
     if np.any(np.asarray(smooth_sigma, dtype=float) > 0):
         z = ndimage.gaussian_filter(z, smooth_sigma)
     return np.where(stats.judged(np.asarray(fg, dtype=bool)), z, 0.0).astype(np.float32)
+
+
+def search_zscore(array: np.ndarray, stats: VoxelwiseStats, radius: "int | Sequence[int]" = 0) -> np.ndarray:
+    """min over offsets d in the box [-radius, radius] (voxels, per axis) of |array(p) - mean(p + d)| / std(p + d):
+    each voxel is compared with the normals at its own position and at its neighbours' (the statistics' edge values
+    beyond the grid). Same shape as ``array``, float32; radius 0 is the plain |z|.
+
+    Why: after registration a subject's anatomy still sits up to a voxel or two from the normals' (residual warp,
+    partial volume). At a tissue boundary (ventricle, cortex) the plain |z| compares the voxel with the normals' other
+    tissue and gives a normal volume its highest scores; some neighbouring position holds the tissue the voxel really
+    is, so its smallest |z| is low. A lesion departs from every tissue nearby and keeps a high score, whatever its
+    size: the search removes misregistration, not small foci (docs/BENCHMARKS.md, "local search")."""
+    a = np.asarray(array, dtype=np.float32)
+    if a.shape != stats.mean.shape:
+        raise ValueError(f"array shape {a.shape} differs from the statistics' grid {stats.mean.shape}; "
+                         "voxel-wise statistics need volumes on one common grid")
+    r = np.broadcast_to(np.asarray(radius, dtype=int), (a.ndim,))
+    if np.any(r < 0):
+        raise ValueError(f"search radius must be >= 0 voxels, got {tuple(int(x) for x in r)}")
+    if not r.any():
+        return np.abs(stats.zscore(a))
+    pad = [(int(x), int(x)) for x in r]
+    mean, inv = np.pad(stats.mean, pad, mode="edge"), np.pad(1.0 / stats.std, pad, mode="edge")
+    best = np.full(a.shape, np.inf, dtype=np.float32)
+    for d in itertools.product(*(range(2 * int(x) + 1) for x in r)):
+        win = tuple(slice(o, o + n) for o, n in zip(d, a.shape))
+        np.minimum(best, np.abs(a - mean[win]) * inv[win], out=best)
+    return best
 
 
 class VoxelwiseBaseline:
@@ -177,8 +210,9 @@ class VoxelwiseBaseline:
     "voxelwise" (``spmamba.methods.voxelwise``)."""
 
     def __init__(self, smooth_sigma: float = 1.0, top_k: int = 50, std_floor: float = 0.5, pool_sigma: float = 2.0,
-                 standardise: bool = True):
+                 standardise: bool = True, search: int = 2):
         self.smooth_sigma = float(smooth_sigma)
+        self.search = int(search)  # voxels (search_zscore)
         self.top_k = int(top_k)
         self.std_floor = float(std_floor)
         self.pool_sigma = float(pool_sigma)
@@ -204,7 +238,7 @@ class VoxelwiseBaseline:
         if self.stats is None:
             raise RuntimeError("call fit() on normal volumes first")
         norm, fg = self._normalised(volume)
-        return zscore_heatmap(norm, fg, self.stats, self.smooth_sigma)
+        return zscore_heatmap(norm, fg, self.stats, self.smooth_sigma, search=self.search)
 
     def score(self, heatmap: np.ndarray) -> float:
         return topk_mean(heatmap, self.top_k)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from spmamba.atomic import json_default, write_json
-from spmamba.scoring import FUSIONS
+from spmamba.scoring import FUSIONS, INTENSITY_SEARCH_MM
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 2, 130
 
@@ -296,13 +296,15 @@ def train_model(normal_dir: str, out: str, *, config: str | None = None, method:
                 position_normalise: bool | None = None, origin: str = "spmamba train", align: str | None = None,
                 align_reference: str = "auto", teacher_pretrain: str = "none",
                 pretrain_steps: int | None = None, fusion: str | None = None,
-                batch_size: int | None = None, settings: dict | None = None) -> dict:
+                batch_size: int | None = None, settings: dict | None = None,
+                intensity_search_mm: float | None = None) -> dict:
     """What ``spmamba train`` does (also used by ``spmamba demo``); returns a summary dict.
 
     ``method``: a method of the registry (default spmamba, or the resumed model's); ``config``: one of its presets
     (default: the method's default preset). ``teacher_pretrain`` / ``pretrain_steps``: in-domain pretraining of
     the teacher before distillation (``train_detector``). ``fusion``: None or "auto" = the product's default
-    (``train_detector(fusion=None)``), else "none" or one of ``scoring.FUSIONS``. ``batch_size``: samples per step
+    (``train_detector(fusion=None)``), else "none" or one of ``scoring.FUSIONS``; ``intensity_search_mm``: the fused
+    |z| map's search distance (None: the product's default). ``batch_size``: samples per step
     of each process, instead of the preset's (the learning rate follows it, ``TrainingSettings.lr``). ``settings``:
     the preset's settings changed by name (``--set``, checked by :func:`config_with_settings`).
 
@@ -356,6 +358,7 @@ def train_model(normal_dir: str, out: str, *, config: str | None = None, method:
                                       time_limit=time_limit_min * 60 if time_limit_min else None,
                                       teacher_pretrain=teacher_pretrain, pretrain_steps=pretrain_steps,
                                       fusion=None if fusion in (None, "auto") else fusion,
+                                      intensity_search_mm=intensity_search_mm,
                                       stop_time_limit=_torchrun_stop_seconds() if processes > 1 else None,
                                       **({"max_steps": max_steps} if max_steps else {}))
         except KeyboardInterrupt:
@@ -552,13 +555,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.fusion not in ("auto", "none") and (args.position_normalise is False or args.align == "none"):
         raise CLIError(f"--fusion {args.fusion} compares intensities by position: it needs aligned volumes and "
                        "position-aware normalisation (drop --align none / --no-position-normalise, or use --fusion none)")
+    if args.intensity_search is not None and args.intensity_search < 0:
+        raise CLIError(f"--intensity-search {args.intensity_search:g}: a distance in mm, 0 or more (0 = no search)")
+    if args.intensity_search is not None and args.fusion == "none":
+        raise CLIError("--intensity-search applies to the fused intensity map: drop it or --fusion none")
     s = train_model(args.normal, args.out, config=args.config, method=args.method, epochs=args.epochs,
                     device=args.device, resume=args.resume, encoder_weights=args.encoder_weights,
                     val_fraction=args.val_fraction, seed=args.seed, max_steps=args.max_steps,
                     time_limit_min=args.time_limit, quiet=args.quiet, position_normalise=args.position_normalise,
                     align=args.align, align_reference=ref, teacher_pretrain=args.teacher_pretrain,
                     pretrain_steps=args.pretrain_steps, fusion=args.fusion, batch_size=args.batch_size,
-                    settings=settings)
+                    settings=settings, intensity_search_mm=args.intensity_search)
     if s.get("rank", 0) != 0:  # another process of a torchrun training: rank 0 reports
         return EXIT_OK
     al = (s.get("training") or {}).get("alignment")
@@ -1062,6 +1069,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "voxel's intensity against the training normals at that position (geometric: sqrt of the product, "
                    "high only where both depart from normal; mean; max). auto (default): geometric for methods that "
                    "fuse (not the voxel-wise method) when position-aware normalisation is on; none: the model's map alone"),
+    t.add_argument("--intensity-search", type=float, default=None, metavar="MM",
+                   help="with a fusion: each voxel's intensity |z| is the smallest against the normals within MM mm "
+                   "of it, which forgives residual misregistration at tissue boundaries and keeps lesions that differ "
+                   f"from every tissue nearby (default {INTENSITY_SEARCH_MM:g}; 0: the plain |z|; "
+                   "docs/BENCHMARKS.md, 'local search')")
     t.add_argument("--align", choices=("auto", "none", "affine", "deformable"), default=None,
                    help="registration of every volume to a reference before training and detection (stored in the "
                    "model; detect follows it). auto (default for a new model): deformable to the MNI152 template "

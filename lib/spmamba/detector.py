@@ -23,7 +23,9 @@ highest voxels (``baselines.topk_mean``). Volumes on another grid are refused wi
 Optional intensity fusion (``Detector.intensity_stats``, fitted in the same pass as the position statistics; on by
 default for methods whose maps are not intensity statistics already, ``AnomalyModel.fuse_intensity``): the
 position-normalised map is fused with the |z|-score of each voxel's standardised intensity against the normals at
-that position (variance pooled over 4 mm, smoothed at 2 mm: the voxel-wise baseline's map) by
+that position (variance pooled over 4 mm; each voxel's smallest |z| within ``Detector.intensity_search_mm``, 4 mm
+for new models, which forgives residual misregistration at tissue boundaries; smoothed at 2 mm: the voxel-wise
+baseline's map) by
 ``scoring.fuse_maps`` (``Detector.fusion``; default ``geometric``: sqrt(z_model * z_intensity)). A voxel then scores
 high only where the model's features and its intensity both depart from normal: the model's map alone is blurred
 by its feature resolution (it misses small bright foci), the intensity map alone flags every residual
@@ -57,7 +59,7 @@ from .io import validate_array
 from .methods import DEFAULT_METHOD, SLICE, AnomalyModel, PreparedVolume, UnknownMethod, get_method
 from .preprocessing import Preprocessing, batch_to_slices, prepare_slices, slices_to_batch, to_canonical
 from .registration import AffineAligner
-from .scoring import FUSIONS, aggregate_slice_scores, fuse_maps, smooth_within_mask
+from .scoring import FUSIONS, INTENSITY_SEARCH_MM, aggregate_slice_scores, fuse_maps, smooth_within_mask
 
 __all__ = ["Detector", "DetectionResult", "Calibration", "resolve_device", "DEFAULT_FUSION"]
 
@@ -124,11 +126,16 @@ class Detector:
     #: smoothed by this (mm) before it is fused (the voxel-wise baseline's settings at 2 mm: 2 and 1 voxels)
     INTENSITY_POOL_MM = 4.0
     INTENSITY_SMOOTH_MM = 2.0
+    #: intensity fusion: each voxel's |z| is the smallest against the normals within this distance (mm, per axis;
+    #: ``baselines.search_zscore``): the residual misregistration that the plain |z| flags at every tissue boundary.
+    #: The default of new fits; a model file keeps its own (files written before it existed: 0, no search)
+    INTENSITY_SEARCH_MM = INTENSITY_SEARCH_MM
 
     def __init__(self, model: AnomalyModel, preprocessing: Optional[Preprocessing] = None,
                  calibration: Optional[Calibration] = None, meta: Optional[dict] = None, device="auto",
                  position_stats: Optional[VoxelwiseStats] = None, alignment: Optional[AffineAligner] = None,
-                 intensity_stats: Optional[VoxelwiseStats] = None, fusion: str = "geometric"):
+                 intensity_stats: Optional[VoxelwiseStats] = None, fusion: str = "geometric",
+                 intensity_search_mm: float = 0.0):
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.preprocessing = preprocessing or Preprocessing(**dict(model.preprocessing_defaults))
@@ -142,6 +149,10 @@ class Detector:
         if fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}; choose one of {', '.join(FUSIONS)}")
         self.fusion = fusion  # how the two maps are combined (scoring.fuse_maps); used only with intensity_stats
+        if not intensity_search_mm >= 0:
+            raise ValueError(f"intensity_search_mm must be >= 0 mm, got {intensity_search_mm!r}")
+        # the intensity |z| map's search distance (mm; 0 = the plain |z|); used only with intensity_stats
+        self.intensity_search_mm = float(intensity_search_mm)
         # affine registration of every input to a reference (or None: inputs are used on their own grid)
         self.alignment = alignment
         self._version: Optional[str] = None
@@ -168,6 +179,8 @@ class Detector:
                 if self.intensity_stats is not None:  # models without it keep the version they always had
                     extra["intensity_stats"] = hashlib.sha256(_stats_bytes(self.intensity_stats)).hexdigest()
                     extra["fusion"] = self.fusion
+                    if self.intensity_search_mm > 0:  # models without a search keep the version they had
+                        extra["intensity_search_mm"] = self.intensity_search_mm
             if self.alignment is not None:  # models without alignment keep the version they always had
                 al_meta, ref = self.alignment.to_payload()
                 extra = {"model": extra, "alignment": repr(al_meta),
@@ -191,7 +204,8 @@ class Detector:
         if self.position_stats is not None:
             payload["position_stats"] = _stats_payload(self.position_stats)
         if self.intensity_stats is not None:
-            payload["intensity_stats"] = {**_stats_payload(self.intensity_stats), "fusion": self.fusion}
+            payload["intensity_stats"] = {**_stats_payload(self.intensity_stats), "fusion": self.fusion,
+                                          "search_mm": self.intensity_search_mm}
         if self.alignment is not None:
             payload["alignment"], payload["alignment_reference"] = self.alignment.to_payload()
         return payload
@@ -218,6 +232,10 @@ class Detector:
             raise CheckpointError(f"{source} does not fit this version's {name} model: {e}") from e
         ist = dict(obj.get("intensity_stats") or {})
         fusion = ist.pop("fusion", "geometric")
+        search_mm = ist.pop("search_mm", 0.0)  # files written before the search existed: none
+        if not isinstance(search_mm, (int, float)) or not search_mm >= 0:
+            raise CheckpointError(f"{source}: its intensity search distance {search_mm!r} is not a distance in mm; "
+                                  "it was not written by spmamba")
         if fusion not in FUSIONS:
             raise CheckpointError(f"{source}: unknown intensity fusion {fusion!r} (this spmamba knows "
                                   f"{', '.join(FUSIONS)}); it was written by another version")
@@ -233,7 +251,7 @@ class Detector:
                 raise CheckpointError(f"{source}: its alignment settings cannot be read ({e})") from e
         det = cls(model, Preprocessing.from_dict(obj.get("preprocessing", {})),
                   Calibration.from_dict(obj.get("calibration", {})), obj.get("meta", {}), device, stats, aligner,
-                  istats, fusion)
+                  istats, fusion, search_mm)
         return det
 
     @classmethod
@@ -315,9 +333,11 @@ class Detector:
 
     def intensity_zscores(self, norm: np.ndarray, fg: np.ndarray, canon) -> np.ndarray:
         """|z| of the standardised intensities ``norm`` ((n, h, w), slice-first canonical grid, foreground ``fg``)
-        against ``intensity_stats``, smoothed by INTENSITY_SMOOTH_MM; 0 outside the foreground and the support."""
+        against ``intensity_stats``, each the smallest within ``intensity_search_mm`` (``baselines.search_zscore``),
+        smoothed by INTENSITY_SMOOTH_MM; 0 outside the foreground and the support."""
         spacing = canon.spacing_slice_first(self.preprocessing.slice_axis)
-        return zscore_heatmap(norm, fg, self.intensity_stats, [self.INTENSITY_SMOOTH_MM / float(s) for s in spacing])
+        return zscore_heatmap(norm, fg, self.intensity_stats, [self.INTENSITY_SMOOTH_MM / float(s) for s in spacing],
+                              search=search_voxels(self.intensity_search_mm, spacing))
 
     def _model_maps(self, norm: np.ndarray, fg: np.ndarray, keep: list, canon,
                     progress: Optional[Callable[[int, int], None]]) -> tuple[np.ndarray, list, Optional[float]]:
@@ -347,16 +367,21 @@ class Detector:
 
     def fit_position_stats(self, volumes, progress: Optional[Callable[[int, int], None]] = None,
                            aligned: bool = False, fusion: Optional[str] = None,
-                           map_volumes: Optional[Callable] = None) -> VoxelwiseStats:
+                           map_volumes: Optional[Callable] = None,
+                           intensity_search_mm: Optional[float] = None) -> VoxelwiseStats:
         """Fit (and switch on) position-aware normalisation from normal volumes (objects with ``array`` and
         ``affine``, all on one grid). The statistics are of the raw heatmaps, on the canonical slice-first grid.
         With alignment the volumes are registered to the reference first (``aligned=True``: they already are).
         ``fusion`` (one of ``scoring.FUSIONS``): in the same pass, fit the statistics of the normals' intensities
         and fuse their |z| map with the normalised heatmap that way (``Detector.intensity_stats``); None: no fusion.
+        ``intensity_search_mm``: that |z| map's search distance (None: INTENSITY_SEARCH_MM; 0: the plain |z|).
         ``map_volumes(fn, volumes)``: yields ``fn(i, volume)`` for every volume, in order (default: one after the
         other, here; ``spmamba.distributed.Ranks.map``: each training process detects its share)."""
         if fusion is not None and fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}; choose one of {', '.join(FUSIONS)}")
+        search_mm = self.INTENSITY_SEARCH_MM if intensity_search_mm is None else float(intensity_search_mm)
+        if not search_mm >= 0:
+            raise ValueError(f"intensity_search_mm must be >= 0 mm, got {intensity_search_mm!r}")
         self.position_stats = self.intensity_stats = None
         intensity = fusion is not None
         prep = self.preprocessing
@@ -394,8 +419,14 @@ class Detector:
         if intensity:
             self.intensity_stats = intensities.stats(pool_sigma=[self.INTENSITY_POOL_MM / float(s) for s in spacing[0]])
             self.fusion = fusion
+        self.intensity_search_mm = search_mm if intensity else 0.0
         self.invalidate_version()
         return self.position_stats
+
+
+def search_voxels(distance_mm: float, spacing_mm) -> list[int]:
+    """A search distance (mm) -> its radius in whole voxels along each axis of ``spacing_mm`` (rounded; 0 = none)."""
+    return [int(round(float(distance_mm) / float(s))) for s in spacing_mm]
 
 
 def _stats_bytes(stats: VoxelwiseStats) -> bytes:

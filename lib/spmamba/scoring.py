@@ -17,6 +17,7 @@ __all__ = [
     "find_regions",
     "FUSIONS",
     "fuse_maps",
+    "INTENSITY_SEARCH_MM",
 ]
 
 
@@ -118,6 +119,9 @@ def find_regions(heatmap: np.ndarray, threshold: float, affine: Optional[np.ndar
 
 #: how :func:`fuse_maps` combines a model's position-normalised map with the intensity |z| map (both >= 0, z-scale)
 FUSIONS = ("geometric", "mean", "max")
+#: the fused intensity |z| map's search distance (mm) for new models (``Detector.intensity_search_mm``,
+#: ``baselines.search_zscore``): about the residual misregistration after the default (deformable) alignment
+INTENSITY_SEARCH_MM = 4.0
 
 
 def fuse_maps(model_z: np.ndarray, intensity_z: np.ndarray, fusion: str = "geometric") -> np.ndarray:

@@ -801,6 +801,7 @@ def train_detector(
     teacher_pretrain: Optional[str] = None,
     pretrain_steps: Optional[int] = None,
     fusion: Optional[str] = None,
+    intensity_search_mm: Optional[float] = None,
 ) -> Detector:
     """Train a model of ``method`` on normal volumes and calibrate it; see the module docstring.
 
@@ -860,6 +861,8 @@ def train_detector(
             voxel intensities against the training normals (``scoring.fuse_maps``: "geometric", "mean", "max"),
             or "none". Default (None): ``detector.DEFAULT_FUSION`` for methods that fuse (``fuse_intensity``) when
             position-aware normalisation is on, else none. Fitted in the same pass as the position statistics.
+        intensity_search_mm: with a fusion, the |z| map's search distance in mm (``Detector.intensity_search_mm``,
+            ``baselines.search_zscore``); None: ``Detector.INTENSITY_SEARCH_MM``; 0: the plain |z|.
     Returns:
         A calibrated Detector (not yet saved unless checkpoint_path was given; then that file is final too).
     """
@@ -894,6 +897,12 @@ def train_detector(
     if position_normalise and detector.alignment is None:
         _check_one_grid(vols)
     fusion = resolve_fusion(fusion, detector.model, bool(position_normalise))
+    if intensity_search_mm is not None and not float(intensity_search_mm) >= 0:
+        raise ValueError(f"intensity_search_mm must be >= 0 mm, got {intensity_search_mm!r}")
+    if intensity_search_mm is not None and fusion is None:
+        raise ValueError("an intensity search distance applies to the fused intensity map, and this training fits "
+                         "none (fusion none, no position-aware normalisation, or a method whose map is the intensity "
+                         "map already: the voxel-wise method has its own setting, search)")
     model = detector.model
     ts = model.training_settings  # None: fitted in one pass
     total_epochs = int(epochs if epochs is not None else ts.epochs) if ts is not None else 1
@@ -944,6 +953,7 @@ def train_detector(
             "paused_s": round(budget.paused_seconds, 1), "pauses": budget.pauses,
             "lr_drop_step": st.lr_drop_step, "intensity_landmarks": prep.intensity_landmarks,
             "fusion": detector.fusion if detector.intensity_stats is not None else "none",
+            "intensity_search_mm": detector.intensity_search_mm if detector.intensity_stats is not None else None,
             "processes": st.processes,
             **({"stage": type(detector.model).TRAINING_STAGES[detector.model.training_stage],
                 "stage_changes": st.stage_changes} if type(detector.model).TRAINING_STAGES else {}),
@@ -979,7 +989,7 @@ def train_detector(
         detector.fit_position_stats(fit_vols, lambda i, n: emit({"phase": "position_stats", "step": i,
                                                                  "total_steps": n, "unit": "vol"}),
                                     aligned=detector.alignment is not None, fusion=fusion,
-                                    map_volumes=ranks.map)  # several processes: each detects its share
+                                    map_volumes=ranks.map, intensity_search_mm=intensity_search_mm)  # several processes: each detects its share
 
     def calibration_deadline() -> Optional[float]:
         limit = budget.stop_deadline()

@@ -92,6 +92,10 @@ def test_align_options_are_checked(tiny_data: Path, tmp_path, capsys):
     assert rc == 2 and "--align-reference" in capsys.readouterr().err
     rc = main(base + ["--align-reference", "mni152"])
     assert rc == 2 and "needs --align affine" in capsys.readouterr().err
+    rc = main(base + ["--intensity-search", "-1"])
+    assert rc == 2 and "--intensity-search -1: a distance in mm" in capsys.readouterr().err
+    rc = main(base + ["--fusion", "none", "--intensity-search", "4"])
+    assert rc == 2 and "applies to the fused intensity map" in capsys.readouterr().err
     try:
         main(base + ["--align", "rigid"])
     except SystemExit as e:  # argparse: not one of the choices

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from spmamba.baselines import VoxelwiseBaseline, VoxelwiseStats, position_normalise, topk_mean
+from spmamba.baselines import VoxelwiseBaseline, VoxelwiseStats, position_normalise, search_zscore, topk_mean, zscore_heatmap
 from spmamba.models import SPMamba, get_config
 
 
@@ -23,6 +23,33 @@ def test_voxelwise_stats_match_numpy_and_floor_std():
         VoxelwiseStats.fit([np.zeros((2, 2))])
     with pytest.raises(ValueError, match="grid"):
         st.zscore(np.zeros((2, 2)))
+
+
+def test_search_zscore_forgives_a_one_voxel_misregistration_and_keeps_a_one_voxel_focus():
+    # the normals' anatomy: a bright tissue (1.0) beside a dark one (0.3) at x = 8, every voxel's std 0.05
+    mean = np.full((16, 12, 10), 0.3, np.float32)
+    mean[:8] = 1.0
+    stats = VoxelwiseStats(mean, np.full(mean.shape, 0.05, np.float32), 10)
+    # a subject whose boundary sits one voxel off (x = 9), with a one-voxel focus inside the bright tissue
+    subject = np.full(mean.shape, 0.3, np.float32)
+    subject[:9] = 1.0
+    subject[4, 6, 5] = 1.5
+    plain = search_zscore(subject, stats, 0)
+    np.testing.assert_array_equal(plain, np.abs(stats.zscore(subject)))
+    assert plain[8].min() == pytest.approx(14.0)  # the shifted boundary: the plain z-score's highest values
+    z = search_zscore(subject, stats, 1)
+    assert z.dtype == np.float32 and z.shape == subject.shape and np.all(z <= plain + 1e-6)
+    assert np.abs(z[8]).max() == pytest.approx(0.0, abs=1e-5)  # some neighbour holds the bright tissue
+    assert z[4, 6, 5] == pytest.approx(10.0)  # the focus departs from every tissue nearby: kept in full
+    assert np.count_nonzero(z > 1.0) == 1
+    # the search is per axis: without a search along x the shifted boundary stays
+    assert search_zscore(subject, stats, (0, 1, 1))[8].min() == pytest.approx(14.0)
+    # through the heatmap: the search comes before the smoothing and the support
+    np.testing.assert_allclose(zscore_heatmap(subject, np.ones(mean.shape, bool), stats, 0, search=1), z)
+    with pytest.raises(ValueError, match="search radius must be >= 0"):
+        search_zscore(subject, stats, -1)
+    with pytest.raises(ValueError, match="one common grid"):
+        search_zscore(subject[:4], stats, 1)
 
 
 def test_position_normalise_removes_a_fixed_hotspot_and_keeps_a_new_one():
@@ -103,6 +130,38 @@ def test_voxelwise_method_keeps_to_the_support_and_reads_files_without_one(tmp_p
     old = Detector.load(tmp_path / "old.pt")
     assert old.model.support.numel() == 0
     assert old.detect(head(extra_row=True), aff).heatmap[17].max() > 0
+
+
+def test_voxelwise_method_searches_by_default_and_files_without_the_setting_keep_the_plain_map(tmp_path):
+    from spmamba.checkpoint import save_checkpoint
+    from spmamba.cli import CLIError, config_with_settings
+    from spmamba.detector import Detector
+    from spmamba.io import Volume
+    from spmamba.train import train_detector
+
+    rng = np.random.default_rng(6)
+
+    def head():
+        a = np.zeros((20, 20, 8), np.float32)
+        a[3:17, 3:17, 1:7] = 1 + 0.05 * rng.standard_normal((14, 14, 6))
+        a[3:17, 10:17, 1:7] += 0.5  # a second tissue: a boundary inside
+        return a
+
+    aff = np.eye(4)
+    det = train_detector([Volume(head(), aff) for _ in range(5)], method="voxelwise")
+    assert det.config.search == 2
+    x = np.roll(head(), 1, axis=1)  # the boundary one voxel off
+    searched = det.detect(x, aff).heatmap
+    payload = det.checkpoint_payload()
+    del payload["config"]["search"]  # as written before the search existed
+    save_checkpoint(tmp_path / "old.pt", payload)
+    old = Detector.load(tmp_path / "old.pt")
+    assert old.config.search == 0
+    plain = old.detect(x, aff).heatmap
+    assert plain[:, 10].max() > 3 * searched[:, 10].max()  # the shifted boundary: flagged only without the search
+    assert config_with_settings("voxelwise", "default", {"search": 0}).search == 0
+    with pytest.raises(CLIError, match="search is a whole number of voxels"):
+        config_with_settings("voxelwise", "default", {"search": -1})
 
 
 def test_voxelwise_baseline_finds_a_bright_blob_and_topk():

@@ -7,7 +7,7 @@ import torch
 from core_helpers import small_volumes
 from spmamba.baselines import position_normalise, zscore_heatmap
 from spmamba.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from spmamba.detector import DEFAULT_FUSION, Detector
+from spmamba.detector import DEFAULT_FUSION, Detector, search_voxels
 from spmamba.preprocessing import prepare_slices
 from spmamba.scoring import FUSIONS, fuse_maps, smooth_within_mask
 from spmamba.train import train_detector
@@ -30,10 +30,10 @@ def test_fuse_maps_formulas_clip_negatives_and_refuse_bad_input():
         fuse_maps(m, i, "sum")
 
 
-def _trained(fusion=None, position_normalise=True, method=None):
+def _trained(fusion=None, position_normalise=True, method=None, **kwargs):
     torch.manual_seed(0)
     return train_detector(small_volumes(4), method=method, config="tiny" if method is None else None, max_steps=1,
-                          device="cpu", position_normalise=position_normalise, fusion=fusion)
+                          device="cpu", position_normalise=position_normalise, fusion=fusion, **kwargs)
 
 
 def test_training_fits_the_default_fusion_and_detection_applies_it(tmp_path):
@@ -42,6 +42,8 @@ def test_training_fits_the_default_fusion_and_detection_applies_it(tmp_path):
     assert det.intensity_stats.n == det.position_stats.n == 3  # the training share of the 4 normals
     assert det.intensity_stats.mean.shape == det.position_stats.mean.shape
     assert det.meta["training"]["fusion"] == "geometric"
+    assert det.intensity_search_mm == Detector.INTENSITY_SEARCH_MM == 4.0
+    assert det.meta["training"]["intensity_search_mm"] == 4.0
     v = small_volumes(1, seed=5)[0]
     a = v.array.copy()
     a[10:12, 12:14, 2:4] = 1.8  # a bright focus (0.5% of the box: above its 99th percentile landmark)
@@ -54,7 +56,9 @@ def test_training_fits_the_default_fusion_and_detection_applies_it(tmp_path):
     heat = smooth_within_mask(heat, fg, prep.heatmap_sigma_mm / canon.spacing_slice_first(prep.slice_axis))
     zm = position_normalise(heat, det.position_stats, fg)
     spacing = canon.spacing_slice_first(prep.slice_axis)
-    zi = zscore_heatmap(norm, fg, det.intensity_stats, [Detector.INTENSITY_SMOOTH_MM / s for s in spacing])
+    assert search_voxels(4.0, spacing) == [1, 2, 2]  # 4 mm on 3 mm slices and 2 mm rows and columns
+    zi = zscore_heatmap(norm, fg, det.intensity_stats, [Detector.INTENSITY_SMOOTH_MM / s for s in spacing],
+                        search=[1, 2, 2])
     expected = canon.to_file_order(np.moveaxis(fuse_maps(zm, zi, "geometric"), 0, prep.slice_axis))
     np.testing.assert_allclose(res.heatmap, expected, rtol=1e-5, atol=1e-6)
     zi_file = canon.to_file_order(np.moveaxis(zi, 0, prep.slice_axis))
@@ -66,7 +70,7 @@ def test_training_fits_the_default_fusion_and_detection_applies_it(tmp_path):
     # saved and loaded: the same maps and version; the fusion is part of the version
     path = det.save(tmp_path / "fused.pt")
     loaded = Detector.load(path, device="cpu")
-    assert loaded.fusion == "geometric" and loaded.version == det.version
+    assert loaded.fusion == "geometric" and loaded.version == det.version and loaded.intensity_search_mm == 4.0
     np.testing.assert_array_equal(loaded.intensity_stats.std, det.intensity_stats.std)
     np.testing.assert_array_equal(loaded.intensity_stats.support, det.intensity_stats.support)
     np.testing.assert_allclose(loaded.detect(a, v.affine).heatmap, res.heatmap, rtol=1e-5, atol=1e-6)
@@ -126,3 +130,32 @@ def test_files_with_an_unknown_fusion_or_intensity_statistics_alone_are_refused(
     old = Detector.load(tmp_path / "old.pt", device="cpu")
     assert old.intensity_stats is None
     assert "intensity_stats" not in load_checkpoint(tmp_path / "old.pt")
+
+
+def test_the_intensity_search_distance_is_a_setting_of_the_model_and_old_files_keep_the_plain_map(tmp_path):
+    det = _trained()
+    v = small_volumes(1, seed=5)[0]
+    searched = det.detect(v.array, v.affine).heatmap
+    # a training without the search, and the same model switched off by hand: the plain |z| map, another version
+    plain = _trained(intensity_search_mm=0)
+    assert plain.intensity_search_mm == 0.0 and plain.meta["training"]["intensity_search_mm"] == 0.0
+    assert plain.version != det.version
+    np.testing.assert_array_equal(plain.intensity_stats.mean, det.intensity_stats.mean)
+    flat = plain.detect(v.array, v.affine).heatmap
+    assert np.all(searched <= flat + 1e-5) and searched.sum() < flat.sum()  # the search only ever lowers |z|
+    # a file written before the search existed: no search_mm -> the plain map, and the version it always had
+    payload = plain.checkpoint_payload()
+    del payload["intensity_stats"]["search_mm"]
+    save_checkpoint(tmp_path / "before.pt", payload)
+    before = Detector.load(tmp_path / "before.pt", device="cpu")
+    assert before.intensity_search_mm == 0.0 and before.version == plain.version
+    np.testing.assert_allclose(before.detect(v.array, v.affine).heatmap, flat, rtol=1e-6, atol=1e-6)
+    payload["intensity_stats"]["search_mm"] = -2.0
+    save_checkpoint(tmp_path / "bad.pt", payload)
+    with pytest.raises(CheckpointError, match="search distance -2.0"):
+        Detector.load(tmp_path / "bad.pt", device="cpu")
+    # refused where it cannot apply, and with a bad distance
+    with pytest.raises(ValueError, match="applies to the fused intensity map"):
+        _trained(fusion="none", intensity_search_mm=4.0)
+    with pytest.raises(ValueError, match=">= 0 mm"):
+        _trained(intensity_search_mm=-1.0)

@@ -1,7 +1,8 @@
 """The voxel-wise statistical baseline as a method ("voxelwise"): per-voxel mean and standard deviation of the
 intensity-normalised normal volumes (all on one grid, e.g. registered to a template or aligned with
-``--align affine``), each voxel's variance pooled with its neighbours' (``pool_sigma``); heatmap = |z| smoothed
-with a Gaussian of ``smooth_sigma`` voxels, 0 outside the foreground and outside the normals' support
+``--align affine``), each voxel's variance pooled with its neighbours' (``pool_sigma``); heatmap = |z| (each
+voxel's smallest against the normals within ``search`` voxels, ``baselines.search_zscore``) smoothed with a
+Gaussian of ``smooth_sigma`` voxels, 0 outside the foreground and outside the normals' support
 (``VoxelwiseStats.support``); volume score = mean of the ``top_k`` highest voxels. Fitted in one pass (no gradient
 training)."""
 from __future__ import annotations
@@ -27,6 +28,9 @@ class VoxelwiseConfig:
     # each voxel's variance pooled with its neighbours' (Gaussian sigma in voxels; VoxelwiseStats.fit says why);
     # files written before it existed were fitted without (0) and keep their statistics
     pool_sigma: float = 2.0
+    # each voxel's |z| is the smallest against the normals within this many voxels (per axis; 0 = the plain |z|;
+    # baselines.search_zscore says why); files written before it existed keep the plain |z|
+    search: int = 2
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -34,6 +38,8 @@ class VoxelwiseConfig:
     def validate(self) -> None:
         if self.smooth_sigma < 0 or self.top_k < 1 or self.std_floor < 0 or self.pool_sigma < 0:
             raise ValueError("voxelwise: smooth_sigma, std_floor and pool_sigma must be >= 0 and top_k >= 1")
+        if isinstance(self.search, bool) or not isinstance(self.search, int) or self.search < 0:
+            raise ValueError(f"voxelwise: search is a whole number of voxels, 0 or more (got {self.search!r})")
 
 
 class VoxelwiseModel(VolumeModel):
@@ -56,7 +62,8 @@ class VoxelwiseModel(VolumeModel):
             known = {f.name for f in fields(VoxelwiseConfig)}
             if set(spec) - known:
                 raise ValueError(f"unknown voxelwise settings {sorted(set(spec) - known)}")
-            cfg = VoxelwiseConfig(**{"pool_sigma": 0.0, **spec})  # stored before pooling existed: fitted without
+            # stored before pooling / the search existed: fitted without pooling, scored with the plain |z|
+            cfg = VoxelwiseConfig(**{"pool_sigma": 0.0, "search": 0, **spec})
         elif spec in cls.PRESETS:
             cfg = cls.PRESETS[spec]
         else:
@@ -116,5 +123,5 @@ class VoxelwiseModel(VolumeModel):
                 f"the voxelwise model compares voxels by position and needs volumes on its grid {stats.mean.shape} "
                 f"(slice axis first, RAS order); this volume gives {volume.norm.shape}. Register the volume to the "
                 "template (or train with --align affine).")
-        heat = zscore_heatmap(volume.norm, volume.fg, stats, self.config.smooth_sigma)
+        heat = zscore_heatmap(volume.norm, volume.fg, stats, self.config.smooth_sigma, search=self.config.search)
         return heat, topk_mean(heat, self.config.top_k)
