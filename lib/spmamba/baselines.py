@@ -147,11 +147,12 @@ class VoxelwiseAccumulator:
 
 
 def position_normalise(heatmap: np.ndarray, stats: VoxelwiseStats, region: Optional[np.ndarray] = None,
-                       clip_negative: bool = True) -> np.ndarray:
+                       clip_negative: bool = True, search: "int | Sequence[int]" = 0) -> np.ndarray:
     """Heatmap -> z-score against the heatmaps of normal volumes at the same positions (>= 0 when
     ``clip_negative``; only values above normal are anomalous); 0 outside ``region`` when given and outside the
-    statistics' support."""
-    z = stats.zscore(heatmap)
+    statistics' support. ``search`` (voxels): the smallest z-score within that box (``search_zscore``; the product
+    does not search the model's maps: they are smooth, measured without gain in docs/BENCHMARKS.md)."""
+    z = search_zscore(heatmap, stats, search, absolute=False)
     if clip_negative:
         z = np.maximum(z, 0.0)
     region = stats.judged(region)
@@ -175,10 +176,12 @@ def zscore_heatmap(norm: np.ndarray, fg: np.ndarray, stats: VoxelwiseStats,
     return np.where(stats.judged(np.asarray(fg, dtype=bool)), z, 0.0).astype(np.float32)
 
 
-def search_zscore(array: np.ndarray, stats: VoxelwiseStats, radius: "int | Sequence[int]" = 0) -> np.ndarray:
-    """min over offsets d in the box [-radius, radius] (voxels, per axis) of |array(p) - mean(p + d)| / std(p + d):
+def search_zscore(array: np.ndarray, stats: VoxelwiseStats, radius: "int | Sequence[int]" = 0,
+                  absolute: bool = True) -> np.ndarray:
+    """min over offsets d in the box [-radius, radius] (voxels, per axis) of |array(p) - mean(p + d)| / std(p + d)
+    (``absolute=False``: of the signed (array(p) - mean(p + d)) / std(p + d), for maps where only high is abnormal):
     each voxel is compared with the normals at its own position and at its neighbours' (the statistics' edge values
-    beyond the grid). Same shape as ``array``, float32; radius 0 is the plain |z|.
+    beyond the grid). Same shape as ``array``, float32; radius 0 is the plain (|z|) z-score.
 
     Why: after registration a subject's anatomy still sits up to a voxel or two from the normals' (residual warp,
     partial volume). At a tissue boundary (ventricle, cortex) the plain |z| compares the voxel with the normals' other
@@ -192,14 +195,17 @@ def search_zscore(array: np.ndarray, stats: VoxelwiseStats, radius: "int | Seque
     r = np.broadcast_to(np.asarray(radius, dtype=int), (a.ndim,))
     if np.any(r < 0):
         raise ValueError(f"search radius must be >= 0 voxels, got {tuple(int(x) for x in r)}")
+    r = np.minimum(r, np.asarray(a.shape) - 1)  # no offsets beyond the grid (a 2-D image's single slice)
     if not r.any():
-        return np.abs(stats.zscore(a))
+        z = stats.zscore(a)
+        return np.abs(z) if absolute else z
     pad = [(int(x), int(x)) for x in r]
     mean, inv = np.pad(stats.mean, pad, mode="edge"), np.pad(1.0 / stats.std, pad, mode="edge")
     best = np.full(a.shape, np.inf, dtype=np.float32)
     for d in itertools.product(*(range(2 * int(x) + 1) for x in r)):
         win = tuple(slice(o, o + n) for o, n in zip(d, a.shape))
-        np.minimum(best, np.abs(a - mean[win]) * inv[win], out=best)
+        d = a - mean[win]
+        np.minimum(best, (np.abs(d) if absolute else d) * inv[win], out=best)
     return best
 
 

@@ -44,8 +44,17 @@ def test_search_zscore_forgives_a_one_voxel_misregistration_and_keeps_a_one_voxe
     assert np.count_nonzero(z > 1.0) == 1
     # the search is per axis: without a search along x the shifted boundary stays
     assert search_zscore(subject, stats, (0, 1, 1))[8].min() == pytest.approx(14.0)
+    # signed (for maps where only high is abnormal): a dark voxel is below every neighbour's normal
+    dark = subject.copy()
+    dark[4, 2, 2] = 0.5
+    signed = search_zscore(dark, stats, 1, absolute=False)
+    assert signed[4, 2, 2] == pytest.approx(-10.0) and signed[4, 6, 5] == pytest.approx(10.0)
+    assert position_normalise(dark, stats, search=1)[4, 2, 2] == 0.0
     # through the heatmap: the search comes before the smoothing and the support
     np.testing.assert_allclose(zscore_heatmap(subject, np.ones(mean.shape, bool), stats, 0, search=1), z)
+    # a radius beyond the grid (a single slice) searches the grid there is
+    np.testing.assert_array_equal(search_zscore(subject[:, :, :1], VoxelwiseStats(mean[:, :, :1], stats.std[:, :, :1], 10),
+                                                (1, 1, 3)), z[:, :, :1])
     with pytest.raises(ValueError, match="search radius must be >= 0"):
         search_zscore(subject, stats, -1)
     with pytest.raises(ValueError, match="one common grid"):

@@ -54,7 +54,7 @@ _THREAD_LOCK = threading.Lock()
 
 _TRAINING_KEYS = ("epochs", "total_epochs", "steps", "total_steps", "stopped_early", "n_train_volumes",
                   "n_calibration_volumes", "final_loss", "train_seconds", "device", "encoder_weights",
-                  "position_normalise", "fusion")
+                  "position_normalise", "fusion", "intensity_search_mm")
 _CALIBRATION_KEYS = ("pixel_threshold", "volume_threshold", "pixel_fpr", "volume_fpr", "n_volumes")
 
 
