@@ -202,10 +202,10 @@ def search_zscore(array: np.ndarray, stats: VoxelwiseStats, radius: "int | Seque
     pad = [(int(x), int(x)) for x in r]
     mean, inv = np.pad(stats.mean, pad, mode="edge"), np.pad(1.0 / stats.std, pad, mode="edge")
     best = np.full(a.shape, np.inf, dtype=np.float32)
-    for d in itertools.product(*(range(2 * int(x) + 1) for x in r)):
-        win = tuple(slice(o, o + n) for o, n in zip(d, a.shape))
-        d = a - mean[win]
-        np.minimum(best, (np.abs(d) if absolute else d) * inv[win], out=best)
+    for offset in itertools.product(*(range(2 * int(x) + 1) for x in r)):
+        win = tuple(slice(o, o + n) for o, n in zip(offset, a.shape))
+        diff = a - mean[win]
+        np.minimum(best, (np.abs(diff) if absolute else diff) * inv[win], out=best)
     return best
 
 
