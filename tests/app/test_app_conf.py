@@ -86,10 +86,14 @@ def test_every_settings_field_and_monailabel_key_is_a_valid_key(configs, tmp_pat
     assert "keep_versions" in keys  # helper C's rollback setting
     s = configs.parse_conf(str(tmp_path), "x", {"server_mode": "true", "keep_versions": "3"})
     assert s.extra == {"server_mode": "true"}  # MONAI Label's own key passes through
+    assert s.intensity_search_mm is None  # the library's default
+    assert configs.parse_conf(str(tmp_path), "x", {"intensity_search_mm": "2.5"}).intensity_search_mm == 2.5
 
 
 @pytest.mark.parametrize("conf", [{"device": "gpu"}, {"slice_axis": "7"}, {"epochs": "zero"},
-                                  {"auto_score": "perhaps"}, {"min_normals": "0"}])
+                                  {"auto_score": "perhaps"}, {"min_normals": "0"}, {"intensity_search_mm": "-1"},
+                                  {"intensity_search_mm": "wide"},
+                                  {"intensity_search_mm": "4", "fusion": "none"}])
 def test_malformed_values_name_the_key_in_one_line(configs, tmp_path, conf):
     with pytest.raises(configs.ConfError) as e:
         configs.parse_conf(str(tmp_path), "x", conf)

@@ -58,6 +58,20 @@ def _int(conf: Dict[str, Any], key: str, default: Optional[int], minimum: int = 
     return number
 
 
+def _distance_mm(conf: Dict[str, Any], key: str) -> Optional[float]:
+    """A distance in mm, 0 or more; None when absent or auto/default."""
+    value = conf.get(key)
+    if value is None or str(value).strip().lower() in ("", "none", "auto", "default"):
+        return None
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        raise ConfError(f"--conf {key} {value!r}: expected a distance in mm") from None
+    if not number >= 0:
+        raise ConfError(f"--conf {key} {value!r}: must be >= 0 (mm; 0 = off)")
+    return number
+
+
 @dataclass
 class AppSettings:
     """Typed view of the app's ``--conf`` options (see docs/APP.md for the table)."""
@@ -87,6 +101,9 @@ class AppSettings:
     # training: auto (the library's default: geometric for methods that fuse, when the model aligns) | none | one of
     # spmamba.scoring.FUSIONS: the normalised map fused with the intensity |z| map
     fusion: str = "auto"
+    # training: the fused intensity |z| map's search distance in mm (None: the library's default,
+    # spmamba.scoring.INTENSITY_SEARCH_MM; 0: the plain |z| map)
+    intensity_search_mm: Optional[float] = None
     seed_curation: str = ""
     # studies from a PACS (--studies http[s]://HOST/dicom-web): its URL, where series are cached and curated, how
     # often the series list is asked again, which modalities, the PACS's timeout, and whether every detection of a
@@ -235,6 +252,10 @@ def parse_conf(app_dir: str, studies: str, conf: Optional[Dict[str, Any]]) -> Ap
     if fusion not in ("auto", "none") and align == "none":
         raise ConfError(f"--conf fusion {fusion!r} compares intensities by position and needs aligned volumes; "
                         "use align auto/affine/deformable, or fusion none")
+    intensity_search_mm = _distance_mm(conf, "intensity_search_mm")
+    if intensity_search_mm is not None and (fusion == "none" or align == "none"):
+        raise ConfError(f"--conf intensity_search_mm {conf['intensity_search_mm']!r} applies to the fused intensity "
+                        "map, and this app fits none (fusion none or align none); drop it")
 
     remote = bool(studies) and studies.lower().startswith(("http://", "https://"))
     seed = conf.get("seed_curation")
@@ -280,6 +301,7 @@ def parse_conf(app_dir: str, studies: str, conf: Optional[Dict[str, Any]]) -> Ap
         keep_versions=_int(conf, "keep_versions", 5, minimum=0) or 0,
         align=align,
         fusion=fusion,
+        intensity_search_mm=intensity_search_mm,
         align_reference=os.path.expanduser(align_reference) if os.path.isfile(os.path.expanduser(align_reference))
         else align_reference,
         seed_curation=str(seed),

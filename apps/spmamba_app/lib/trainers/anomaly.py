@@ -256,6 +256,7 @@ class AnomalyTrain(TrainTask):
                 align=s.align,
                 align_reference=s.align_reference,
                 fusion=None if s.fusion == "auto" else s.fusion,
+                intensity_search_mm=s.intensity_search_mm,
                 **extra,
             )
             training = detector.meta.get("training") or {}
