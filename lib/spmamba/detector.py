@@ -149,10 +149,8 @@ class Detector:
         if fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}; choose one of {', '.join(FUSIONS)}")
         self.fusion = fusion  # how the two maps are combined (scoring.fuse_maps); used only with intensity_stats
-        if not intensity_search_mm >= 0:
-            raise ValueError(f"intensity_search_mm must be >= 0 mm, got {intensity_search_mm!r}")
         # the intensity |z| map's search distance (mm; 0 = the plain |z|); used only with intensity_stats
-        self.intensity_search_mm = float(intensity_search_mm)
+        self.intensity_search_mm = search_distance(intensity_search_mm)
         # affine registration of every input to a reference (or None: inputs are used on their own grid)
         self.alignment = alignment
         self._version: Optional[str] = None
@@ -379,9 +377,7 @@ class Detector:
         other, here; ``spmamba.distributed.Ranks.map``: each training process detects its share)."""
         if fusion is not None and fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}; choose one of {', '.join(FUSIONS)}")
-        search_mm = self.INTENSITY_SEARCH_MM if intensity_search_mm is None else float(intensity_search_mm)
-        if not search_mm >= 0:
-            raise ValueError(f"intensity_search_mm must be >= 0 mm, got {intensity_search_mm!r}")
+        search_mm = search_distance(self.INTENSITY_SEARCH_MM if intensity_search_mm is None else intensity_search_mm)
         self.position_stats = self.intensity_stats = None
         intensity = fusion is not None
         prep = self.preprocessing
@@ -422,6 +418,13 @@ class Detector:
         self.intensity_search_mm = search_mm if intensity else 0.0
         self.invalidate_version()
         return self.position_stats
+
+
+def search_distance(distance_mm: float) -> float:
+    """An intensity search distance (mm) checked: >= 0 (a NaN is refused too); ValueError otherwise."""
+    if not float(distance_mm) >= 0:
+        raise ValueError(f"intensity_search_mm must be >= 0 mm, got {distance_mm!r}")
+    return float(distance_mm)
 
 
 def search_voxels(distance_mm: float, spacing_mm) -> list[int]:

@@ -26,7 +26,7 @@ import torch
 
 from . import distributed
 from .checkpoint import load_checkpoint, weights_digest
-from .detector import DEFAULT_FUSION, Calibration, Detector, resolve_device
+from .detector import DEFAULT_FUSION, Calibration, Detector, resolve_device, search_distance
 from .io import Volume, VolumeError, load_volume
 from .methods import DEFAULT_METHOD, PreparedVolume, get_method
 from .preprocessing import Preprocessing, fit_landmarks, prepare_slices, standardise_intensity, to_canonical
@@ -897,8 +897,8 @@ def train_detector(
     if position_normalise and detector.alignment is None:
         _check_one_grid(vols)
     fusion = resolve_fusion(fusion, detector.model, bool(position_normalise))
-    if intensity_search_mm is not None and not float(intensity_search_mm) >= 0:
-        raise ValueError(f"intensity_search_mm must be >= 0 mm, got {intensity_search_mm!r}")
+    if intensity_search_mm is not None:
+        search_distance(intensity_search_mm)  # refused before any training, not after it
     if intensity_search_mm is not None and fusion is None:
         raise ValueError("an intensity search distance applies to the fused intensity map, and this training fits "
                          "none (fusion none, no position-aware normalisation, or a method whose map is the intensity "
@@ -989,7 +989,8 @@ def train_detector(
         detector.fit_position_stats(fit_vols, lambda i, n: emit({"phase": "position_stats", "step": i,
                                                                  "total_steps": n, "unit": "vol"}),
                                     aligned=detector.alignment is not None, fusion=fusion,
-                                    map_volumes=ranks.map, intensity_search_mm=intensity_search_mm)  # several processes: each detects its share
+                                    map_volumes=ranks.map,  # several processes: each detects its share
+                                    intensity_search_mm=intensity_search_mm)
 
     def calibration_deadline() -> Optional[float]:
         limit = budget.stop_deadline()

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from spmamba.baselines import VoxelwiseBaseline, VoxelwiseStats, position_normalise, search_zscore, topk_mean, zscore_heatmap
+from spmamba.baselines import (VoxelwiseBaseline, VoxelwiseStats, position_normalise, search_zscore, topk_mean,
+                               zscore_heatmap)
 from spmamba.models import SPMamba, get_config
 
 
@@ -53,8 +54,8 @@ def test_search_zscore_forgives_a_one_voxel_misregistration_and_keeps_a_one_voxe
     # through the heatmap: the search comes before the smoothing and the support
     np.testing.assert_allclose(zscore_heatmap(subject, np.ones(mean.shape, bool), stats, 0, search=1), z)
     # a radius beyond the grid (a single slice) searches the grid there is
-    np.testing.assert_array_equal(search_zscore(subject[:, :, :1], VoxelwiseStats(mean[:, :, :1], stats.std[:, :, :1], 10),
-                                                (1, 1, 3)), z[:, :, :1])
+    one_slice = VoxelwiseStats(mean[:, :, :1], stats.std[:, :, :1], 10)
+    np.testing.assert_array_equal(search_zscore(subject[:, :, :1], one_slice, (1, 1, 3)), z[:, :, :1])
     with pytest.raises(ValueError, match="search radius must be >= 0"):
         search_zscore(subject, stats, -1)
     with pytest.raises(ValueError, match="one common grid"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import os
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 CURATION_KEY = "curation"
 CURATION_STATES = ("normal", "abnormal", "excluded")
@@ -45,31 +45,29 @@ def _bool(conf: Dict[str, Any], key: str, default: bool) -> bool:
     raise ConfError(f"--conf {key} {value!r}: expected true or false")
 
 
-def _int(conf: Dict[str, Any], key: str, default: Optional[int], minimum: int = 0) -> Optional[int]:
+def _number(conf: Dict[str, Any], key: str, default: Any, minimum: float, parse: Callable[[str], Any], what: str,
+            unit: str = "") -> Any:
+    """``conf[key]`` parsed by ``parse`` (``what`` it expects, for the message), at least ``minimum``; ``default``
+    when absent or auto/default."""
     value = conf.get(key)
     if value is None or str(value).strip().lower() in ("", "none", "auto", "default"):
         return default
     try:
-        number = int(str(value).strip())
+        number = parse(str(value).strip())
     except ValueError:
-        raise ConfError(f"--conf {key} {value!r}: expected an integer") from None
-    if number < minimum:
-        raise ConfError(f"--conf {key} {value!r}: must be >= {minimum}")
+        raise ConfError(f"--conf {key} {value!r}: expected {what}") from None
+    if not number >= minimum:  # (not >=: a NaN is refused too)
+        raise ConfError(f"--conf {key} {value!r}: must be >= {minimum}{unit}")
     return number
+
+
+def _int(conf: Dict[str, Any], key: str, default: Optional[int], minimum: int = 0) -> Optional[int]:
+    return _number(conf, key, default, minimum, int, "an integer")
 
 
 def _distance_mm(conf: Dict[str, Any], key: str) -> Optional[float]:
     """A distance in mm, 0 or more; None when absent or auto/default."""
-    value = conf.get(key)
-    if value is None or str(value).strip().lower() in ("", "none", "auto", "default"):
-        return None
-    try:
-        number = float(str(value).strip())
-    except ValueError:
-        raise ConfError(f"--conf {key} {value!r}: expected a distance in mm") from None
-    if not number >= 0:
-        raise ConfError(f"--conf {key} {value!r}: must be >= 0 (mm; 0 = off)")
-    return number
+    return _number(conf, key, None, 0, float, "a distance in mm", unit=" (mm; 0 = off)")
 
 
 @dataclass
